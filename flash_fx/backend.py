@@ -1,0 +1,139 @@
+"""The `flash_fx` torch.compile backend: run the attention pass, then hand the graph to the inner compiler.
+
+Registered through the `torch_dynamo_backends` entry point, so `torch.compile(m, backend="flash_fx")`
+works without importing flash_fx. The pass never breaks compilation: if it fails, the original graph
+is compiled and the report says why. Rewrites that rest on a mask proof are guarded at run time: the
+proof is re-checked for each new shape or buffer version, and a failed check runs the original graph.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import fx
+
+from flash_fx.attention_pass import PassResult, run_attention_pass
+from flash_fx.options import Options, parse_options
+from flash_fx.report import Report, SkipRecord, record
+from flash_fx.verify import verify_outputs
+
+_graph_ids = itertools.count()
+
+
+def flash_fx_backend(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | None = None,
+                     mode: str | None = None) -> Callable:
+    """torch.compile backend entry point: `torch.compile(model, backend="flash_fx", options={...})`."""
+    if mode is not None:
+        raise ValueError("flash_fx: torch.compile(mode=...) is not supported; use options={'inner': ...}")
+    return compile_graph(gm, example_inputs, parse_options(options))
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], options: Options) -> Callable:
+    """Rewrite the attention of a Dynamo graph, report it, and compile the result with the inner compiler."""
+    rewritten = _copy(gm)
+    result = _run_pass_safely(rewritten, example_inputs, options, next(_graph_ids))
+    record(result.report)
+    if options.prints_report:
+        print(result.report)
+        if options.report == "verbose":
+            print("graph before flash_fx:", gm.code, "graph after flash_fx:", rewritten.code, sep="\n")
+    if not result.report.rewrites:
+        return _inner_compile(options.inner, gm, example_inputs)
+    compiled = _inner_compile(options.inner, rewritten, example_inputs)
+    return _Guarded(compiled, gm, result, options)
+
+
+def explain(model: Callable, *example_inputs: Any, **options: Any) -> list[Report]:
+    """The reports flash_fx would print for `model(*example_inputs)`, without running any kernel.
+
+    The model runs once through Dynamo with its original ops; options are those of torch.compile's.
+    """
+    parsed = parse_options(options)
+    reports: list[Report] = []
+
+    def analyze_only(gm: fx.GraphModule, inputs: list[Any]) -> Callable:
+        result = _run_pass_safely(_copy(gm), inputs, parsed, next(_graph_ids), apply=False)
+        reports.append(result.report)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        torch.compile(model, backend=analyze_only)(*example_inputs)
+    finally:
+        torch._dynamo.reset()
+    return reports
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule over a copy of gm's graph (node meta shared), so gm itself stays the original."""
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    return fx.GraphModule(gm, graph)
+
+
+def _run_pass_safely(gm: fx.GraphModule, example_inputs: list[Any], options: Options, graph_id: int,
+                     apply: bool = True) -> PassResult:
+    try:
+        return run_attention_pass(gm, example_inputs, options, graph_id, apply)
+    except Exception as error:  # a bug in the pass must never fail the user's compilation
+        report = Report(graph_id, skipped=[SkipRecord("<graph>", f"flash_fx pass failed, graph left as it was: "
+                                                                 f"{type(error).__name__}: {error}")])
+        return PassResult(report)
+
+
+def _inner_compile(inner: str, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+    if inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+    if inner == "aot_eager":
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    return gm.forward
+
+
+class _Guarded:
+    """The compiled rewritten graph, behind the run-time checks its rewrites rest on.
+
+    - mask proofs: re-checked for each new shape/buffer version (cached); a failure runs the original graph;
+    - verify: on the first call, compare with the original graph (SPEC.md tolerances).
+    """
+
+    def __init__(self, compiled: Callable, original: fx.GraphModule, result: PassResult, options: Options):
+        self.compiled = compiled
+        self.original = original
+        self.result = result
+        self.options = options
+        self.use_original = False
+        self.verified = not options.verify
+
+    def __call__(self, *args: Any) -> Any:
+        if not self.use_original and not all(proof.holds(list(args)) for proof in self.result.proofs):
+            self._revert("a mask proof no longer holds on these inputs (mask buffer changed?)")
+        if self.use_original:
+            return self.original(*args)
+        if not self.verified:
+            self.verified = True
+            return self._verified_call(args)
+        return self.compiled(*args)
+
+    def _verified_call(self, args: tuple) -> Any:
+        outputs = self.compiled(*args)
+        problem = verify_outputs(self.original, args, outputs)
+        if problem is None:
+            return outputs
+        where = ", ".join(f"{r.variant} at {r.location}" for r in self.result.report.rewrites)
+        message = f"flash_fx verify: graph {self.result.report.graph_id} ({where}) differs from eager: {problem}"
+        if self.options.verify != "fallback":
+            raise RuntimeError(message)
+        self._revert(message)
+        return self.original(*args)
+
+    def _revert(self, why: str) -> None:
+        warnings.warn(f"flash_fx: running the original graph {self.result.report.graph_id}: {why}", stacklevel=3)
+        self.result.report.skipped.append(SkipRecord("<graph>", f"reverted at run time: {why}"))
+        self.use_original = True

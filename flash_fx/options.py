@@ -1,0 +1,64 @@
+"""User options of the flash_fx backend (SPEC.md, "Interface")."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+VARIANTS = ("dense", "causal", "sliding_window", "key_padding", "document", "block_sparse", "bias")
+_DEFAULTS: dict[str, Any] = {
+    "inner": "inductor",
+    "report": True,
+    "verify": False,
+    "variants": VARIANTS,
+    "force": False,
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    """Validated backend options; see SPEC.md for their meaning."""
+
+    inner: str = "inductor"
+    report: bool | str = True
+    verify: bool | str = False
+    variants: tuple[str, ...] = field(default=VARIANTS)
+    force: bool = False
+
+    @property
+    def prints_report(self) -> bool:
+        """Whether a report is printed: the option, unless FLASH_FX_REPORT=0 silences all reports."""
+        return bool(self.report) and os.environ.get("FLASH_FX_REPORT", "1") != "0"
+
+
+def parse_options(options: dict[str, Any] | None) -> Options:
+    """Check a `torch.compile(..., options=...)` dict and return the Options it asks for.
+
+    Raises ValueError naming the valid options or values when something is unknown.
+    """
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"flash_fx: unknown option(s) {unknown}; valid options are {sorted(_DEFAULTS)}"
+        )
+    merged = {**_DEFAULTS, **options}
+    if merged["inner"] not in INNER_COMPILERS:
+        raise ValueError(f"flash_fx: option inner={merged['inner']!r}; valid values are {INNER_COMPILERS}")
+    if merged["report"] not in (True, False, "verbose"):
+        raise ValueError(f"flash_fx: option report={merged['report']!r}; valid values are True, False, 'verbose'")
+    if merged["verify"] not in (True, False, "fallback"):
+        raise ValueError(f"flash_fx: option verify={merged['verify']!r}; valid values are True, False, 'fallback'")
+    variants = (merged["variants"],) if isinstance(merged["variants"], str) else tuple(merged["variants"])
+    bad = sorted(set(variants) - set(VARIANTS))
+    if bad:
+        raise ValueError(f"flash_fx: unknown variant(s) {bad}; valid variants are {list(VARIANTS)}")
+    return Options(
+        inner=merged["inner"],
+        report=merged["report"],
+        verify=merged["verify"],
+        variants=variants,
+        force=bool(merged["force"]),
+    )

@@ -1,0 +1,99 @@
+"""Rewrite reports: what the pass did to each compiled graph and why, printed and kept in memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_REPORTS: list[Report] = []
+
+
+@dataclass(frozen=True)
+class RewriteRecord:
+    """One attention replaced by a flash kernel call."""
+
+    variant: str
+    location: str
+    q_shape: tuple
+    k_shape: tuple
+    v_shape: tuple
+    dtype: str
+    scale: str
+    mask: str
+    notes: str
+    hbm_before: float
+    hbm_after: float
+    time_before: float
+    time_after: float
+
+
+@dataclass(frozen=True)
+class SkipRecord:
+    """One softmax left as it was, and why."""
+
+    location: str
+    reason: str
+
+
+@dataclass
+class Report:
+    """The rewrites and skips of one compiled graph."""
+
+    graph_id: int
+    rewrites: list[RewriteRecord] = field(default_factory=list)
+    skipped: list[SkipRecord] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"flash_fx report for graph {self.graph_id}: "
+                 f"{len(self.rewrites)} rewritten, {len(self.skipped)} skipped"]
+        if self.rewrites:
+            header = ("variant", "location", "q", "k", "dtype", "scale", "mask", "HBM before -> after",
+                      "time before -> after", "notes")
+            rows = [(r.variant, r.location, _shape(r.q_shape), _shape(r.k_shape), r.dtype, r.scale, r.mask,
+                     f"{_bytes(r.hbm_before)} -> {_bytes(r.hbm_after)}",
+                     f"{_seconds(r.time_before)} -> {_seconds(r.time_after)}", r.notes) for r in self.rewrites]
+            lines += _table(header, rows)
+        if self.skipped:
+            lines += _table(("skipped", "reason"), [(s.location, s.reason) for s in self.skipped])
+        return "\n".join(lines)
+
+
+def record(report: Report) -> None:
+    """Keep a report for `reports()`."""
+    _REPORTS.append(report)
+
+
+def next_graph_id() -> int:
+    """A fresh graph id for this process."""
+    return len(_REPORTS)
+
+
+def reports() -> list[Report]:
+    """The reports of the graphs compiled so far in this process (oldest first)."""
+    return list(_REPORTS)
+
+
+def clear_reports() -> None:
+    """Forget all reports."""
+    _REPORTS.clear()
+
+
+def _table(header: tuple, rows: list[tuple]) -> list[str]:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return ["  " + fmt.format(*header).rstrip()] + ["  " + fmt.format(*map(str, row)).rstrip() for row in rows]
+
+
+def _shape(shape: tuple) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _seconds(t: float) -> str:
+    return f"{t * 1e6:.3g} us" if t < 1e-3 else f"{t * 1e3:.3g} ms"
