@@ -34,7 +34,7 @@ def flash_fx_backend(gm: fx.GraphModule, example_inputs: list[Any], *, options: 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], options: Options) -> Callable:
     """Rewrite the attention of a Dynamo graph, report it, and compile the result with the inner compiler."""
-    rewritten = _copy(gm)
+    rewritten = copy_graph_module(gm)
     result = _run_pass_safely(rewritten, example_inputs, options, next(_graph_ids))
     record(result.report)
     if options.prints_report:
@@ -56,7 +56,7 @@ def explain(model: Callable, *example_inputs: Any, **options: Any) -> list[Repor
     reports: list[Report] = []
 
     def analyze_only(gm: fx.GraphModule, inputs: list[Any]) -> Callable:
-        result = _run_pass_safely(_copy(gm), inputs, parsed, next(_graph_ids), apply=False)
+        result = _run_pass_safely(copy_graph_module(gm), inputs, parsed, next(_graph_ids), apply=False)
         reports.append(result.report)
         return gm.forward
 
@@ -68,7 +68,7 @@ def explain(model: Callable, *example_inputs: Any, **options: Any) -> list[Repor
     return reports
 
 
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A GraphModule over a copy of gm's graph (node meta shared), so gm itself stays the original."""
     graph = fx.Graph()
     output = graph.graph_copy(gm.graph, {})
