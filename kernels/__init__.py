@@ -1,0 +1,130 @@
+"""FlashAttention kernels behind flash_fx's rewrites.
+
+``attention_forward`` / ``attention_backward`` run the Triton kernels when :func:`uses_triton` says so
+(CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and the tiled PyTorch implementation
+otherwise. Shapes: q [B, Hq, Nq, D], k and v [B, Hkv, Nk, D] with ``Hq % Hkv == 0`` (query head h
+uses KV head ``h // (Hq // Hkv)``); any strides. ``scores = q @ k^T * scale (+ bias)``; with
+``causal_offset = c`` key j is visible to query i iff ``j <= i + c``. ``bias`` is any float tensor
+broadcastable to [B, Hq, Nq, Nk] (it receives no gradient).
+
+Fully masked rows give a NaN output row and LSE -inf, as eager softmax does after a ``-inf`` fill;
+in the backward they contribute no gradient (their dq row is 0).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from flash_fx.kernels import config, tiled_torch
+
+__all__ = ["attention_backward", "attention_forward", "uses_triton"]
+
+
+def uses_triton(t: torch.Tensor) -> bool:
+    """True if attention on ``t`` runs the Triton kernels: CUDA tensors, or CPU ones with TRITON_INTERPRET=1."""
+    return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"expected 4-d q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+
+
+def _expand_bias(bias: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """The bias as a (zero-stride where broadcast) [B, Hq, Nq, Nk] view."""
+    if bias is None:
+        return None
+    return bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def _tiles(
+    q: torch.Tensor, block_m: int | None, block_n: int | None, *, backward: bool
+) -> tuple[int, int, int, int]:
+    default_m, default_n, num_warps, num_stages = config.choose_tiles(
+        q.shape[-1], q.dtype, q.is_cuda, backward=backward
+    )
+    return block_m or default_m, block_n or default_n, num_warps, num_stages
+
+
+def _check_triton_head_dim(q: torch.Tensor) -> None:
+    if q.shape[-1] > config.MAX_HEAD_DIM:
+        raise ValueError(f"the Triton kernels support head dims up to {config.MAX_HEAD_DIM}, got {q.shape[-1]}")
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    causal_offset: int | None = None,
+    bias: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out [B,Hq,Nq,D] in q.dtype, lse [B,Hq,Nq] float32).
+
+    ``block_m`` / ``block_n`` override the tile sizes (the tiled PyTorch path uses only ``block_n``).
+    With no keys (Nk == 0) the output is zeros and the LSE -inf, as eager ``softmax(...) @ v`` gives.
+    """
+    _check_inputs(q, k, v)
+    bias = _expand_bias(bias, q, k)
+    n_k = k.shape[2]
+    if q.numel() == 0 or n_k == 0:
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        return out, torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+    if not uses_triton(q):
+        return tiled_torch.attention_forward(
+            q, k, v, scale=scale, causal_offset=causal_offset, bias=bias, block_n=block_n or 256
+        )
+    _check_triton_head_dim(q)
+    # Imported here: Triton decides at decoration time whether kernels run compiled or interpreted.
+    from flash_fx.kernels import triton_forward
+
+    block_m, block_n, num_warps, num_stages = _tiles(q, block_m, block_n, backward=False)
+    return triton_forward.attention_forward(
+        q, k, v, scale=scale, causal_offset=causal_offset, bias=bias,
+        block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+def attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    scale: float,
+    causal_offset: int | None = None,
+    bias: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv) with the shapes and dtypes of q, k, v.
+
+    ``out`` and ``lse`` are what :func:`attention_forward` returned for the same arguments.
+    """
+    _check_inputs(q, k, v)
+    bias = _expand_bias(bias, q, k)
+    if q.numel() == 0 or k.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if not uses_triton(q):
+        return tiled_torch.attention_backward(
+            grad_out, q, k, v, out, lse, scale=scale, causal_offset=causal_offset, bias=bias,
+            block_n=block_n or 256,
+        )
+    _check_triton_head_dim(q)
+    from flash_fx.kernels import triton_backward
+
+    block_m, block_n, num_warps, num_stages = _tiles(q, block_m, block_n, backward=True)
+    return triton_backward.attention_backward(
+        grad_out, q, k, v, out, lse.contiguous(), scale=scale, causal_offset=causal_offset, bias=bias,
+        block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+    )

@@ -1,0 +1,128 @@
+"""The FlashAttention algorithm in plain PyTorch ops, for CPU tensors without Triton's interpreter.
+
+Both passes walk the key axis in tiles of ``block_n`` keys, so at most one [Nq, block_n] score tile per
+(batch, head) is alive at a time and memory stays linear in the sequence length. The forward keeps an
+online softmax (running row max and row sum) and returns the natural-log LSE; the backward recomputes
+the probabilities of each tile from Q, K and the LSE. fp16/bf16 inputs are computed in float32,
+float32 in float32 and float64 in float64.
+
+GQA is handled by viewing the query heads as [B, Hkv, group, Nq, D], so each KV head is read once and
+dK, dV come out summed over the group. Semantics match the Triton kernels, including fully masked rows
+(NaN output, LSE = -inf, no gradient contribution).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grouped(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """View [B, Hq, Nq, ...] as [B, Hkv, group, Nq, ...] (query head h belongs to KV head h // group)."""
+    return x.unflatten(1, (num_kv_heads, x.shape[1] // num_kv_heads))
+
+
+def _key_tiles(n_q: int, n_k: int, block_n: int, causal_offset: int | None) -> range:
+    """Start of every key tile that at least one query can see (causal tiles above the diagonal are skipped)."""
+    end = n_k if causal_offset is None else min(n_k, max(n_q + causal_offset, 0))
+    return range(0, end, block_n)
+
+
+def _tile_scores(
+    q: torch.Tensor,
+    k_tile: torch.Tensor,
+    start: int,
+    *,
+    scale: float,
+    causal_offset: int | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Scaled, biased and causally masked scores [B, Hkv, group, Nq, n] of one key tile."""
+    stop = start + k_tile.shape[-2]
+    s = torch.matmul(q, k_tile.unsqueeze(2).transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + _grouped(bias[..., start:stop], k_tile.shape[1]).to(s.dtype)
+    if causal_offset is not None:
+        rows = torch.arange(q.shape[-2], device=q.device)[:, None]
+        cols = torch.arange(start, stop, device=q.device)[None, :]
+        s = s.masked_fill(cols > rows + causal_offset, float("-inf"))
+    return s
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    causal_offset: int | None = None,
+    bias: torch.Tensor | None = None,
+    block_n: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiled forward: ``(out [B, Hq, Nq, D] in q.dtype, lse [B, Hq, Nq] float32)``.
+
+    ``bias``, if given, is broadcastable to [B, Hq, Nq, Nk] and already expanded to that shape.
+    """
+    dtype = _compute_dtype(q.dtype)
+    num_kv_heads, n_k = k.shape[1], k.shape[2]
+    qg = _grouped(q.to(dtype), num_kv_heads)
+    row_max = qg.new_full(qg.shape[:-1], float("-inf"))
+    row_sum = qg.new_zeros(qg.shape[:-1])
+    acc = qg.new_zeros(qg.shape[:-1] + v.shape[-1:])
+    for start in _key_tiles(q.shape[2], n_k, block_n, causal_offset):
+        k_tile = k[:, :, start : start + block_n].to(dtype)
+        v_tile = v[:, :, start : start + block_n].to(dtype).unsqueeze(2)
+        s = _tile_scores(qg, k_tile, start, scale=scale, causal_offset=causal_offset, bias=bias)
+        new_max = torch.maximum(row_max, s.amax(-1))
+        # Rows with no visible key so far keep max = -inf; subtract 0 there instead of -inf - -inf = NaN.
+        safe_max = new_max.masked_fill(new_max == float("-inf"), 0.0)
+        p = torch.exp(s - safe_max[..., None])
+        alpha = torch.exp(row_max - safe_max)
+        row_sum = row_sum * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + torch.matmul(p, v_tile)
+        row_max = new_max
+    out = acc / row_sum[..., None]
+    lse = row_max + torch.log(row_sum)
+    return out.flatten(1, 2).to(q.dtype), lse.flatten(1, 2).to(torch.float32)
+
+
+def attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    scale: float,
+    causal_offset: int | None = None,
+    bias: torch.Tensor | None = None,
+    block_n: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tiled backward from the saved ``out`` and ``lse``: ``(dq, dk, dv)`` in the dtypes of q, k, v."""
+    dtype = _compute_dtype(q.dtype)
+    num_kv_heads, n_k = k.shape[1], k.shape[2]
+    qg = _grouped(q.to(dtype), num_kv_heads)
+    dog = _grouped(grad_out.to(dtype), num_kv_heads)
+    lse_g = _grouped(lse.to(dtype), num_kv_heads)
+    fully_masked = lse_g == float("-inf")
+    # Fully masked rows get probability 0 everywhere (LSE -> +inf) and delta 0: no gradient flows from them.
+    lse_g = lse_g.masked_fill(fully_masked, float("inf"))
+    delta = (dog * _grouped(out.to(dtype), num_kv_heads)).sum(-1).masked_fill(fully_masked, 0.0)
+    dq = torch.zeros_like(qg)
+    dk = k.new_zeros(k.shape, dtype=dtype)
+    dv = v.new_zeros(v.shape, dtype=dtype)
+    for start in _key_tiles(q.shape[2], n_k, block_n, causal_offset):
+        stop = min(start + block_n, n_k)
+        k_tile = k[:, :, start:stop].to(dtype)
+        v_tile = v[:, :, start:stop].to(dtype)
+        s = _tile_scores(qg, k_tile, start, scale=scale, causal_offset=causal_offset, bias=bias)
+        p = torch.exp(s - lse_g[..., None])
+        dv[:, :, start:stop] = torch.matmul(p.transpose(-1, -2), dog).sum(2)
+        ds = p * (torch.matmul(dog, v_tile.unsqueeze(2).transpose(-1, -2)) - delta[..., None])
+        dq += torch.matmul(ds, k_tile.unsqueeze(2)) * scale
+        dk[:, :, start:stop] = torch.matmul(ds.transpose(-1, -2), qg).sum(2) * scale
+    return dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

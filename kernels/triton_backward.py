@@ -1,0 +1,244 @@
+"""FlashAttention-2 backward kernels in Triton.
+
+Three launches, none of which materializes an N x N tensor or needs atomics:
+
+1. ``_delta_kernel``: ``delta = rowsum(dO * O)`` in float32 (the softmax-backward correction).
+2. ``_dkdv_kernel``: each program owns a key tile of one (batch, KV head), loops over the query heads
+   of its GQA group and their query tiles, recomputes ``P = exp(S - LSE)`` and accumulates dK, dV.
+3. ``_dq_kernel``: each program owns a query tile and loops over key tiles, accumulating dQ.
+
+Rows that were fully masked in the forward (LSE = -inf) contribute no gradient: their dQ row is 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from flash_fx.kernels import config
+from flash_fx.kernels.triton_common import (
+    dot,
+    exp_units,
+    key_stages,
+    load_rows,
+    lse_to_units,
+    query_stages,
+    scores,
+    store_rows,
+    visible,
+)
+from flash_fx.kernels.triton_forward import bias_arguments
+
+
+@triton.jit
+def _delta_kernel(
+    Out, DOut, Lse, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    num_heads, n_q,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid: (query tiles, batch * heads). Fully masked rows (LSE = -inf, O = NaN) get delta = 0."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // num_heads
+    h = bh % num_heads
+    offs_d = tl.arange(0, BLOCK_D)
+    o = load_rows(Out + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, n_q, HEAD_DIM, True)
+    do = load_rows(DOut + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, n_q, HEAD_DIM,
+                   True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    lse = tl.load(Lse + bh * n_q + offs_m, mask=offs_m < n_q, other=0.0)
+    delta = tl.where(lse == float("-inf"), 0.0, delta)
+    tl.store(Delta + bh * n_q + offs_m, delta, mask=offs_m < n_q)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, query_start, query_end,
+                offs_m, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn,
+                n_q, n_k, sm_scale, causal_offset, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Accumulate the query tiles in ``[query_start, query_end)`` into dK, dV (transposed [keys, queries])."""
+    for start_m in range(query_start, query_end, BLOCK_M):
+        rows = start_m + offs_m
+        q = load_rows(q_base, rows, offs_d, stride_qm, stride_qd, n_q, HEAD_DIM, True)
+        do = load_rows(do_base, rows, offs_d, stride_dom, stride_dod, n_q, HEAD_DIM, True)
+        lse = lse_to_units(tl.load(lse_base + rows, mask=rows < n_q, other=0.0), HAS_BIAS)
+        delta = tl.load(delta_base + rows, mask=rows < n_q, other=0.0)
+        s_t = scores(dot(k, tl.trans(q), UPCAST_DOT, INPUT_PRECISION), bias_base, rows[None, :], offs_n[:, None],
+                     stride_bm, stride_bn, n_q, n_k, sm_scale, HAS_BIAS)
+        if MASKED:
+            s_t = tl.where(visible(rows[None, :], offs_n[:, None], n_k, causal_offset, IS_CAUSAL), s_t,
+                           float("-inf"))
+        p_t = exp_units(s_t - lse[None, :], HAS_BIAS)
+        dv += dot(p_t.to(do.dtype), do, UPCAST_DOT, INPUT_PRECISION)
+        dp_t = dot(v, tl.trans(do), UPCAST_DOT, INPUT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += dot(ds_t.to(q.dtype), q, UPCAST_DOT, INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, Bias, DOut, Lse, Delta, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, causal_offset,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Grid: (key tiles, batch * KV heads). dK, dV sum over the ``group_size`` query heads of the KV head."""
+    start_n = tl.program_id(0) * BLOCK_N
+    bh_kv = tl.program_id(1).to(tl.int64)
+    b = bh_kv // num_kv_heads
+    h_kv = bh_kv % num_kv_heads
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    k = load_rows(K + b * stride_kb + h_kv * stride_kh, offs_n, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM, True)
+    v = load_rows(V + b * stride_vb + h_kv * stride_vh, offs_n, offs_d, stride_vn, stride_vd, n_k, HEAD_DIM, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    query_start, masked_end = query_stages(start_n, n_q, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    for g in range(group_size):
+        h = h_kv * group_size + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DOut + b * stride_dob + h * stride_doh
+        bias_base = Bias + b * stride_bb + h * stride_bh
+        lse_base = Lse + (b * num_heads + h) * n_q
+        delta_base = Delta + (b * num_heads + h) * n_q
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, query_start,
+                             masked_end, offs_m, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod,
+                             stride_bm, stride_bn, n_q, n_k, sm_scale, causal_offset, HEAD_DIM, BLOCK_M, True,
+                             IS_CAUSAL, HAS_BIAS, UPCAST_DOT, INPUT_PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, masked_end, n_q,
+                             offs_m, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, stride_bm,
+                             stride_bn, n_q, n_k, sm_scale, causal_offset, HEAD_DIM, BLOCK_M, False, IS_CAUSAL,
+                             HAS_BIAS, UPCAST_DOT, INPUT_PRECISION)
+    store_rows(DK + b * stride_dkb + h_kv * stride_dkh, dk * sm_scale, offs_n, offs_d, stride_dkn, stride_dkd, n_k,
+               HEAD_DIM)
+    store_rows(DV + b * stride_dvb + h_kv * stride_dvh, dv, offs_n, offs_d, stride_dvn, stride_dvd, n_k, HEAD_DIM)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, bias_base, key_start, key_end, offs_m, offs_n, offs_d,
+              stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, n_q, n_k, sm_scale,
+              causal_offset, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr):
+    """Accumulate the key tiles in ``[key_start, key_end)`` into dQ (unscaled)."""
+    for start_n in range(key_start, key_end, BLOCK_N):
+        cols = start_n + offs_n
+        k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM, MASKED)
+        v = load_rows(v_base, cols, offs_d, stride_vn, stride_vd, n_k, HEAD_DIM, MASKED)
+        s = scores(dot(q, tl.trans(k), UPCAST_DOT, INPUT_PRECISION), bias_base, offs_m[:, None], cols[None, :],
+                   stride_bm, stride_bn, n_q, n_k, sm_scale, HAS_BIAS)
+        if MASKED:
+            s = tl.where(visible(offs_m[:, None], cols[None, :], n_k, causal_offset, IS_CAUSAL), s, float("-inf"))
+        p = exp_units(s - lse[:, None], HAS_BIAS)
+        dp = dot(do, tl.trans(v), UPCAST_DOT, INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += dot(ds.to(k.dtype), k, UPCAST_DOT, INPUT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, Bias, DOut, Lse, Delta, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    num_heads, group_size, n_q, n_k, sm_scale, causal_offset,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Grid: (query tiles, batch * query heads)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // num_heads
+    h = bh % num_heads
+    h_kv = h // group_size
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, n_q, HEAD_DIM, True)
+    do = load_rows(DOut + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, n_q, HEAD_DIM,
+                   True)
+    lse = lse_to_units(tl.load(Lse + bh * n_q + offs_m, mask=offs_m < n_q, other=0.0), HAS_BIAS)
+    delta = tl.load(Delta + bh * n_q + offs_m, mask=offs_m < n_q, other=0.0)
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+    bias_base = Bias + b * stride_bb + h * stride_bh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    unmasked_end, end = key_stages(start_m, n_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, bias_base, 0, unmasked_end, offs_m, offs_n, offs_d,
+                   stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, n_q, n_k, sm_scale,
+                   causal_offset, HEAD_DIM, BLOCK_N, False, IS_CAUSAL, HAS_BIAS, UPCAST_DOT, INPUT_PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, bias_base, unmasked_end, end, offs_m, offs_n, offs_d,
+                   stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, n_q, n_k, sm_scale,
+                   causal_offset, HEAD_DIM, BLOCK_N, True, IS_CAUSAL, HAS_BIAS, UPCAST_DOT, INPUT_PRECISION)
+    store_rows(DQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, offs_m, offs_d, stride_dqm, stride_dqd, n_q,
+               HEAD_DIM)
+
+
+def attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    scale: float,
+    causal_offset: int | None,
+    bias: torch.Tensor | None,
+    block_m: int,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the three backward kernels on non-empty inputs; ``lse`` is contiguous [B, Hq, Nq]."""
+    batch, num_heads, n_q, head_dim = q.shape
+    num_kv_heads, n_k = k.shape[1], k.shape[2]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    delta = torch.empty_like(lse)
+    bias_ptr, bias_strides = bias_arguments(bias, q)
+    block_d = config.padded_head_dim(head_dim)
+    flags = dict(
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        IS_CAUSAL=causal_offset is not None, HAS_BIAS=bias is not None,
+        UPCAST_DOT=config.upcast_dot(q.dtype), INPUT_PRECISION=config.input_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    offset = causal_offset or 0
+    group_size = num_heads // num_kv_heads
+
+    _delta_kernel[(triton.cdiv(n_q, block_m), batch * num_heads)](
+        out, grad_out, lse, delta, *out.stride(), *grad_out.stride(), num_heads, n_q,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    _dkdv_kernel[(triton.cdiv(n_k, block_n), batch * num_kv_heads)](
+        q, k, v, bias_ptr, grad_out, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *grad_out.stride(), *dk.stride(), *dv.stride(),
+        num_heads, num_kv_heads, group_size, n_q, n_k, scale, offset, **flags,
+    )
+    _dq_kernel[(triton.cdiv(n_q, block_m), batch * num_heads)](
+        q, k, v, bias_ptr, grad_out, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *grad_out.stride(), *dq.stride(),
+        num_heads, group_size, n_q, n_k, scale, offset, **flags,
+    )
+    return dq, dk, dv
