@@ -1,0 +1,192 @@
+"""The backend: registration, options, reports, explain, verify, run-time guards and failure behaviour."""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import compiled_matches_eager
+from torch import nn
+
+import flash_fx
+
+
+def attention(q, k, v):
+    return F.softmax((q @ k.transpose(-2, -1)) * 0.5, dim=-1) @ v
+
+
+def inputs(*shape, requires_grad=False):
+    torch.manual_seed(2)
+    shape = shape or (2, 2, 8, 4)
+    return [torch.randn(*shape, requires_grad=requires_grad) for _ in range(3)]
+
+
+def test_entry_point_in_fresh_process():
+    script = textwrap.dedent("""
+        import torch
+        def f(q, k, v):
+            return torch.softmax(q @ k.transpose(-2, -1) * 0.5, -1) @ v
+        q = torch.randn(1, 2, 8, 4)
+        out = torch.compile(f, backend="flash_fx", options={"inner": "eager"})(q, q, q)
+        assert torch.allclose(out, f(q, q, q), atol=1e-5)
+        import sys
+        assert "flash_fx" in sys.modules  # loaded by Dynamo through the entry point
+        import flash_fx
+        print("variants", [r.variant for rep in flash_fx.reports() for r in rep.rewrites])
+    """)
+    env = {**os.environ, "FLASH_FX_REPORT": "0"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "variants ['dense']" in done.stdout
+    assert "flash_fx report" not in done.stdout  # silenced by FLASH_FX_REPORT=0
+
+
+def test_unknown_option_names_valid_ones():
+    compiled = torch.compile(attention, backend="flash_fx", options={"inner": "eager", "colour": "blue"})
+    with pytest.raises(Exception, match=r"unknown option\(s\) \['colour'\]; valid options are"):
+        compiled(*inputs())
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"inner": "tvm"}, "valid values are"),
+    ({"variants": ["dense", "flashy"]}, "unknown variant"),
+    ({"verify": "maybe"}, "valid values are"),
+])
+def test_bad_option_values(options, message):
+    with pytest.raises(ValueError, match=message):
+        flash_fx.options.parse_options(options)
+
+
+def test_report_printed_and_kept(capsys):
+    flash_fx.clear_reports()
+    torch._dynamo.reset()
+    torch.compile(attention, backend="flash_fx", options={"inner": "eager"})(*inputs())
+    printed = capsys.readouterr().out
+    assert "flash_fx report for graph" in printed and "dense" in printed and "test_backend.py:" in printed
+    (report,) = flash_fx.reports()
+    (rewrite,) = report.rewrites
+    assert rewrite.variant == "dense" and rewrite.scale == "0.5" and rewrite.q_shape == (2, 2, 8, 4)
+    assert rewrite.location.startswith("test_backend.py:") and rewrite.hbm_after < rewrite.hbm_before
+    assert str(report) in printed
+    flash_fx.clear_reports()
+    assert flash_fx.reports() == []
+    torch._dynamo.reset()
+
+
+def test_report_false_is_silent(capsys):
+    torch._dynamo.reset()
+    torch.compile(attention, backend="flash_fx", options={"inner": "eager", "report": False})(*inputs())
+    assert "flash_fx report" not in capsys.readouterr().out
+    torch._dynamo.reset()
+
+
+def test_explain_reports_without_rewriting():
+    def fn(q, k, v):
+        return attention(q, k, v), (q @ k.mT).softmax(dim=-2)
+
+    (report,) = flash_fx.explain(fn, *inputs())
+    assert [r.variant for r in report.rewrites] == ["dense"]
+    assert ["not the key axis" in s.reason for s in report.skipped] == [True]
+
+
+def test_verify_passes_on_correct_rewrite():
+    compiled_fn = torch.compile(attention, backend="flash_fx", options={"inner": "eager", "verify": True})
+    q, k, v = inputs()
+    torch.testing.assert_close(compiled_fn(q, k, v), attention(q, k, v))
+    torch._dynamo.reset()
+
+
+def test_verify_catches_a_wrong_kernel(monkeypatch):
+    from flash_fx import kernels
+
+    real = kernels.attention_forward
+
+    def wrong(*args, **kwargs):
+        out, lse = real(*args, **kwargs)
+        return out + 1.0, lse
+
+    monkeypatch.setattr(kernels, "attention_forward", wrong)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"verify: graph \d+ \(dense at test_backend.py"):
+        torch.compile(attention, backend="flash_fx", options={"inner": "eager", "verify": True})(*inputs())
+    torch._dynamo.reset()
+    q, k, v = inputs()
+    compiled_fn = torch.compile(attention, backend="flash_fx", options={"inner": "eager", "verify": "fallback"})
+    with pytest.warns(UserWarning, match="running the original graph"):
+        torch.testing.assert_close(compiled_fn(q, k, v), attention(q, k, v))
+    torch._dynamo.reset()
+
+
+def test_pass_failure_leaves_graph(monkeypatch):
+    import flash_fx.backend as backend
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(backend, "run_attention_pass", broken)
+    flash_fx.clear_reports()
+    torch._dynamo.reset()
+    q, k, v = inputs()
+    out = torch.compile(attention, backend="flash_fx", options={"inner": "eager", "report": False})(q, k, v)
+    torch.testing.assert_close(out, attention(q, k, v))
+    (report,) = flash_fx.reports()
+    assert report.rewrites == [] and "injected" in report.skipped[0].reason
+    torch._dynamo.reset()
+
+
+class BufferCausal(nn.Module):
+    def __init__(self, n=8):
+        super().__init__()
+        self.register_buffer("mask", torch.tril(torch.ones(n, n, dtype=torch.bool)))
+
+    def forward(self, q, k, v):
+        scores = (q @ k.transpose(-2, -1)).masked_fill(~self.mask, float("-inf"))
+        return scores.softmax(-1) @ v
+
+
+def test_mutated_mask_buffer_falls_back_to_original():
+    model = BufferCausal()
+    compiled_model = torch.compile(model, backend="flash_fx", options={"inner": "eager", "report": False})
+    q, k, v = inputs()
+    torch.testing.assert_close(compiled_model(q, k, v), model(q, k, v))
+    with torch.no_grad():
+        model.mask[2, 0] = False  # no longer causal
+    with pytest.warns(UserWarning, match="mask proof no longer holds"):
+        out = compiled_model(q, k, v)
+    torch.testing.assert_close(out, model(q, k, v))
+    torch._dynamo.reset()
+
+
+def causal_scaled(q, k, v):
+    n = q.size(-2)
+    mask = torch.triu(torch.ones(n, n, dtype=torch.bool, device=q.device), diagonal=1)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    return scores.masked_fill(mask, float("-inf")).softmax(-1) @ v
+
+
+def test_dynamic_shapes_one_graph_for_several_lengths():
+    flash_fx.clear_reports()
+    torch._dynamo.reset()
+    compiled_fn = torch.compile(causal_scaled, backend="flash_fx", dynamic=True,
+                                options={"inner": "eager", "report": False})
+    for n in (5, 9, 17):
+        q, k, v = inputs(2, 2, n, 8)
+        torch.testing.assert_close(compiled_fn(q, k, v), causal_scaled(q, k, v), atol=1e-5, rtol=1e-5)
+    assert [[r.variant for r in rep.rewrites] for rep in flash_fx.reports()] == [["causal"]]
+    torch._dynamo.reset()
+
+
+def test_aot_eager_gradients():
+    (report,) = compiled_matches_eager(causal_scaled, *inputs(2, 3, 11, 8, requires_grad=True), inner="aot_eager")
+    assert [r.variant for r in report.rewrites] == ["causal"]
+
+
+def test_inductor_end_to_end_with_gradients():
+    (report,) = compiled_matches_eager(causal_scaled, *inputs(1, 2, 13, 16, requires_grad=True), inner="inductor",
+                                       atol=1e-4, rtol=1e-4)
+    assert [r.variant for r in report.rewrites] == ["causal"]
