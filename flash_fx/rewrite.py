@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from flash_fx.patterns.canonical import AddBias, MaskedFill, Operand
+from flash_fx.patterns.canonical import AddBias, MaskedFill, Operand, swapped_last_two
 from flash_fx.patterns.match import AttentionMatch, ScoreTerm
 
 # Finite mask fills (finfo.min, -1e9, ...) become this bias: large enough to absorb any score, small
@@ -39,8 +39,7 @@ def replace_attention(graph: fx.Graph, match: AttentionMatch, call: KernelCall) 
         q = _to_4d(graph, _operand(graph, match.q), len(match.q_shape))
         for desc in match.dynamic_scales:
             q = graph.call_function(operator.truediv if desc.reciprocal else operator.mul, (q, desc.factor))
-        kt = _operand(graph, match.kt)
-        k = _to_4d(graph, graph.call_method("transpose", (kt, -2, -1)), len(match.k_shape))
+        k = _to_4d(graph, _k_from_kt(graph, match.kt), len(match.k_shape))
         v = _to_4d(graph, _operand(graph, match.v), len(match.v_shape))
         bias = _bias(graph, call.bias_terms)
         result = graph.call_function(
@@ -66,6 +65,13 @@ def _operand(graph: fx.Graph, operand: Operand) -> fx.Node:
     if operand.perm is None:
         return operand.node
     return graph.call_method("permute", (operand.node, *operand.perm))
+
+
+def _k_from_kt(graph: fx.Graph, kt: Operand) -> fx.Node:
+    """K itself when K^T was written as a swap of K's last two dims, else a transpose of K^T."""
+    if kt.perm is None and (k := swapped_last_two(kt.node)) is not None:
+        return k
+    return graph.call_method("transpose", (_operand(graph, kt), -2, -1))
 
 
 def _to_4d(graph: fx.Graph, node: fx.Node, rank: int) -> fx.Node:

@@ -312,3 +312,26 @@ _HANDLERS: list[tuple[set, Any]] = [
     ({torch.where}, _where),
 ]
 
+
+
+def swapped_last_two(node: fx.Node) -> fx.Node | None:
+    """x if `node` is x with its last two dims swapped (transpose, permute, .mT, .T on 2-d); else None."""
+    value = node.meta.get("example_value")
+    if not isinstance(value, torch.Tensor) or value.dim() < 2 or node.op not in ("call_function", "call_method"):
+        return None
+    rank = value.dim()
+    x = node.args[0] if node.args else None
+    if not isinstance(x, fx.Node):
+        return None
+    target, rest = node.target, node.args[1:]
+    if target is getattr and rest in (("mT",), ("T",) if rank == 2 else ("mT",)):
+        return x
+    if target in ("transpose", torch.transpose) and len(rest) == 2 and all(isinstance(d, int) for d in rest):
+        if sorted(d % rank for d in rest) == [rank - 2, rank - 1]:
+            return x
+    if target in ("permute", torch.permute):
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], list | tuple) else rest
+        swap = (*range(rank - 2), rank - 1, rank - 2)
+        if len(dims) == rank and all(isinstance(d, int) for d in dims) and tuple(d % rank for d in dims) == swap:
+            return x
+    return None

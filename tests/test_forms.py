@@ -136,9 +136,7 @@ def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_v_ : torch.Tensor)
     l_k_ = L_k_
     l_q_ = L_q_
     l_v_ = L_v_
-    transpose = l_k_.transpose(-2, -1)
-    transpose_1 = transpose.transpose(-2, -1)
-    attention_default = torch.ops.flash_fx.attention.default(l_q_, transpose_1, l_v_, None, 0.25, None)
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.25, None)
     getitem = attention_default[0]
     return (getitem,)
 """)
@@ -160,9 +158,7 @@ def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_v_ : torch.Tensor)
     l_k_ = L_k_
     l_q_ = L_q_
     l_v_ = L_v_
-    getattr_1 = l_k_.mT
-    transpose = getattr_1.transpose(-2, -1)
-    attention_default = torch.ops.flash_fx.attention.default(l_q_, transpose, l_v_, None, 0.3333333333333333, None)
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.3333333333333333, None)
     getitem = attention_default[0]
     return (getitem,)
 """)
@@ -183,10 +179,8 @@ def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_v_ : torch.Tensor)
     l_k_ = L_k_
     l_q_ = L_q_
     l_v_ = L_v_
-    transpose = l_k_.transpose(1, 2)
     unsqueeze = l_q_.unsqueeze(0)
-    transpose_1 = transpose.transpose(-2, -1)
-    unsqueeze_1 = transpose_1.unsqueeze(0)
+    unsqueeze_1 = l_k_.unsqueeze(0)
     unsqueeze_2 = l_v_.unsqueeze(0)
     attention_default = torch.ops.flash_fx.attention.default(unsqueeze, unsqueeze_1, unsqueeze_2, None, 1.0, None)
     getitem = attention_default[0]
@@ -210,9 +204,7 @@ def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_v_ : torch.Tensor)
     l_k_ = L_k_
     l_q_ = L_q_
     l_v_ = L_v_
-    permute = l_k_.permute(0, 1, 3, 2)
-    transpose = permute.transpose(-2, -1)
-    attention_default = torch.ops.flash_fx.attention.default(l_q_, transpose, l_v_, None, 1.0, None)
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 1.0, None)
     getitem = attention_default[0]
     return (getitem,)
 """)
@@ -234,9 +226,7 @@ def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor)
     l_q_ = L_q_
     l_k_ = L_k_
     l_v_ = L_v_
-    transpose = l_k_.transpose(-2, -1)
-    transpose_1 = transpose.transpose(-2, -1)
-    attention_default = torch.ops.flash_fx.attention.default(l_q_, transpose_1, l_v_, None, 0.3535533905932738, None)
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.3535533905932738, None)
     getitem = attention_default[0]
     return (getitem,)
 """)
@@ -284,10 +274,8 @@ def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_self_buffers_scale
     l_q_ = L_q_
     l_self_buffers_scale_ = L_self_buffers_scale_
     l_v_ = L_v_
-    getattr_1 = l_k_.mT
     mul_1 = l_q_ * l_self_buffers_scale_
-    transpose = getattr_1.transpose(-2, -1)
-    attention_default = torch.ops.flash_fx.attention.default(mul_1, transpose, l_v_, None, 1.0, None)
+    attention_default = torch.ops.flash_fx.attention.default(mul_1, l_k_, l_v_, None, 1.0, None)
     getitem = attention_default[0]
     return (getitem,)
 """)
@@ -318,9 +306,7 @@ def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor)
     q = l_q_.half()
     k = l_k_.half()
     v = l_v_.half()
-    transpose = k.transpose(-2, -1)
-    transpose_1 = transpose.transpose(-2, -1)
-    attention_default = torch.ops.flash_fx.attention.default(q, transpose_1, v, None, 0.5, None)
+    attention_default = torch.ops.flash_fx.attention.default(q, k, v, None, 0.5, None)
     getitem = attention_default[0]
     float_2 = getitem.float()
     return (float_2,)
@@ -351,9 +337,7 @@ def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor)
     q = l_q_.bfloat16()
     k = l_k_.bfloat16()
     v = l_v_.bfloat16()
-    transpose = k.transpose(-2, -1)
-    transpose_1 = transpose.transpose(-2, -1)
-    attention_default = torch.ops.flash_fx.attention.default(q, transpose_1, v, None, 0.5, None)
+    attention_default = torch.ops.flash_fx.attention.default(q, k, v, None, 0.5, None)
     getitem = attention_default[0]
     float_1 = getitem.float()
     return (float_1,)
@@ -376,9 +360,7 @@ def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_v_ : torch.Tensor)
     l_k_ = L_k_
     l_q_ = L_q_
     l_v_ = L_v_
-    transpose = l_k_.transpose(-2, -1)
-    transpose_1 = transpose.transpose(-2, -1)
-    attention_default = torch.ops.flash_fx.attention.default(l_q_, transpose_1, l_v_, None, 1.0, None)
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 1.0, None)
     getitem = attention_default[0]
     return (getitem,)
 """)
@@ -405,9 +387,7 @@ def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_self_buffers_bias_
     l_k_ = L_k_
     l_self_buffers_bias_ = L_self_buffers_bias_
     l_v_ = L_v_
-    transpose = l_k_.transpose(-2, -1)
-    transpose_1 = transpose.transpose(-2, -1)
-    attention_default = torch.ops.flash_fx.attention.default(l_q_, transpose_1, l_v_, None, 0.35355339059327373, 0)
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.35355339059327373, 0)
     getitem_1 = attention_default[0]
     return (getitem_1,)
 """)
@@ -432,9 +412,7 @@ def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor)
     l_q_ = L_q_
     l_k_ = L_k_
     l_v_ = L_v_
-    transpose = l_k_.transpose(-2, -1)
-    transpose_1 = transpose.transpose(-2, -1)
-    attention_default = torch.ops.flash_fx.attention.default(l_q_, transpose_1, l_v_, None, 0.3, 0)
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.3, 0)
     getitem = attention_default[0]
     return (getitem,)
 """)
@@ -459,9 +437,7 @@ def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor)
     l_q_ = L_q_
     l_k_ = L_k_
     l_v_ = L_v_
-    transpose = l_k_.transpose(-2, -1)
-    transpose_1 = transpose.transpose(-2, -1)
-    attention_default = torch.ops.flash_fx.attention.default(l_q_, transpose_1, l_v_, None, 0.3, 0)
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.3, 0)
     getitem = attention_default[0]
     return (getitem,)
 """)
