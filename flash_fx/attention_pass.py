@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from flash_fx import cost
 from flash_fx.options import Options
@@ -97,6 +98,11 @@ def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[A
     parts: list[str] = []
     for term in match.terms:
         op = term.op
+        tensor = (op.mask if isinstance(op, MaskedFill) else op.bias).meta["example_value"]
+        scores = op.x.meta["example_value"]
+        if not _broadcasts_into(tuple(tensor.shape), tuple(scores.shape)):
+            return (f"mask/bias of shape {_concrete_shape(tensor.shape)} does not broadcast to the scores' "
+                    f"shape {_concrete_shape(scores.shape)}")
         if isinstance(op, AddBias):
             bias = op.bias.meta.get("example_value")
             if bias.requires_grad:
@@ -118,6 +124,14 @@ def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[A
         bias_terms.append(term)
         parts.append(f"mask[{'x'.join(map(str, _concrete_shape(op.mask.meta['example_value'].shape)))}] ({why})")
     return MaskDecision(causal, bias_terms, " + ".join(parts) or "none")
+
+
+def _broadcasts_into(shape: tuple, target: tuple) -> bool:
+    """True if `shape` broadcasts to `target` without changing it (sizes may be symbolic)."""
+    if len(shape) > len(target):
+        return False
+    return all(statically_known_true(a == 1) or statically_known_true(a == b)
+               for a, b in zip(reversed(shape), reversed(target), strict=False))
 
 
 def _cost_shape(match: AttentionMatch, masks: MaskDecision, nq: int, nk: int) -> cost.AttentionShape:

@@ -28,11 +28,17 @@ class Operand:
 
 @dataclass(frozen=True)
 class MatMul:
-    """out = permute(a) @ permute(b), then permuted by out_perm (einsum output order) when not None."""
+    """out = alpha * (permute(a) @ permute(b)) [+ beta * addend], permuted by out_perm when not None.
+
+    alpha, beta and addend come from baddbmm; out_perm from an einsum's output order.
+    """
 
     a: Operand
     b: Operand
     out_perm: tuple[int, ...] | None = None
+    alpha: float = 1.0
+    addend: fx.Node | None = None
+    beta: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -89,10 +95,11 @@ class MaskedFill:
 
 @dataclass(frozen=True)
 class AddBias:
-    """out = x + bias, with bias a tensor node."""
+    """out = x + factor * bias, with bias a tensor node."""
 
     x: fx.Node
     bias: fx.Node
+    factor: float = 1.0
 
 
 CanonOp = MatMul | Scale | Softmax | Cast | Identity | Dropout | MaskedFill | AddBias
@@ -159,6 +166,17 @@ def _matmul(node: fx.Node) -> MatMul | None:
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
         return None
     return MatMul(Operand(a), Operand(b))
+
+
+def _baddbmm(node: fx.Node) -> MatMul | None:
+    """baddbmm(input, b1, b2, beta=, alpha=): an empty/zero input or beta=0 contributes nothing."""
+    addend, a, b = (_arg(node, i, name) for i, name in enumerate(("input", "batch1", "batch2")))
+    beta, alpha = _constant_float(node.kwargs.get("beta", 1.0)), _constant_float(node.kwargs.get("alpha", 1.0))
+    if not all(isinstance(x, fx.Node) for x in (addend, a, b)) or beta is None or alpha is None:
+        return None
+    if beta == 0 or (addend.op == "call_function" and addend.target in (torch.zeros, torch.zeros_like)):
+        return MatMul(Operand(a), Operand(b), alpha=alpha)
+    return MatMul(Operand(a), Operand(b), alpha=alpha, addend=addend, beta=beta)
 
 
 def _einsum(node: fx.Node) -> MatMul | None:
@@ -301,6 +319,7 @@ def _constant_float(value: Any) -> float | None:
 _HANDLERS: list[tuple[set, Any]] = [
     (_MATMULS, _matmul),
     (_EINSUMS, _einsum),
+    ({torch.baddbmm, "baddbmm"}, _baddbmm),
     (_SOFTMAXES, _softmax),
     (_MULS, _mul),
     (_DIVS, _div),

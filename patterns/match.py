@@ -136,6 +136,8 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
         return f"scores ({qk.name}) are also used outside the attention"
     if qk_desc.out_perm is not None:
         return "Q @ K^T einsum writes its output transposed"
+    if qk_desc.addend is not None:  # baddbmm's input is an additive bias on the scores
+        terms_reversed.append(AddBias(qk, qk_desc.addend, factor=qk_desc.beta))
 
     # Walk forward from the softmax to the P @ V product.
     forward: list[fx.Node] = []
@@ -156,9 +158,11 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
     pv, pv_desc = user, desc
     if pv_desc.a.node is not node or pv_desc.a.perm is not None:
         return "probabilities are not the left operand of the P @ V product"
+    if pv_desc.alpha != 1.0 or pv_desc.addend is not None:
+        return "the P @ V product is scaled or has an addend"
 
     q, kt = qk_desc.a, qk_desc.b
-    scale, dynamic_scales, terms = 1.0, [], []
+    scale, dynamic_scales, terms = qk_desc.alpha, [], []
     q, q_factor = _absorb_operand_scale(q)
     kt, k_factor = _absorb_operand_scale(kt)
     scale *= q_factor * k_factor
@@ -176,7 +180,7 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
             else:
                 dynamic_scales.append(desc)
         elif isinstance(desc, MaskedFill | AddBias):
-            terms.append(ScoreTerm(desc))
+            terms.append(ScoreTerm(desc, getattr(desc, "factor", 1.0)))
     if not math.isfinite(scale) or scale == 0:
         return f"scale {scale} is not a finite non-zero number"
 
