@@ -14,7 +14,7 @@ from flash_fx import cost
 from flash_fx.options import Options
 from flash_fx.patterns.canonical import AddBias, Cast, MaskedFill, Scale, canonicalize
 from flash_fx.patterns.masks import MaskProof, Unrecognized, analyze_boolean_mask, concrete
-from flash_fx.patterns.match import AttentionMatch, NearMiss, ScoreTerm, match_softmax, softmax_nodes
+from flash_fx.patterns.match import RSQRT_HEAD_DIM, AttentionMatch, NearMiss, ScoreTerm, anchor_nodes, match_anchor
 from flash_fx.report import Report, RewriteRecord, SkipRecord
 from flash_fx.rewrite import KernelCall, replace_attention
 
@@ -31,19 +31,20 @@ class PassResult:
 
 @dataclass
 class MaskDecision:
-    """How the masks of one match reach the kernel."""
+    """How the masks of one match reach the kernel, and the proofs that must keep holding at run time."""
 
-    causal: MaskProof | None
+    causal_offset: int | None
     bias_terms: list[ScoreTerm]
     description: str
+    proofs: list[MaskProof]
 
 
 def run_attention_pass(gm: fx.GraphModule, example_inputs: list[Any], options: Options, graph_id: int,
                        apply: bool = True) -> PassResult:
     """Rewrite the attentions of `gm` in place (unless apply=False) and return what was done."""
     result = PassResult(Report(graph_id))
-    for anchor in softmax_nodes(gm.graph):
-        found = match_softmax(anchor)
+    for anchor in anchor_nodes(gm.graph):
+        found = match_anchor(anchor)
         if isinstance(found, NearMiss):
             result.report.skipped.append(SkipRecord(found.location, found.reason))
             continue
@@ -51,10 +52,9 @@ def run_attention_pass(gm: fx.GraphModule, example_inputs: list[Any], options: O
         if isinstance(outcome, str):
             result.report.skipped.append(SkipRecord(found.location, outcome))
             continue
-        record, proof = outcome
+        record, proofs = outcome
         result.report.rewrites.append(record)
-        if proof is not None:
-            result.proofs.append(proof)
+        result.proofs += proofs
     if apply and result.report.rewrites:
         gm.graph.lint()
         gm.recompile()
@@ -62,23 +62,24 @@ def run_attention_pass(gm: fx.GraphModule, example_inputs: list[Any], options: O
 
 
 def _plan_and_rewrite(graph: fx.Graph, match: AttentionMatch, example_inputs: list[Any], options: Options,
-                      apply: bool) -> tuple[RewriteRecord, MaskProof | None] | str:
+                      apply: bool) -> tuple[RewriteRecord, list[MaskProof]] | str:
     """Rewrite one match if its masks are supported and the cost model predicts a win; else the reason."""
     nq, nk = concrete(match.q_shape[-2]), concrete(match.k_shape[-2])
     masks = _decide_masks(graph, match, example_inputs, nq, nk)
     if isinstance(masks, str):
         return masks
-    variant = "bias" if masks.bias_terms else "causal" if masks.causal else "dense"
+    variant = "bias" if masks.bias_terms else "causal" if masks.causal_offset is not None else "dense"
     if variant not in options.variants:
         return f"variant {variant!r} is not in the allowed variants {list(options.variants)}"
     shape = _cost_shape(match, masks, nq, nk)
     plan = cost.plan(shape, options.force)
     if not plan.rewrite:
         return plan.reason
-    offset = masks.causal.spec.offset if masks.causal else None
     if apply:
-        replace_attention(graph, match, KernelCall(match.scale, offset, masks.bias_terms))
-    scale = f"{match.scale:.4g}" + "".join(f" * {d.factor.name}" for d in match.dynamic_scales)
+        replace_attention(graph, match, KernelCall(match.scale, masks.causal_offset, masks.bias_terms))
+    scale = f"{match.scale:.4g}" + "".join(
+        " / sqrt(head_dim)" if d == RSQRT_HEAD_DIM else f" {'/' if d.reciprocal else '*'} {d.factor.name}"
+        for d in match.dynamic_scales)
     record = RewriteRecord(
         variant=variant, location=match.location,
         q_shape=_concrete_shape(match.q_shape), k_shape=_concrete_shape(match.k_shape),
@@ -87,43 +88,43 @@ def _plan_and_rewrite(graph: fx.Graph, match: AttentionMatch, example_inputs: li
         hbm_before=plan.hbm_before, hbm_after=plan.hbm_after,
         time_before=plan.time_before, time_after=plan.time_after,
     )
-    return record, masks.causal
+    return record, masks.proofs
 
 
 def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[Any], nq: int,
                   nk: int) -> MaskDecision | str:
     """Sort the score terms into one proven causal mask and dense bias terms, or say why not."""
-    causal: MaskProof | None = None
+    causal_offset = 0 if match.causal else None
+    proofs: list[MaskProof] = []
     bias_terms: list[ScoreTerm] = []
-    parts: list[str] = []
+    parts = ["causal"] if match.causal else []
     for term in match.terms:
-        op = term.op
-        tensor = (op.mask if isinstance(op, MaskedFill) else op.bias).meta["example_value"]
-        scores = op.x.meta["example_value"]
-        if not _broadcasts_into(tuple(tensor.shape), tuple(scores.shape)):
+        op, tensor = term.op, term.tensor.meta["example_value"]
+        shape = "x".join(map(str, _concrete_shape(tensor.shape)))
+        if not _broadcasts_into(tuple(tensor.shape), term.scores_shape):
             return (f"mask/bias of shape {_concrete_shape(tensor.shape)} does not broadcast to the scores' "
-                    f"shape {_concrete_shape(scores.shape)}")
+                    f"shape {_concrete_shape(term.scores_shape)}")
         if isinstance(op, AddBias):
-            bias = op.bias.meta.get("example_value")
-            if bias.requires_grad:
+            if tensor.requires_grad:
                 return "additive bias requires grad (a learned bias): its gradient is not computed by the kernels"
-            if not bias.dtype.is_floating_point:
-                return f"additive term of dtype {bias.dtype} is not a float bias"
+            if not tensor.dtype.is_floating_point:
+                return f"additive term of dtype {tensor.dtype} is not a float bias"
             bias_terms.append(term)
-            parts.append(f"bias[{'x'.join(map(str, _concrete_shape(bias.shape)))}]")
+            parts.append(f"bias[{shape}]")
             continue
-        assert isinstance(op, MaskedFill)
         if not (op.value == -math.inf or op.value <= LARGEST_MASK_FILL):
             return f"masked_fill with value {op.value} is not a mask fill (-inf or a large negative number)"
-        proof = None if causal else analyze_boolean_mask(graph, op.mask, op.inverted, nq, nk, example_inputs)
+        proof = (analyze_boolean_mask(graph, op.mask, op.inverted, nq, nk, example_inputs)
+                 if causal_offset is None else Unrecognized("a second mask"))
         if isinstance(proof, MaskProof) and (proof.spec.offset >= 0 or op.value == -math.inf):
-            causal = proof
+            causal_offset = proof.spec.offset
+            proofs.append(proof)
             parts.append(proof.description)
             continue
-        why = proof.reason if isinstance(proof, Unrecognized) else "second mask"
+        why = proof.reason if isinstance(proof, Unrecognized) else "a finite fill would leave rows fully masked"
         bias_terms.append(term)
-        parts.append(f"mask[{'x'.join(map(str, _concrete_shape(op.mask.meta['example_value'].shape)))}] ({why})")
-    return MaskDecision(causal, bias_terms, " + ".join(parts) or "none")
+        parts.append(f"mask[{shape}] ({why})")
+    return MaskDecision(causal_offset, bias_terms, " + ".join(parts) or "none", proofs)
 
 
 def _broadcasts_into(shape: tuple, target: tuple) -> bool:
@@ -135,23 +136,22 @@ def _broadcasts_into(shape: tuple, target: tuple) -> bool:
 
 
 def _cost_shape(match: AttentionMatch, masks: MaskDecision, nq: int, nk: int) -> cost.AttentionShape:
-    batch = [concrete(s) for s in torch.broadcast_shapes(match.q_shape[:-2], match.k_shape[:-2], match.v_shape[:-2])]
-    batch_heads = math.prod(batch)
-    values = [o.node.meta["example_value"] for o in (match.q, match.kt, match.v)]
+    batch_heads = math.prod(concrete(s) for s in match.output.meta["example_value"].shape[:-2])
+    values = [o.node.meta["example_value"] for o in (match.q, match.k, match.v)]
     mask_bytes = 0.0
     for term in match.terms:
-        tensor = (term.op.mask if isinstance(term.op, MaskedFill) else term.op.bias).meta["example_value"]
+        tensor = term.tensor.meta["example_value"]
         mask_bytes += concrete(tensor.numel()) * tensor.element_size() / max(1, batch_heads * nq * nk)
     passes = sum(isinstance(desc, Scale | Cast | MaskedFill | AddBias) for desc in _chain_descs(match))
     return cost.AttentionShape(
         batch_heads=batch_heads, nq=nq, nk=nk, head_dim=concrete(match.q_shape[-1]), dtype=match.dtype,
-        causal=masks.causal is not None, elementwise_passes=passes, mask_bytes_per_score=mask_bytes,
+        causal=masks.causal_offset is not None, elementwise_passes=passes, mask_bytes_per_score=mask_bytes,
         training=torch.is_grad_enabled() and any(v.requires_grad for v in values),
     )
 
 
 def _chain_descs(match: AttentionMatch) -> list:
-    return [canonicalize(n) for n in match.nodes[1:-1] if n is not match.softmax]
+    return [canonicalize(n) for n in match.nodes[1:-1] if n is not match.anchor]
 
 
 def _concrete_shape(shape: Any) -> tuple:

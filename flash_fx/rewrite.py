@@ -1,8 +1,8 @@
 """Graph surgery: replace the nodes of one AttentionMatch by a call of `flash_fx::attention`.
 
-The new nodes bring q, k, v to the op's 4-d layout with views only (permute, transpose, unsqueeze),
-apply the non-constant scale factors to q, build the additive bias of masks that have no structural
-variant, call the op, and bring its output back to the layout and dtype of the original P @ V.
+The new nodes bring q, k, v to the op's 4-d layout with views only (permute, transpose, reshape of batch
+dims, unsqueeze), apply non-constant scale factors to q, build the additive bias of masks that have no
+structural variant, call the op, and bring its output back to the layout and dtype of the original.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from flash_fx.patterns.canonical import AddBias, MaskedFill, Operand, swapped_last_two
-from flash_fx.patterns.match import AttentionMatch, ScoreTerm
+from flash_fx.patterns.canonical import AddBias, MaskedFill, Operand
+from flash_fx.patterns.match import RSQRT_HEAD_DIM, AttentionMatch, ScoreTerm
 
 # Finite mask fills (finfo.min, -1e9, ...) become this bias: large enough to absorb any score, small
 # enough that several overlapping masks do not overflow to -inf (a fully masked row stays uniform).
@@ -31,29 +31,30 @@ class KernelCall:
 
 
 def replace_attention(graph: fx.Graph, match: AttentionMatch, call: KernelCall) -> fx.Node:
-    """Insert the op call before match.pv, reroute the users of match.pv to it, erase the old nodes."""
-    rank = max(len(match.q_shape), len(match.k_shape), len(match.v_shape))
+    """Insert the op call before match.output, reroute its users to the call, erase the replaced nodes."""
     replaced = set(match.nodes)
     inputs = {i for node in match.nodes for i in node.all_input_nodes if i not in replaced}
-    with graph.inserting_before(match.pv):
-        q = _to_4d(graph, _operand(graph, match.q), len(match.q_shape))
-        for desc in match.dynamic_scales:
-            q = graph.call_function(operator.truediv if desc.reciprocal else operator.mul, (q, desc.factor))
-        k = _to_4d(graph, _k_from_kt(graph, match.kt), len(match.k_shape))
-        v = _to_4d(graph, _operand(graph, match.v), len(match.v_shape))
+    view = match.batch_view
+    with graph.inserting_before(match.output):
+        q = _to_op_layout(graph, _operand(graph, match.q), len(match.q_shape), view)
+        for factor in match.dynamic_scales:
+            q = _apply_dynamic_scale(graph, q, factor)
+        k = _operand(graph, match.k)
+        if match.k_is_transposed:
+            k = graph.call_method("transpose", (k, -2, -1))
+        k = _to_op_layout(graph, k, len(match.k_shape), view)
+        v = _to_op_layout(graph, _operand(graph, match.v), len(match.v_shape), view)
         bias = _bias(graph, call.bias_terms)
+        kwargs = {"kv_heads_tiled": True} if match.kv_heads_tiled else {}
         result = graph.call_function(
-            torch.ops.flash_fx.attention.default, (q, k, v, bias, call.scale, call.causal_offset)
+            torch.ops.flash_fx.attention.default, (q, k, v, bias, call.scale, call.causal_offset), kwargs
         )
         out = graph.call_function(operator.getitem, (result, 0))
-        for _ in range(4 - rank):
-            out = graph.call_method("squeeze", (out, 0))
-        if match.out_perm is not None:
-            out = graph.call_method("permute", (out, *match.out_perm))
-        out_dtype = match.pv.meta["example_value"].dtype
-        if out_dtype != match.dtype:
-            out = graph.call_method("to", (out, out_dtype))
-    match.pv.replace_all_uses_with(out)
+        if match.zero_dead_rows:
+            out = _zero_dead_rows(graph, out, graph.call_function(operator.getitem, (result, 1)))
+        out = _from_op_layout(graph, out, match)
+    out.meta["example_value"] = match.output.meta["example_value"]  # later matches may read it
+    match.output.replace_all_uses_with(out)
     for node in reversed(match.nodes):
         if not node.users:
             graph.erase_node(node)
@@ -67,18 +68,47 @@ def _operand(graph: fx.Graph, operand: Operand) -> fx.Node:
     return graph.call_method("permute", (operand.node, *operand.perm))
 
 
-def _k_from_kt(graph: fx.Graph, kt: Operand) -> fx.Node:
-    """K itself when K^T was written as a swap of K's last two dims, else a transpose of K^T."""
-    if kt.perm is None and (k := swapped_last_two(kt.node)) is not None:
-        return k
-    return graph.call_method("transpose", (_operand(graph, kt), -2, -1))
+def _apply_dynamic_scale(graph: fx.Graph, q: fx.Node, factor: object) -> fx.Node:
+    """q times a scale known only at run time (a 0-d tensor, a symbolic float, or 1/sqrt(head dim))."""
+    if factor == RSQRT_HEAD_DIM:
+        head_dim = graph.call_method("size", (q, -1))
+        return graph.call_function(operator.mul, (q, graph.call_function(operator.pow, (head_dim, -0.5))))
+    return graph.call_function(operator.truediv if factor.reciprocal else operator.mul, (q, factor.factor))
 
 
-def _to_4d(graph: fx.Graph, node: fx.Node, rank: int) -> fx.Node:
-    """Prepend size-1 dims so that every operand is [batch, heads, N, d] (the op broadcasts them)."""
-    for _ in range(4 - rank):
+def _layout_rank(rank: int, view: tuple | None) -> int:
+    return len(view) + 2 if view is not None else rank
+
+
+def _to_op_layout(graph: fx.Graph, node: fx.Node, rank: int, view: tuple | None) -> fx.Node:
+    """Regroup batch dims into the masks' view (if any), then prepend size-1 dims up to [batch, heads, N, d]."""
+    if view is not None and rank != len(view) + 2:
+        rows, cols = graph.call_method("size", (node, -2)), graph.call_method("size", (node, -1))
+        node = graph.call_method("reshape", (node, *view, rows, cols))
+    for _ in range(4 - _layout_rank(rank, view)):
         node = graph.call_method("unsqueeze", (node, 0))
     return node
+
+
+def _from_op_layout(graph: fx.Graph, out: fx.Node, match: AttentionMatch) -> fx.Node:
+    """The op's [B, H, Nq, d] output in the original output's layout and dtype."""
+    layout_rank = _layout_rank(max(len(match.q_shape), len(match.k_shape), len(match.v_shape)), match.batch_view)
+    for _ in range(4 - layout_rank):
+        out = graph.call_method("squeeze", (out, 0))
+    original = match.output.meta["example_value"]
+    if original.dim() < layout_rank:  # the masks' view split batch dims that the output keeps merged
+        out = graph.call_method("flatten", (out, 0, layout_rank - original.dim()))
+    if match.out_perm is not None:
+        out = graph.call_method("permute", (out, *match.out_perm))
+    if original.dtype != match.dtype:
+        out = graph.call_method("to", (out, original.dtype))
+    return out
+
+
+def _zero_dead_rows(graph: fx.Graph, out: fx.Node, lse: fx.Node) -> fx.Node:
+    """Rows with no visible key give 0, as scaled_dot_product_attention does (softmax would give NaN)."""
+    dead = graph.call_function(operator.eq, (graph.call_method("unsqueeze", (lse, -1)), float("-inf")))
+    return graph.call_function(torch.where, (dead, 0.0, out))
 
 
 def _bias(graph: fx.Graph, terms: list[ScoreTerm]) -> fx.Node | None:

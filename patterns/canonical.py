@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 Scalar = float | fx.Node  # a Python number, or a node producing a 0-d tensor / SymFloat / SymInt
 
@@ -102,7 +103,43 @@ class AddBias:
     factor: float = 1.0
 
 
-CanonOp = MatMul | Scale | Softmax | Cast | Identity | Dropout | MaskedFill | AddBias
+@dataclass(frozen=True)
+class Reshape:
+    """out = x viewed with new batch dims; the last two dims are unchanged. sizes: the target sizes as written."""
+
+    x: fx.Node
+    sizes: tuple
+
+
+@dataclass(frozen=True)
+class HeadExpand:
+    """out = x [B, Hkv, N, d] with each KV head repeated `repeat` times along dim 1.
+
+    grouped: query head h reads KV head h // repeat (repeat_interleave, expand at dim 2 + reshape);
+    tiled: query head h reads KV head h % Hkv (repeat, expand at dim 1 + reshape).
+    """
+
+    x: fx.Node
+    repeat: int
+    tiled: bool
+
+
+@dataclass(frozen=True)
+class ScaledDotProductAttention:
+    """An explicit F.scaled_dot_product_attention call."""
+
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    attn_mask: fx.Node | None
+    dropout_p: Scalar
+    is_causal: bool
+    scale: Scalar | None
+    enable_gqa: bool
+
+
+CanonOp = (MatMul | Scale | Softmax | Cast | Identity | Dropout | MaskedFill | AddBias | Reshape | HeadExpand
+           | ScaledDotProductAttention)
 
 _MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", "__matmul__"}
 _SOFTMAXES = {F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax, "softmax"}
@@ -211,6 +248,99 @@ def _einsum(node: fx.Node) -> MatMul | None:
 
     return MatMul(Operand(operands[0], identity_or(a_perm)), Operand(operands[1], identity_or(b_perm)),
                   identity_or(out_perm))
+
+
+def _shape_of(node: Any) -> tuple | None:
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _sizes_argument(node: fx.Node) -> tuple:
+    sizes = node.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], list | tuple):
+        sizes = tuple(sizes[0])
+    return tuple(sizes) or tuple(node.kwargs.get("shape", node.kwargs.get("size", ())))
+
+
+def _reshape(node: fx.Node) -> Reshape | HeadExpand | None:
+    """view/reshape that only regroups batch dims, or the reshape that ends a head expansion."""
+    x = node.args[0] if node.args else None
+    before, after = _shape_of(x), _shape_of(node)
+    if before is None or after is None or len(before) < 2 or len(after) < 2:
+        return None
+    expansion = _head_expansion(node, x, before, after)
+    if expansion is not None:
+        return expansion
+    if not (statically_known_true(before[-1] == after[-1]) and statically_known_true(before[-2] == after[-2])):
+        return None
+    return Reshape(x, _sizes_argument(node))
+
+
+def _head_expansion(node: fx.Node, expanded: fx.Node, before: tuple, after: tuple) -> HeadExpand | None:
+    """reshape(expand(x.unsqueeze(p))) merging dims 1 and 2 of a 5-d expand of a 4-d x."""
+    if len(before) != 5 or len(after) != 4 or expanded.op != "call_method" or expanded.target != "expand":
+        return None
+    source = expanded.args[0]
+    inner = _shape_of(source)
+    if inner is None or len(inner) != 5:
+        return None
+    merged = statically_known_true(after[1] == before[1] * before[2])
+    if not merged or not all(statically_known_true(inner[i] == before[i]) for i in (3, 4)):
+        return None  # the reshape must merge exactly dims 1 and 2; N and d must not be broadcast
+    for position, tiled in ((2, False), (1, True)):
+        if statically_known_true(inner[position] == 1) and not statically_known_true(before[position] == 1):
+            x = _unsqueezed_input(source, position)
+            if x is not None and isinstance(before[position], int):
+                return HeadExpand(x, before[position], tiled)
+    return None
+
+
+def _unsqueezed_input(node: fx.Node, position: int) -> fx.Node | None:
+    """x if node is x.unsqueeze(position) or x[:, None] / x[:, :, None] (4-d x); else None."""
+    x = node.args[0] if node.args else None
+    if not isinstance(x, fx.Node) or len(_shape_of(x) or ()) != 4:
+        return None
+    if node.target in ("unsqueeze", torch.unsqueeze) and node.args[1:] in ((position,), (position - 5,)):
+        return x
+    if node.target is operator.getitem and isinstance(node.args[1], tuple):
+        index = node.args[1]
+        full = slice(None, None, None)
+        if index[:position] == (full,) * position and len(index) > position and index[position] is None and all(
+                i == full or i is Ellipsis for i in index[position + 1:]):
+            return x
+    return None
+
+
+def _repeat_interleave(node: fx.Node) -> HeadExpand | None:
+    x, repeats, dim = _arg(node, 0, "input"), _arg(node, 1, "repeats"), _arg(node, 2, "dim")
+    if len(_shape_of(x) or ()) != 4 or not isinstance(repeats, int) or dim not in (1, -3):
+        return None
+    return HeadExpand(x, repeats, tiled=False)
+
+
+def _repeat(node: fx.Node) -> HeadExpand | None:
+    x = node.args[0] if node.args else None
+    sizes = _sizes_argument(node)
+    if len(_shape_of(x) or ()) != 4 or len(sizes) != 4 or not all(isinstance(s, int) for s in sizes):
+        return None
+    if sizes[0] != 1 or sizes[2:] != (1, 1):
+        return None
+    return HeadExpand(x, sizes[1], tiled=True)
+
+
+def _sdpa(node: fx.Node) -> ScaledDotProductAttention | None:
+    q, k, v = (_arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
+    mask = _arg(node, 3, "attn_mask")
+    dropout_p = _scalar(_arg(node, 4, "dropout_p", 0.0))
+    is_causal = _arg(node, 5, "is_causal", False)
+    scale = _arg(node, 6, "scale")
+    enable_gqa = node.kwargs.get("enable_gqa", node.args[7] if len(node.args) > 7 else False)
+    if not all(isinstance(x, fx.Node) for x in (q, k, v)) or not isinstance(is_causal, bool):
+        return None
+    if dropout_p is None or not isinstance(enable_gqa, bool) or (mask is not None and not isinstance(mask, fx.Node)):
+        return None
+    scale = None if scale is None else _scalar(scale)
+    return ScaledDotProductAttention(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa)
 
 
 def _softmax(node: fx.Node) -> Softmax | None:
@@ -329,6 +459,10 @@ _HANDLERS: list[tuple[set, Any]] = [
     (_DROPOUTS, _dropout),
     (_MASKED_FILLS, _masked_fill),
     ({torch.where}, _where),
+    ({"view", "reshape", torch.reshape}, _reshape),
+    ({"repeat_interleave", torch.repeat_interleave}, _repeat_interleave),
+    ({"repeat"}, _repeat),
+    ({F.scaled_dot_product_attention}, _sdpa),
 ]
 
 

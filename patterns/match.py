@@ -1,8 +1,9 @@
-"""The attention matcher: anchored on each softmax, walk back to Q @ K^T and forward to P @ V.
+"""The attention matcher: anchored on each softmax (and each explicit SDPA call), walk back to Q @ K^T and
+forward to P @ V.
 
 Works only on canonical descriptions (patterns.canonical), so every spelling of a matmul, a scale, a
-cast or a softmax is matched by the same walk. Returns an AttentionMatch, or a NearMiss that says why
-this softmax was left alone.
+cast, a view or a softmax is matched by the same walk. Returns an AttentionMatch, or a NearMiss that says
+why this softmax was left alone, in words a user can act on.
 """
 
 from __future__ import annotations
@@ -15,49 +16,66 @@ from flash_fx.patterns.canonical import (
     AddBias,
     Cast,
     Dropout,
+    HeadExpand,
     Identity,
     MaskedFill,
     MatMul,
     Operand,
+    Reshape,
     Scale,
+    ScaledDotProductAttention,
     Softmax,
     canonicalize,
+    swapped_last_two,
 )
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+RSQRT_HEAD_DIM = "rsqrt_head_dim"  # a dynamic scale: 1 / sqrt(q.size(-1)), for symbolic head dims
+WEIGHTS_HINT = ("; if these are returned attention weights, pass output_attentions=False "
+                "(or stop returning them) to let flash_fx fuse this block")
 
 
 @dataclass
 class ScoreTerm:
-    """A mask or bias applied to the scores, with the constant factor the scores get after it."""
+    """A mask or bias applied to the scores (of shape scores_shape), and the constant factor after it."""
 
     op: MaskedFill | AddBias
+    scores_shape: tuple
     factor_after: float = 1.0
+
+    @property
+    def tensor(self) -> fx.Node:
+        """The mask or bias tensor node."""
+        return self.op.mask if isinstance(self.op, MaskedFill) else self.op.bias
 
 
 @dataclass
 class AttentionMatch:
-    """softmax(scale * Q @ K^T + masks) @ V found in a graph; everything the rewrite needs."""
+    """softmax(scale * Q @ K^T + masks) @ V found in a graph: everything the rewrite needs."""
 
-    softmax: fx.Node
-    qk: fx.Node
-    pv: fx.Node
+    anchor: fx.Node  # the softmax (or SDPA) node: where the report points
+    output: fx.Node  # the node whose value the kernel call replaces (P @ V, or the SDPA call)
+    nodes: list[fx.Node]  # the nodes from Q @ K^T to P @ V that the rewrite removes
     q: Operand
-    kt: Operand  # K^T as the matmul sees it: [..., d, Nk]
+    k: Operand  # K itself [..., Nk, d] when `k_is_transposed` is False, else K^T [..., d, Nk]
+    k_is_transposed: bool
     v: Operand
+    kv_heads_tiled: bool  # GQA K/V un-expanded: query head h reads KV head h % Hkv (else h // group)
     scale: float  # constant part of the scale
-    dynamic_scales: list[fx.Node]  # non-constant factors (0-d tensors, symbolic floats), applied to q
+    dynamic_scales: list  # Scale descriptions with non-constant factors, or RSQRT_HEAD_DIM; applied to q
     terms: list[ScoreTerm]  # masks and biases in program order
+    causal: bool  # an explicit causal flag (SDPA is_causal)
+    batch_view: tuple | None  # sizes of the batch layout the masks see, when views regroup batch and heads
     out_perm: tuple[int, ...] | None  # einsum output order of the P @ V product
-    nodes: list[fx.Node]  # the nodes from Q @ K^T to P @ V that the rewrite replaces
     q_shape: tuple  # [..., Nq, d] after the operand's permute
     k_shape: tuple  # [..., Nk, d]
     v_shape: tuple  # [..., Nk, d]
     dtype: torch.dtype
     location: str
+    zero_dead_rows: bool = False  # fully masked rows give 0 (SDPA) instead of NaN (softmax)
     notes: list[str] = field(default_factory=list)
 
 
@@ -71,18 +89,19 @@ class NearMiss:
 
 
 def find_attention(graph: fx.Graph) -> list[AttentionMatch | NearMiss]:
-    """Every softmax of `graph`, as an AttentionMatch or a NearMiss, in graph order."""
-    return [match_softmax(node) for node in softmax_nodes(graph)]
+    """Every softmax and SDPA call of `graph`, as an AttentionMatch or a NearMiss, in graph order."""
+    return [match_anchor(node) for node in anchor_nodes(graph)]
 
 
-def softmax_nodes(graph: fx.Graph) -> list[fx.Node]:
-    """The softmax nodes of `graph` (the matcher's anchors), in graph order."""
-    return [node for node in graph.nodes if isinstance(canonicalize(node), Softmax)]
+def anchor_nodes(graph: fx.Graph) -> list[fx.Node]:
+    """The matcher's anchors in graph order: softmax nodes and explicit SDPA calls."""
+    return [node for node in graph.nodes if isinstance(canonicalize(node), Softmax | ScaledDotProductAttention)]
 
 
-def match_softmax(node: fx.Node) -> AttentionMatch | NearMiss:
-    """The attention around the softmax `node`, or a NearMiss saying why there is none."""
-    result = _match_softmax(node, canonicalize(node))
+def match_anchor(node: fx.Node) -> AttentionMatch | NearMiss:
+    """The attention around the anchor `node`, or a NearMiss saying why there is none."""
+    desc = canonicalize(node)
+    result = _match_sdpa(node, desc) if isinstance(desc, ScaledDotProductAttention) else _match_softmax(node, desc)
     return result if isinstance(result, AttentionMatch) else NearMiss(node, result, location(node))
 
 
@@ -100,13 +119,22 @@ def location(node: fx.Node) -> str:
 
 
 def _value(node: fx.Node) -> torch.Tensor | None:
-    value = node.meta.get("example_value")
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
     return value if isinstance(value, torch.Tensor) else None
+
+
+def _shape(node: fx.Node) -> tuple:
+    return tuple(_value(node).shape)
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
+
+
+def _same(a: object, b: object) -> bool:
+    """a == b for sizes that may be symbolic, without adding a guard (unknown counts as different)."""
+    return statically_known_true(a == b)
 
 
 def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
@@ -118,26 +146,20 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
 
     # Walk back from the softmax to the Q @ K^T product.
     back: list[fx.Node] = []
-    terms_reversed: list = []
     node = canon.x
-    while True:
-        desc = canonicalize(node)
-        if isinstance(desc, MatMul):
-            break
-        if desc is None or isinstance(desc, Softmax | Dropout):
+    while not isinstance(desc := canonicalize(node), MatMul):
+        if desc is None or isinstance(desc, Softmax | Dropout | HeadExpand | ScaledDotProductAttention):
             return f"scores come from {_op_name(node)}, not from a Q @ K^T product"
         if _only_user(node) is None:
-            return f"scores ({node.name}) are also used outside the attention"
+            return f"scores ({node.name}) are also used outside the attention" + WEIGHTS_HINT
         back.append(node)
-        terms_reversed.append(desc)
         node = desc.x
     qk, qk_desc = node, desc
     if _only_user(qk) is None:
-        return f"scores ({qk.name}) are also used outside the attention"
+        return f"scores ({qk.name}) are also used outside the attention" + WEIGHTS_HINT
     if qk_desc.out_perm is not None:
-        return "Q @ K^T einsum writes its output transposed"
-    if qk_desc.addend is not None:  # baddbmm's input is an additive bias on the scores
-        terms_reversed.append(AddBias(qk, qk_desc.addend, factor=qk_desc.beta))
+        return "the Q @ K^T einsum writes its output transposed"
+    back.reverse()  # program order: from Q @ K^T towards the softmax
 
     # Walk forward from the softmax to the P @ V product.
     forward: list[fx.Node] = []
@@ -145,78 +167,180 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
     while True:
         user = _only_user(node)
         if user is None:
-            return f"probabilities ({node.name}) are used outside the attention"
+            return f"attention probabilities ({node.name}) are also used outside the attention" + WEIGHTS_HINT
         desc = canonicalize(user)
         if isinstance(desc, MatMul):
             break
         if isinstance(desc, Dropout):
-            return f"dropout (p={desc.p}) in training mode: fused dropout is not available yet"
-        if not isinstance(desc, Cast | Identity):
+            return f"dropout (p={desc.p}) in training mode on the probabilities: fused dropout is not available yet"
+        if not isinstance(desc, Cast | Identity | Reshape):
             return f"probabilities go to {_op_name(user)}, not to a P @ V product"
         forward.append(user)
         node = user
     pv, pv_desc = user, desc
     if pv_desc.a.node is not node or pv_desc.a.perm is not None:
-        return "probabilities are not the left operand of the P @ V product"
+        return "probabilities are not the left operand of the P @ V product (it must contract over the keys)"
     if pv_desc.alpha != 1.0 or pv_desc.addend is not None:
         return "the P @ V product is scaled or has an addend"
 
-    q, kt = qk_desc.a, qk_desc.b
-    scale, dynamic_scales, terms = qk_desc.alpha, [], []
-    q, q_factor = _absorb_operand_scale(q)
-    kt, k_factor = _absorb_operand_scale(kt)
-    scale *= q_factor * k_factor
-    for desc in reversed(terms_reversed):  # program order: from Q @ K^T towards the softmax
+    score_ops = [canonicalize(n) for n in back]
+    if qk_desc.addend is not None:  # baddbmm's input is an additive bias on the scores
+        score_ops.insert(0, AddBias(qk, qk_desc.addend, factor=qk_desc.beta))
+    folded = _fold_score_ops(score_ops, qk_desc.alpha)
+    if isinstance(folded, str):
+        return folded
+    scale, dynamic_scales, terms = folded
+
+    views = [desc for desc in score_ops if isinstance(desc, Reshape)]
+    views += [d for d in map(canonicalize, forward) if isinstance(d, Reshape)]
+    batch_view = None
+    if views:
+        batch_view = _batch_view(views, terms, qk_desc, pv_desc)
+        if isinstance(batch_view, str):
+            return batch_view
+    return _finish(
+        anchor=softmax, output=pv, nodes=[qk, *back, softmax, *forward, pv], q=qk_desc.a, k=qk_desc.b,
+        k_is_transposed=True, v=pv_desc.b, scale=scale, dynamic_scales=dynamic_scales, terms=terms, causal=False,
+        batch_view=batch_view, out_perm=pv_desc.out_perm,
+    )
+
+
+def _fold_score_ops(score_ops: list, alpha: float) -> tuple[float, list, list[ScoreTerm]] | str:
+    """Fold scales into one constant (plus dynamic factors before any mask) and collect masks and biases."""
+    scale, dynamic_scales, terms = alpha, [], []
+    for desc in score_ops:
         if isinstance(desc, Scale):
             if isinstance(desc.factor, float):
                 factor = 1.0 / desc.factor if desc.reciprocal else desc.factor
                 if terms and factor <= 0:
-                    return "non-positive scale applied after a mask"
+                    return "a non-positive scale is applied after a mask"
                 scale *= factor
                 for term in terms:
                     term.factor_after *= factor
             elif terms:
-                return "non-constant scale applied after a mask or bias"
+                return "a non-constant scale is applied after a mask or bias"
             else:
                 dynamic_scales.append(desc)
         elif isinstance(desc, MaskedFill | AddBias):
-            terms.append(ScoreTerm(desc, getattr(desc, "factor", 1.0)))
+            terms.append(ScoreTerm(desc, _shape(desc.x), getattr(desc, "factor", 1.0)))
     if not math.isfinite(scale) or scale == 0:
         return f"scale {scale} is not a finite non-zero number"
+    return scale, dynamic_scales, terms
 
-    shapes = _operand_shapes(q, kt, pv_desc.b)
+
+def _batch_view(views: list[Reshape], terms: list[ScoreTerm], qk: MatMul, pv: MatMul) -> tuple | str:
+    """The sizes of the widest batch layout the scores take between the products (views regroup B and H)."""
+    if any(o.perm is not None for o in (qk.a, qk.b, pv.b)) or pv.out_perm is not None:
+        return "batch views between the products combined with permuted einsum operands"
+    widest = max(views, key=lambda view: len(view.sizes))
+    rank = len(widest.sizes)
+    for term in terms:
+        if len(term.scores_shape) != rank:
+            return "a mask or bias is applied in a different batch layout than the widest view"
+    if len(_shape(pv.b.node)) not in (3, rank):
+        return "views between the products leave V in an unsupported layout"
+    return tuple(widest.sizes[:-2])
+
+
+def _match_sdpa(node: fx.Node, desc: ScaledDotProductAttention) -> AttentionMatch | str:
+    if not (isinstance(desc.dropout_p, float) and desc.dropout_p == 0.0):
+        return f"scaled_dot_product_attention with dropout_p={desc.dropout_p}: fused dropout is not available yet"
+    if desc.is_causal and desc.attn_mask is not None:
+        return "scaled_dot_product_attention with both attn_mask and is_causal"
+    q_shape = _shape(desc.q)
+    scores_shape = (*q_shape[:-1], _shape(desc.k)[-2])
+    terms = []
+    if desc.attn_mask is not None:
+        mask = _value(desc.attn_mask)
+        op = (MaskedFill(node, desc.attn_mask, -math.inf, inverted=True) if mask.dtype == torch.bool
+              else AddBias(node, desc.attn_mask))
+        terms.append(ScoreTerm(op, scores_shape))
+    scale, dynamic_scales = 1.0, []
+    if desc.scale is None:
+        head_dim = q_shape[-1]
+        if isinstance(head_dim, int):
+            scale = head_dim**-0.5
+        else:
+            dynamic_scales.append(RSQRT_HEAD_DIM)
+    elif isinstance(desc.scale, float):
+        scale = desc.scale
+    else:
+        dynamic_scales.append(Scale(desc.q, desc.scale))
+    return _finish(
+        anchor=node, output=node, nodes=[node], q=Operand(desc.q), k=Operand(desc.k), k_is_transposed=False,
+        v=Operand(desc.v), scale=scale, dynamic_scales=dynamic_scales, terms=terms, causal=desc.is_causal,
+        batch_view=None, out_perm=None, zero_dead_rows=True,
+    )
+
+
+def _finish(*, anchor: fx.Node, q: Operand, k: Operand, k_is_transposed: bool, v: Operand, scale: float,
+            batch_view: tuple | None, **fields) -> AttentionMatch | str:
+    """Simplify the operands (fold their constant scales, undo GQA head expansion), check shapes, build the match."""
+    notes = []
+    q, q_factor = _strip_scales(q)
+    k, k_is_transposed, k_factor = _plain_key(k, k_is_transposed)
+    scale *= q_factor * k_factor
+    kv_heads_tiled = False
+    if batch_view is None and not k_is_transposed:
+        k, v, kv_heads_tiled, note = _undo_head_expansion(k, v)
+        notes += [note] if note else []
+    shapes = _operand_shapes(q, k, k_is_transposed, v)
     if isinstance(shapes, str):
         return shapes
     q_shape, k_shape, v_shape, dtype = shapes
     return AttentionMatch(
-        softmax=softmax, qk=qk, pv=pv, q=q, kt=kt, v=pv_desc.b, scale=scale,
-        dynamic_scales=dynamic_scales, terms=terms, out_perm=pv_desc.out_perm,
-        nodes=[qk, *reversed(back), softmax, *forward, pv],
-        q_shape=q_shape, k_shape=k_shape, v_shape=v_shape, dtype=dtype, location=location(softmax),
+        anchor=anchor, q=q, k=k, k_is_transposed=k_is_transposed, v=v, kv_heads_tiled=kv_heads_tiled, scale=scale,
+        batch_view=batch_view, q_shape=q_shape, k_shape=k_shape, v_shape=v_shape, dtype=dtype,
+        location=location(anchor), notes=notes, **fields,
     )
 
 
-def _absorb_operand_scale(operand: Operand) -> tuple[Operand, float]:
-    """Fold a constant scale on q (or on K^T) that only feeds this product into the attention scale."""
-    desc = canonicalize(operand.node)
-    if isinstance(desc, Scale) and isinstance(desc.factor, float) and _only_user(operand.node) is not None:
+def _constant_factor(desc: object) -> float | None:
+    if isinstance(desc, Scale) and isinstance(desc.factor, float):
         factor = 1.0 / desc.factor if desc.reciprocal else desc.factor
         if math.isfinite(factor) and factor != 0:
-            return Operand(desc.x, operand.perm), factor
-    return operand, 1.0
+            return factor
+    return None
 
 
-def _permuted_shape(operand: Operand) -> tuple | None:
-    value = _value(operand.node)
-    if value is None:
-        return None
-    shape = tuple(value.shape)
+def _strip_scales(operand: Operand) -> tuple[Operand, float]:
+    """Fold constant scales on an operand (q * d**-0.5, k / 2, ...) into the attention scale."""
+    node, factor = operand.node, 1.0
+    while (f := _constant_factor(canonicalize(node))) is not None:
+        factor *= f
+        node = canonicalize(node).x
+    return Operand(node, operand.perm), factor
+
+
+def _plain_key(k: Operand, transposed: bool) -> tuple[Operand, bool, float]:
+    """K itself when K^T is a swap of K's last two dims (after constant scales), with the scales folded."""
+    k, factor = _strip_scales(k)
+    if transposed and k.perm is None and (source := swapped_last_two(k.node)) is not None:
+        k, more = _strip_scales(Operand(source))
+        return k, False, factor * more
+    return k, transposed, factor
+
+
+def _undo_head_expansion(k: Operand, v: Operand) -> tuple[Operand, Operand, bool, str | None]:
+    """Read shared KV heads directly when K and V were both expanded to the query heads the same way."""
+    if k.perm is not None or v.perm is not None:
+        return k, v, False, None
+    ek, ev = canonicalize(k.node), canonicalize(v.node)
+    if isinstance(ek, HeadExpand) and isinstance(ev, HeadExpand) and (ek.repeat, ek.tiled) == (ev.repeat, ev.tiled):
+        mode = "h % kv_heads" if ek.tiled else "h // group"
+        return Operand(ek.x), Operand(ev.x), ek.tiled, f"GQA: KV heads shared x{ek.repeat} ({mode}), read once"
+    return k, v, False, None
+
+
+def _permuted_shape(operand: Operand) -> tuple:
+    shape = _shape(operand.node)
     return tuple(shape[i] for i in operand.perm) if operand.perm is not None else shape
 
 
-def _operand_shapes(q: Operand, kt: Operand, v: Operand) -> tuple[tuple, tuple, tuple, torch.dtype] | str:
+def _operand_shapes(q: Operand, k: Operand, k_is_transposed: bool,
+                    v: Operand) -> tuple[tuple, tuple, tuple, torch.dtype] | str:
     """Shapes of q [..., Nq, d], k [..., Nk, d], v [..., Nk, d] and their dtype, or why they do not fit."""
-    values = [_value(o.node) for o in (q, kt, v)]
+    values = [_value(o.node) for o in (q, k, v)]
     if any(v is None for v in values):
         return "an operand has no tensor example value"
     dtypes = {v.dtype for v in values}
@@ -228,10 +352,11 @@ def _operand_shapes(q: Operand, kt: Operand, v: Operand) -> tuple[tuple, tuple, 
     devices = {v.device.type for v in values}
     if not devices <= {"cpu", "cuda"}:
         return f"device {sorted(devices)} is neither CUDA nor CPU"
-    q_shape, kt_shape, v_shape = (_permuted_shape(o) for o in (q, kt, v))
-    if min(len(q_shape), len(kt_shape), len(v_shape)) < 2:
+    q_shape, k_shape, v_shape = (_permuted_shape(o) for o in (q, k, v))
+    if min(len(q_shape), len(k_shape), len(v_shape)) < 2:
         return "an operand has fewer than 2 dims"
-    k_shape = (*kt_shape[:-2], kt_shape[-1], kt_shape[-2])
+    if k_is_transposed:
+        k_shape = (*k_shape[:-2], k_shape[-1], k_shape[-2])
     batch_rank = max(len(q_shape), len(k_shape), len(v_shape)) - 2
     if batch_rank > 2:
         return f"{batch_rank} batch dims (at most 2: batch and heads)"
@@ -241,11 +366,6 @@ def _operand_shapes(q: Operand, kt: Operand, v: Operand) -> tuple[tuple, tuple, 
     if isinstance(head_dim, int) and head_dim > MAX_HEAD_DIM:
         return f"head dim {head_dim} is over {MAX_HEAD_DIM}"
     return q_shape, k_shape, v_shape, dtype
-
-
-def _same(a: object, b: object) -> bool:
-    """a == b for sizes that may be symbolic, without adding a guard (unknown counts as different)."""
-    return statically_known_true(a == b)
 
 
 def _op_name(node: fx.Node) -> str:

@@ -111,10 +111,130 @@ def causal_tril_where(q, k, v):
     return scores.softmax(-1) @ v
 
 
+def baddbmm_empty_alpha(q, k, v):
+    scores = torch.empty(q.size(0), q.size(1), k.size(1), dtype=q.dtype)
+    scores = torch.baddbmm(scores, q, k.transpose(1, 2), beta=0.0, alpha=0.125)
+    return torch.bmm(scores.softmax(-1), v)
+
+
+def baddbmm_alibi_bias(q, k, v):
+    n = k.size(1)
+    slopes = torch.linspace(-1.0, -0.1, q.size(0)).view(-1, 1, 1)
+    alibi = slopes * torch.arange(n, dtype=q.dtype).view(1, 1, n)  # [B*H, 1, Nk]
+    scores = alibi.baddbmm(q, k.transpose(-1, -2), beta=1.0, alpha=0.5)
+    return torch.bmm(F.softmax(scores, dim=-1), v)
+
+
+def two_dim_dot_t(q, k, v):
+    return (q @ k.T / 2.0).softmax(-1) @ v
+
+
+def views_between_products(q, k, v):
+    """BART style: 3-d products, the mask added in a 4-d view of the scores."""
+    b, h = 2, 3
+    n = q.size(1)
+    mask = torch.zeros(b, 1, n, n).masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), float("-inf"))
+    scores = torch.bmm(q * 0.3, k.transpose(1, 2))
+    scores = scores.view(b, h, n, n) + mask
+    scores = scores.view(b * h, n, n)
+    return torch.bmm(scores.softmax(dim=-1), v)
+
+
+def scale_on_k_and_both(q, k, v):
+    d = q.size(-1)
+    q, k = q * d**-0.25, k * d**-0.25
+    scores = (q @ k.transpose(-2, -1)).contiguous().clone()
+    return scores.softmax(-1) @ v
+
+
+def scales_in_place_and_tensors(q, k, v):
+    scores = q @ k.transpose(-2, -1)
+    scores *= 1.0
+    scores /= math.sqrt(q.size(-1))
+    scores = scores * torch.full([], 0.5) / torch.tensor(2.0)
+    return scores.softmax(-1) @ v
+
+
+def symbolic_head_dim_scale(q, k, v):
+    scores = (q @ k.transpose(-2, -1)) / (q.size(-1) ** 0.5)
+    return scores.float().softmax(-1).type(q.dtype) @ v
+
+
+def additive_mask_and_where(q, k, v, bias):
+    n = q.size(-2)
+    keep = torch.ones(n, n, dtype=torch.bool).tril()
+    scores = torch.where(keep, (q @ k.transpose(-2, -1)) * 0.5 + bias, -torch.finfo(q.dtype).max)
+    return torch.dropout(scores.softmax(-1), 0.1, False) @ v
+
+
+def padding_mask_input(q, k, v, padding):
+    scores = (q @ k.transpose(-2, -1)).masked_fill(padding[:, None, None, :] == 0, -1e9)
+    return scores.softmax(-1) @ v
+
+
+def repeat_kv_expand(q, k, v):
+    """LLaMA's repeat_kv: [B, Hkv, N, d] -> [B, Hkv*rep, N, d] by expand + reshape (head h reads h // rep)."""
+    b, hkv, n, d = k.shape
+    k = k[:, :, None, :, :].expand(b, hkv, 3, n, d).reshape(b, hkv * 3, n, d)
+    v = v[:, :, None, :, :].expand(b, hkv, 3, n, d).reshape(b, hkv * 3, n, d)
+    return F.softmax(torch.matmul(q, k.transpose(2, 3)) * 0.25, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def repeat_interleave_kv(q, k, v):
+    k, v = k.repeat_interleave(3, dim=1), torch.repeat_interleave(v, 3, dim=1)
+    return (q @ k.mT * 0.25).softmax(-1) @ v
+
+
+def repeat_tiled_kv(q, k, v):
+    k, v = k.repeat(1, 3, 1, 1), v.repeat(1, 3, 1, 1)
+    return (q @ k.mT * 0.25).softmax(-1) @ v
+
+
+def broadcast_single_kv_head(q, k, v):
+    return (q @ k.mT * 0.25).softmax(-1) @ v
+
+
+def sdpa_plain_and_causal(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v) + F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                    scale=0.2)
+
+
+def sdpa_masks(q, k, v):
+    n = q.size(-2)
+    keep = torch.ones(n, n, dtype=torch.bool).tril()
+    bias = torch.zeros(n, n).masked_fill(~keep, torch.finfo(q.dtype).min)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep) + F.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias)
+
+
+def sdpa_gqa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+class Layer(nn.Module):
+    def forward(self, x):
+        return F.softmax(x @ x.transpose(-2, -1) * 0.1, dim=-1) @ x
+
+
+class Stack(nn.Module):
+    """The same attention module called in a loop: one rewrite per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(Layer() for _ in range(3))
+
+    def forward(self, q, k, v):
+        x = q + k + v
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
 class FormsTest(TestCase):
-    def check(self, fn, inputs, variant, expected_graph, **tolerance):
+    def check(self, fn, inputs, variant, expected_graph, count=1, **tolerance):
         captured = capture(fn, *inputs)
-        self.assertEqual(captured.variants, [variant], captured.skip_reasons)
+        self.assertEqual(captured.variants, [variant] * count if isinstance(variant, str) else variant,
+                         captured.skip_reasons)
         self.assertExpectedInline(captured.before + "---- after flash_fx ----\n" + captured.after, expected_graph,
                                   skip=1)
         compiled_matches_eager(fn, *inputs, **tolerance)
@@ -447,3 +567,512 @@ def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor)
         k, v = torch.randn(B, H, 11, D, requires_grad=True), torch.randn(B, H, 11, D, requires_grad=True)
         self.assertEqual(capture(matmul_operator, q, k, v).variants, ["dense"])
         compiled_matches_eager(matmul_operator, q, k, v)
+
+    def test_baddbmm_empty_alpha(self):
+        self.check(baddbmm_empty_alpha, qkv(B * H, N, D), "dense", """\
+def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    scores = torch.empty(6, 10, 10, dtype = torch.float32)
+    transpose = l_k_.transpose(1, 2)
+    scores_1 = torch.baddbmm(scores, l_q_, transpose, beta = 0.0, alpha = 0.125)
+    softmax = scores_1.softmax(-1)
+    bmm = torch.bmm(softmax, l_v_)
+    return (bmm,)
+---- after flash_fx ----
+def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    unsqueeze = l_q_.unsqueeze(0)
+    unsqueeze_1 = l_k_.unsqueeze(0)
+    unsqueeze_2 = l_v_.unsqueeze(0)
+    attention_default = torch.ops.flash_fx.attention.default(unsqueeze, unsqueeze_1, unsqueeze_2, None, 0.125, None)
+    getitem = attention_default[0]
+    squeeze = getitem.squeeze(0)
+    return (squeeze,)
+""")
+
+    def test_baddbmm_alibi_bias(self):
+        self.check(baddbmm_alibi_bias, qkv(B * H, N, D), "bias", """\
+def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_k_ = L_k_
+    l_q_ = L_q_
+    l_v_ = L_v_
+    linspace = torch.linspace(-1.0, -0.1, 6)
+    slopes = linspace.view(-1, 1, 1)
+    arange = torch.arange(10, dtype = torch.float32)
+    view_1 = arange.view(1, 1, 10)
+    alibi = slopes * view_1
+    transpose = l_k_.transpose(-1, -2)
+    scores = alibi.baddbmm(l_q_, transpose, beta = 1.0, alpha = 0.5)
+    softmax = torch.nn.functional.softmax(scores, dim = -1)
+    bmm = torch.bmm(softmax, l_v_)
+    return (bmm,)
+---- after flash_fx ----
+def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_k_ = L_k_
+    l_q_ = L_q_
+    l_v_ = L_v_
+    linspace = torch.linspace(-1.0, -0.1, 6)
+    slopes = linspace.view(-1, 1, 1)
+    arange = torch.arange(10, dtype = torch.float32)
+    view_1 = arange.view(1, 1, 10)
+    alibi = slopes * view_1
+    unsqueeze = l_q_.unsqueeze(0)
+    unsqueeze_1 = l_k_.unsqueeze(0)
+    unsqueeze_2 = l_v_.unsqueeze(0)
+    attention_default = torch.ops.flash_fx.attention.default(unsqueeze, unsqueeze_1, unsqueeze_2, alibi, 0.5, None)
+    getitem = attention_default[0]
+    squeeze = getitem.squeeze(0)
+    return (squeeze,)
+""")
+
+    def test_two_dim_dot_t(self):
+        self.check(two_dim_dot_t, qkv(N, D), "dense", """\
+def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_k_ = L_k_
+    l_q_ = L_q_
+    l_v_ = L_v_
+    getattr_1 = l_k_.T
+    matmul = l_q_ @ getattr_1
+    truediv = matmul / 2.0
+    softmax = truediv.softmax(-1)
+    matmul_1 = softmax @ l_v_
+    return (matmul_1,)
+---- after flash_fx ----
+def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_k_ = L_k_
+    l_q_ = L_q_
+    l_v_ = L_v_
+    unsqueeze = l_q_.unsqueeze(0)
+    unsqueeze_1 = unsqueeze.unsqueeze(0)
+    unsqueeze_2 = l_k_.unsqueeze(0)
+    unsqueeze_3 = unsqueeze_2.unsqueeze(0)
+    unsqueeze_4 = l_v_.unsqueeze(0)
+    unsqueeze_5 = unsqueeze_4.unsqueeze(0)
+    attention_default = torch.ops.flash_fx.attention.default(unsqueeze_1, unsqueeze_3, unsqueeze_5, None, 0.5, None)
+    getitem = attention_default[0]
+    squeeze = getitem.squeeze(0)
+    squeeze_1 = squeeze.squeeze(0)
+    return (squeeze_1,)
+""")
+
+    def test_views_between_products(self):
+        self.check(views_between_products, qkv(B * H, N, D), "bias", """\
+def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    zeros = torch.zeros(2, 1, 10, 10)
+    ones = torch.ones(10, 10, dtype = torch.bool)
+    triu = torch.triu(ones, 1)
+    mask = zeros.masked_fill(triu, -inf)
+    mul = l_q_ * 0.3
+    transpose = l_k_.transpose(1, 2)
+    scores = torch.bmm(mul, transpose)
+    view = scores.view(2, 3, 10, 10)
+    scores_1 = view + mask
+    scores_2 = scores_1.view(6, 10, 10)
+    softmax = scores_2.softmax(dim = -1)
+    bmm_1 = torch.bmm(softmax, l_v_)
+    return (bmm_1,)
+---- after flash_fx ----
+def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    zeros = torch.zeros(2, 1, 10, 10)
+    ones = torch.ones(10, 10, dtype = torch.bool)
+    triu = torch.triu(ones, 1)
+    mask = zeros.masked_fill(triu, -inf)
+    size = l_q_.size(-2)
+    size_1 = l_q_.size(-1)
+    reshape = l_q_.reshape(2, 3, size, size_1)
+    size_2 = l_k_.size(-2)
+    size_3 = l_k_.size(-1)
+    reshape_1 = l_k_.reshape(2, 3, size_2, size_3)
+    size_4 = l_v_.size(-2)
+    size_5 = l_v_.size(-1)
+    reshape_2 = l_v_.reshape(2, 3, size_4, size_5)
+    attention_default = torch.ops.flash_fx.attention.default(reshape, reshape_1, reshape_2, mask, 0.3, None)
+    getitem = attention_default[0]
+    flatten = getitem.flatten(0, 1)
+    return (flatten,)
+""")
+
+    def test_scale_on_k_and_both(self):
+        self.check(scale_on_k_and_both, qkv(), "dense", """\
+def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    q = l_q_ * 0.5946035575013605
+    k = l_k_ * 0.5946035575013605
+    transpose = k.transpose(-2, -1)
+    matmul = q @ transpose
+    contiguous = matmul.contiguous()
+    scores = contiguous.clone()
+    softmax = scores.softmax(-1)
+    matmul_1 = softmax @ l_v_
+    return (matmul_1,)
+---- after flash_fx ----
+def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.35355339059327373, None)
+    getitem = attention_default[0]
+    return (getitem,)
+""")
+
+    def test_scales_in_place_and_tensors(self):
+        q, k, v = qkv(requires_grad=False)
+        self.check(scales_in_place_and_tensors, [q, k, v], "dense", """\
+def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_k_ = L_k_
+    l_q_ = L_q_
+    l_v_ = L_v_
+    transpose = l_k_.transpose(-2, -1)
+    scores = l_q_ @ transpose
+    scores *= 1.0;  scores_1 = scores
+    scores_1 /= 2.8284271247461903;  scores_2 = scores_1
+    full = torch.full([], 0.5)
+    mul = scores_2 * full
+    tensor = torch.tensor(2.0)
+    scores_3 = mul / tensor
+    softmax = scores_3.softmax(-1)
+    matmul_1 = softmax @ l_v_
+    return (matmul_1,)
+---- after flash_fx ----
+def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_k_ = L_k_
+    l_q_ = L_q_
+    l_v_ = L_v_
+    full = torch.full([], 0.5)
+    tensor = torch.tensor(2.0)
+    mul_1 = l_q_ * full
+    truediv = mul_1 / tensor
+    attention_default = torch.ops.flash_fx.attention.default(truediv, l_k_, l_v_, None, 0.35355339059327373, None)
+    getitem = attention_default[0]
+    return (getitem,)
+""")
+
+    def test_symbolic_head_dim_scale(self):
+        self.check(symbolic_head_dim_scale, qkv(), "dense", """\
+def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_k_ = L_k_
+    l_q_ = L_q_
+    l_v_ = L_v_
+    transpose = l_k_.transpose(-2, -1)
+    matmul = l_q_ @ transpose
+    scores = matmul / 2.8284271247461903
+    float_1 = scores.float()
+    softmax = float_1.softmax(-1)
+    type_1 = softmax.type(torch.float32)
+    matmul_1 = type_1 @ l_v_
+    return (matmul_1,)
+---- after flash_fx ----
+def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_k_ = L_k_
+    l_q_ = L_q_
+    l_v_ = L_v_
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.35355339059327373, None)
+    getitem = attention_default[0]
+    return (getitem,)
+""")
+
+    def test_additive_mask_and_where(self):
+        self.check(additive_mask_and_where, [*qkv(), torch.randn(1, H, N, N)], "bias", """\
+def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_bias_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_bias_ = L_bias_
+    l_v_ = L_v_
+    ones = torch.ones(10, 10, dtype = torch.bool)
+    keep = ones.tril()
+    transpose = l_k_.transpose(-2, -1)
+    matmul = l_q_ @ transpose
+    mul = matmul * 0.5
+    add = mul + l_bias_
+    scores = torch.where(keep, add, -3.4028234663852886e+38)
+    softmax = scores.softmax(-1)
+    dropout = torch.dropout(softmax, 0.1, False)
+    matmul_1 = dropout @ l_v_
+    return (matmul_1,)
+---- after flash_fx ----
+def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_bias_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_bias_ = L_bias_
+    l_v_ = L_v_
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, l_bias_, 0.5, 0)
+    getitem = attention_default[0]
+    return (getitem,)
+""")
+
+    def test_padding_mask_input(self):
+        padding = torch.ones(B, N, dtype=torch.long)
+        padding[0, -3:] = 0
+        self.check(padding_mask_input, [*qkv(), padding], "bias", """\
+def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_padding_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_k_ = L_k_
+    l_q_ = L_q_
+    l_padding_ = L_padding_
+    l_v_ = L_v_
+    transpose = l_k_.transpose(-2, -1)
+    matmul = l_q_ @ transpose
+    getitem = l_padding_[(slice(None, None, None), None, None, slice(None, None, None))]
+    eq = getitem == 0
+    scores = matmul.masked_fill(eq, -1000000000.0)
+    softmax = scores.softmax(-1)
+    matmul_1 = softmax @ l_v_
+    return (matmul_1,)
+---- after flash_fx ----
+def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_padding_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_k_ = L_k_
+    l_q_ = L_q_
+    l_padding_ = L_padding_
+    l_v_ = L_v_
+    getitem = l_padding_[(slice(None, None, None), None, None, slice(None, None, None))]
+    eq = getitem == 0
+    where = torch.where(eq, -4.2535293329816107e+37, 0.0)
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, where, 1.0, None)
+    getitem_1 = attention_default[0]
+    return (getitem_1,)
+""")
+
+    def test_repeat_kv_expand(self):
+        q = qkv(B, 6, N, D)[0]
+        self.check(repeat_kv_expand, [q, *qkv(B, 2, N, D)[1:]], "dense", """\
+def forward(self, L_k_ : torch.Tensor, L_v_ : torch.Tensor, L_q_ : torch.Tensor):
+    l_k_ = L_k_
+    l_v_ = L_v_
+    l_q_ = L_q_
+    getitem = l_k_[(slice(None, None, None), slice(None, None, None), None, slice(None, None, None), slice(None, None, None))]
+    expand = getitem.expand(2, 2, 3, 10, 8)
+    k = expand.reshape(2, 6, 10, 8)
+    getitem_1 = l_v_[(slice(None, None, None), slice(None, None, None), None, slice(None, None, None), slice(None, None, None))]
+    expand_1 = getitem_1.expand(2, 2, 3, 10, 8)
+    v = expand_1.reshape(2, 6, 10, 8)
+    transpose = k.transpose(2, 3)
+    matmul = torch.matmul(l_q_, transpose)
+    mul = matmul * 0.25
+    softmax = torch.nn.functional.softmax(mul, dim = -1, dtype = torch.float32)
+    to = softmax.to(torch.float32)
+    matmul_1 = to @ v
+    return (matmul_1,)
+---- after flash_fx ----
+def forward(self, L_k_ : torch.Tensor, L_v_ : torch.Tensor, L_q_ : torch.Tensor):
+    l_k_ = L_k_
+    l_v_ = L_v_
+    l_q_ = L_q_
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.25, None)
+    getitem_2 = attention_default[0]
+    return (getitem_2,)
+""")
+
+    def test_repeat_interleave_kv(self):
+        self.check(repeat_interleave_kv, [qkv(B, 6, N, D)[0], *qkv(B, 2, N, D)[1:]], "dense", """\
+def forward(self, L_k_ : torch.Tensor, L_v_ : torch.Tensor, L_q_ : torch.Tensor):
+    l_k_ = L_k_
+    l_v_ = L_v_
+    l_q_ = L_q_
+    k = l_k_.repeat_interleave(3, dim = 1)
+    v = torch.repeat_interleave(l_v_, 3, dim = 1)
+    getattr_1 = k.mT
+    matmul = l_q_ @ getattr_1
+    mul = matmul * 0.25
+    softmax = mul.softmax(-1)
+    matmul_1 = softmax @ v
+    return (matmul_1,)
+---- after flash_fx ----
+def forward(self, L_k_ : torch.Tensor, L_v_ : torch.Tensor, L_q_ : torch.Tensor):
+    l_k_ = L_k_
+    l_v_ = L_v_
+    l_q_ = L_q_
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.25, None)
+    getitem = attention_default[0]
+    return (getitem,)
+""")
+
+    def test_repeat_tiled_kv(self):
+        self.check(repeat_tiled_kv, [qkv(B, 6, N, D)[0], *qkv(B, 2, N, D)[1:]], "dense", """\
+def forward(self, L_k_ : torch.Tensor, L_v_ : torch.Tensor, L_q_ : torch.Tensor):
+    l_k_ = L_k_
+    l_v_ = L_v_
+    l_q_ = L_q_
+    k = l_k_.repeat(1, 3, 1, 1)
+    v = l_v_.repeat(1, 3, 1, 1)
+    getattr_1 = k.mT
+    matmul = l_q_ @ getattr_1
+    mul = matmul * 0.25
+    softmax = mul.softmax(-1)
+    matmul_1 = softmax @ v
+    return (matmul_1,)
+---- after flash_fx ----
+def forward(self, L_k_ : torch.Tensor, L_v_ : torch.Tensor, L_q_ : torch.Tensor):
+    l_k_ = L_k_
+    l_v_ = L_v_
+    l_q_ = L_q_
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.25, None, kv_heads_tiled = True)
+    getitem = attention_default[0]
+    return (getitem,)
+""")
+
+    def test_broadcast_single_kv_head(self):
+        self.check(broadcast_single_kv_head, [qkv(B, 4, N, D)[0], *qkv(B, 1, N, D)[1:]], "dense", """\
+def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_k_ = L_k_
+    l_q_ = L_q_
+    l_v_ = L_v_
+    getattr_1 = l_k_.mT
+    matmul = l_q_ @ getattr_1
+    mul = matmul * 0.25
+    softmax = mul.softmax(-1)
+    matmul_1 = softmax @ l_v_
+    return (matmul_1,)
+---- after flash_fx ----
+def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_k_ = L_k_
+    l_q_ = L_q_
+    l_v_ = L_v_
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.25, None)
+    getitem = attention_default[0]
+    return (getitem,)
+""")
+
+    def test_sdpa_plain_and_causal(self):
+        self.check(sdpa_plain_and_causal, qkv(), ["dense", "causal"], """\
+def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    scaled_dot_product_attention = torch._C._nn.scaled_dot_product_attention(l_q_, l_k_, l_v_)
+    scaled_dot_product_attention_1 = torch._C._nn.scaled_dot_product_attention(l_q_, l_k_, l_v_, is_causal = True, scale = 0.2)
+    add = scaled_dot_product_attention + scaled_dot_product_attention_1
+    return (add,)
+---- after flash_fx ----
+def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.3535533905932738, None)
+    getitem = attention_default[0]
+    getitem_1 = attention_default[1]
+    unsqueeze = getitem_1.unsqueeze(-1)
+    eq = unsqueeze == -inf
+    where = torch.where(eq, 0.0, getitem)
+    attention_default_1 = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.2, 0)
+    getitem_2 = attention_default_1[0]
+    getitem_3 = attention_default_1[1]
+    unsqueeze_1 = getitem_3.unsqueeze(-1)
+    eq_1 = unsqueeze_1 == -inf
+    where_1 = torch.where(eq_1, 0.0, getitem_2)
+    add = where + where_1
+    return (add,)
+""")
+
+    def test_sdpa_masks(self):
+        self.check(sdpa_masks, qkv(), ["causal", "bias"], """\
+def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    ones = torch.ones(10, 10, dtype = torch.bool)
+    keep = ones.tril()
+    zeros = torch.zeros(10, 10)
+    invert = ~keep
+    bias = zeros.masked_fill(invert, -3.4028234663852886e+38)
+    scaled_dot_product_attention = torch._C._nn.scaled_dot_product_attention(l_q_, l_k_, l_v_, attn_mask = keep)
+    scaled_dot_product_attention_1 = torch._C._nn.scaled_dot_product_attention(l_q_, l_k_, l_v_, attn_mask = bias)
+    add = scaled_dot_product_attention + scaled_dot_product_attention_1
+    return (add,)
+---- after flash_fx ----
+def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    ones = torch.ones(10, 10, dtype = torch.bool)
+    keep = ones.tril()
+    zeros = torch.zeros(10, 10)
+    invert = ~keep
+    bias = zeros.masked_fill(invert, -3.4028234663852886e+38)
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.3535533905932738, 0)
+    getitem = attention_default[0]
+    getitem_1 = attention_default[1]
+    unsqueeze = getitem_1.unsqueeze(-1)
+    eq = unsqueeze == -inf
+    where = torch.where(eq, 0.0, getitem)
+    attention_default_1 = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, bias, 0.3535533905932738, None)
+    getitem_2 = attention_default_1[0]
+    getitem_3 = attention_default_1[1]
+    unsqueeze_1 = getitem_3.unsqueeze(-1)
+    eq_1 = unsqueeze_1 == -inf
+    where_1 = torch.where(eq_1, 0.0, getitem_2)
+    add = where + where_1
+    return (add,)
+""")
+
+    def test_sdpa_gqa(self):
+        self.check(sdpa_gqa, [qkv(B, 6, N, D)[0], *qkv(B, 2, N, D)[1:]], "dense", """\
+def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    scaled_dot_product_attention = torch._C._nn.scaled_dot_product_attention(l_q_, l_k_, l_v_, enable_gqa = True)
+    return (scaled_dot_product_attention,)
+---- after flash_fx ----
+def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.3535533905932738, None)
+    getitem = attention_default[0]
+    getitem_1 = attention_default[1]
+    unsqueeze = getitem_1.unsqueeze(-1)
+    eq = unsqueeze == -inf
+    where = torch.where(eq, 0.0, getitem)
+    return (where,)
+""")
+
+    def test_module_called_in_a_loop(self):
+        self.check(Stack(), qkv(), "dense", """\
+def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    add = l_q_ + l_k_
+    x = add + l_v_
+    transpose = x.transpose(-2, -1)
+    matmul = x @ transpose
+    mul = matmul * 0.1
+    softmax = torch.nn.functional.softmax(mul, dim = -1)
+    x_1 = softmax @ x
+    transpose_1 = x_1.transpose(-2, -1)
+    matmul_2 = x_1 @ transpose_1
+    mul_1 = matmul_2 * 0.1
+    softmax_1 = torch.nn.functional.softmax(mul_1, dim = -1)
+    x_2 = softmax_1 @ x_1
+    transpose_2 = x_2.transpose(-2, -1)
+    matmul_4 = x_2 @ transpose_2
+    mul_2 = matmul_4 * 0.1
+    softmax_2 = torch.nn.functional.softmax(mul_2, dim = -1)
+    x_3 = softmax_2 @ x_2
+    return (x_3,)
+---- after flash_fx ----
+def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    add = l_q_ + l_k_
+    x = add + l_v_
+    attention_default = torch.ops.flash_fx.attention.default(x, x, x, None, 0.1, None)
+    getitem = attention_default[0]
+    attention_default_1 = torch.ops.flash_fx.attention.default(getitem, getitem, getitem, None, 0.1, None)
+    getitem_1 = attention_default_1[0]
+    attention_default_2 = torch.ops.flash_fx.attention.default(getitem_1, getitem_1, getitem_1, None, 0.1, None)
+    getitem_2 = attention_default_2[0]
+    return (getitem_2,)
+""", count=3)
