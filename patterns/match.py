@@ -9,6 +9,7 @@ why this softmax was left alone, in words a user can act on.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -148,6 +149,8 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
     back: list[fx.Node] = []
     node = canon.x
     while not isinstance(desc := canonicalize(node), MatMul):
+        if desc is None and (factor := _non_scalar_factor(node)) is not None:
+            return f"scores are multiplied by a non-scalar tensor of shape {factor} (the kernel applies one scale)"
         if desc is None or isinstance(desc, Softmax | Dropout | HeadExpand | ScaledDotProductAttention):
             return f"scores come from {_op_name(node)}, not from a Q @ K^T product"
         if _only_user(node) is None:
@@ -203,6 +206,14 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
         k_is_transposed=True, v=pv_desc.b, scale=scale, dynamic_scales=dynamic_scales, terms=terms, causal=False,
         batch_view=batch_view, out_perm=pv_desc.out_perm,
     )
+
+
+def _non_scalar_factor(node: fx.Node) -> tuple | None:
+    """The shape of the smaller factor when `node` multiplies or divides two tensors with >0 dims."""
+    if node.target not in ("mul", "div", torch.mul, torch.div, operator.mul, operator.truediv):
+        return None
+    shapes = [tuple(_value(a).shape) for a in node.args[:2] if _value(a) is not None]
+    return min(shapes, key=len) if len(shapes) == 2 and all(shapes) else None
 
 
 def _fold_score_ops(score_ops: list, alpha: float) -> tuple[float, list, list[ScoreTerm]] | str:

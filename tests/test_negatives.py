@@ -135,3 +135,51 @@ def test_variant_not_allowed():
     captured = capture(fn, *inputs(), variants=["dense"])
     assert captured.variants == [] and captured.after == captured.before
     assert any("not in the allowed variants" in r for r in captured.skip_reasons)
+
+
+def test_pv_contracting_the_query_axis():
+    def fn(q, k, v):
+        probs = (q @ k.transpose(-2, -1)).softmax(-1)
+        return probs.transpose(-2, -1) @ v
+
+    assert_unchanged(fn, "not to a P @ V product")
+
+
+def test_non_scalar_scale():
+    def fn(q, k, v, temperature):
+        return ((q @ k.transpose(-2, -1)) * temperature).softmax(-1) @ v
+
+    assert_unchanged(fn, "non-scalar tensor", *inputs(), torch.rand(B, H, 1, 1) + 0.5)
+
+
+def test_mask_that_widens_the_scores():
+    def fn(q, k, v, bias):
+        return ((q @ k.transpose(-2, -1)) + bias).softmax(-1) @ v
+
+    captured = capture(fn, *inputs(), torch.randn(3, B, H, N, N))
+    assert captured.after == captured.before and captured.variants == []
+    assert any("does not broadcast to the scores" in r for r in captured.skip_reasons), captured.skip_reasons
+
+
+def test_attention_weights_returned_hint():
+    def fn(q, k, v):
+        weights = (q @ k.transpose(-2, -1)).softmax(-1)
+        return weights @ v, weights
+
+    assert_unchanged(fn, "output_attentions=False")
+
+
+def test_sdpa_with_dropout():
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+
+    assert_unchanged(fn, "dropout_p=0.1")
+
+
+def test_complex_operands():
+    def fn(q, k, v):
+        scores = (q @ k.transpose(-2, -1)).real
+        return scores.softmax(-1) @ v.real
+
+    q = torch.randn(B, H, N, D, dtype=torch.complex64)
+    assert_unchanged(fn, "not from a Q @ K^T product", q, q, q)
