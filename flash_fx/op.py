@@ -1,11 +1,15 @@
 """The `flash_fx::attention` custom op that rewritten graphs call.
 
-`torch.ops.flash_fx.attention(q, k, v, bias, scale, causal_offset) -> (out, lse)` takes 4-d
-q [B, H, Nq, d], k and v [B, Hkv, Nk, d] (any strides) and an optional additive bias broadcastable to
-[B, H, Nq, Nk]. It has a fake implementation (shapes only, symbolic sizes welcome) and a registered
-autograd formula whose backward is the `flash_fx::attention_backward` op, so AOTAutograd and Inductor
-treat both as opaque kernels. Device dispatch lives in flash_fx.kernels: Triton on CUDA (and on CPU
-under TRITON_INTERPRET=1), the tiled PyTorch implementation of the same algorithm otherwise.
+`torch.ops.flash_fx.attention(q, k, v, bias, scale, causal_offset, kv_heads_tiled=False) -> (out, lse)`
+takes 4-d q [Bq, H, Nq, d], k [Bk, Hk, Nk, d] and v [Bv, Hv, Nk, d] (any strides) and an optional
+additive bias broadcastable to [B, H, Nq, Nk]. Batch sizes of 1 broadcast to the others' B, and a k or
+v with one head to the other's head count (as views, without copies); query head h then reads KV head
+`h // (H // Hkv)`, or `h % Hkv` with `kv_heads_tiled`. It has a fake implementation (shapes only,
+symbolic sizes welcome) and a registered autograd formula whose backward is the
+`flash_fx::attention_backward` op, so AOTAutograd and Inductor treat both as opaque kernels. q, k, v
+and the bias all receive gradients, summed back over whatever was broadcast. Device dispatch lives in
+flash_fx.kernels: Triton on CUDA (and on CPU under TRITON_INTERPRET=1), the tiled PyTorch
+implementation of the same algorithm otherwise.
 """
 
 from __future__ import annotations
@@ -13,6 +17,15 @@ from __future__ import annotations
 import torch
 
 from flash_fx import kernels
+
+
+def _broadcast_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views of q, k, v with one batch size, and k, v with one head count (size-1 dims expanded)."""
+    batch = torch.broadcast_shapes(q.shape[:1], k.shape[:1], v.shape[:1])[0]
+    kv_heads = torch.broadcast_shapes(k.shape[1:2], v.shape[1:2])[0]
+    return q.expand(batch, -1, -1, -1), k.expand(batch, kv_heads, -1, -1), v.expand(batch, kv_heads, -1, -1)
 
 
 @torch.library.custom_op("flash_fx::attention", mutates_args=())
@@ -23,14 +36,19 @@ def attention(
     bias: torch.Tensor | None,
     scale: float,
     causal_offset: int | None,
+    kv_heads_tiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q @ k^T * scale + bias, causal) @ v, and the row log-sum-exp (float32) for the backward."""
-    out, lse = kernels.attention_forward(q, k, v, scale=scale, causal_offset=causal_offset, bias=bias)
+    q, k, v = _broadcast_qkv(q, k, v)
+    out, lse = kernels.attention_forward(
+        q, k, v, scale=scale, causal_offset=causal_offset, bias=bias, kv_heads_tiled=kv_heads_tiled
+    )
     return out.contiguous(), lse.contiguous()
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, bias, scale, causal_offset):
+def _attention_fake(q, k, v, bias, scale, causal_offset, kv_heads_tiled=False):
+    q, k, v = _broadcast_qkv(q, k, v)
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     return out, lse
@@ -47,33 +65,54 @@ def attention_backward(
     bias: torch.Tensor | None,
     scale: float,
     causal_offset: int | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of `attention`, recomputed tile by tile from q, k, v and the saved lse."""
-    dq, dk, dv = kernels.attention_backward(
-        grad_out, q, k, v, out, lse, scale=scale, causal_offset=causal_offset, bias=bias
+    bias_requires_grad: bool,
+    kv_heads_tiled: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dbias) of `attention`, recomputed tile by tile from q, k, v and the saved lse.
+
+    dq, dk, dv have the broadcast shapes of `_broadcast_qkv`. dbias is the float32 gradient of the bias
+    expanded to [B, H, Nq, Nk] if `bias_requires_grad`, else an empty tensor.
+    """
+    q, k, v = _broadcast_qkv(q, k, v)
+    dq, dk, dv, dbias = kernels.attention_backward(
+        grad_out, q, k, v, out, lse, scale=scale, causal_offset=causal_offset, bias=bias,
+        bias_requires_grad=bias_requires_grad, kv_heads_tiled=kv_heads_tiled,
     )
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    if dbias is None:
+        dbias = q.new_empty(0)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias.contiguous()
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(grad_out, q, k, v, out, lse, bias, scale, causal_offset):
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+def _attention_backward_fake(
+    grad_out, q, k, v, out, lse, bias, scale, causal_offset, bias_requires_grad, kv_heads_tiled=False
+):
+    q, k, v = _broadcast_qkv(q, k, v)
+    if bias_requires_grad:
+        dbias = q.new_empty((*q.shape[:3], k.shape[2]), dtype=torch.float32)
+    else:
+        dbias = q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, scale, causal_offset = inputs
+    q, k, v, bias, scale, causal_offset, kv_heads_tiled = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, bias)
-    ctx.scale, ctx.causal_offset = scale, causal_offset
+    ctx.scale, ctx.causal_offset, ctx.kv_heads_tiled = scale, causal_offset, kv_heads_tiled
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, bias = ctx.saved_tensors
-    dq, dk, dv = torch.ops.flash_fx.attention_backward(
-        grad_out, q, k, v, out, lse, bias, ctx.scale, ctx.causal_offset
+    bias_requires_grad = ctx.needs_input_grad[3]
+    dq, dk, dv, dbias = torch.ops.flash_fx.attention_backward(
+        grad_out, q, k, v, out, lse, bias, ctx.scale, ctx.causal_offset, bias_requires_grad, ctx.kv_heads_tiled
     )
-    return dq, dk, dv, None, None, None
+    # Inputs broadcast in the forward (batch or head dims of size 1) get their gradients summed back.
+    dq, dk, dv = dq.sum_to_size(q.shape), dk.sum_to_size(k.shape), dv.sum_to_size(v.shape)
+    dbias = dbias.sum_to_size(bias.shape).to(bias.dtype) if bias_requires_grad else None
+    return dq, dk, dv, dbias, None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

@@ -2,13 +2,16 @@
 
 ``attention_forward`` / ``attention_backward`` run the Triton kernels when :func:`uses_triton` says so
 (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and the tiled PyTorch implementation
-otherwise. Shapes: q [B, Hq, Nq, D], k and v [B, Hkv, Nk, D] with ``Hq % Hkv == 0`` (query head h
-uses KV head ``h // (Hq // Hkv)``); any strides. ``scores = q @ k^T * scale (+ bias)``; with
+otherwise. Shapes: q [B, Hq, Nq, D], k and v [B, Hkv, Nk, D] with ``Hq % Hkv == 0``; any strides.
+Query head h uses KV head ``h // (Hq // Hkv)`` ("grouped", what ``repeat_interleave`` or
+expand + reshape of the KV heads produce) or, with ``kv_heads_tiled=True``, KV head ``h % Hkv``
+("tiled", what ``k.repeat(1, Hq // Hkv, 1, 1)`` produces). ``scores = q @ k^T * scale (+ bias)``; with
 ``causal_offset = c`` key j is visible to query i iff ``j <= i + c``. ``bias`` is any float tensor
-broadcastable to [B, Hq, Nq, Nk] (it receives no gradient).
+broadcastable to [B, Hq, Nq, Nk]; the backward returns the gradient of its expanded
+[B, Hq, Nq, Nk] form on request (the caller sums it down to the bias's own shape).
 
 Fully masked rows give a NaN output row and LSE -inf, as eager softmax does after a ``-inf`` fill;
-in the backward they contribute no gradient (their dq row is 0).
+in the backward they contribute no gradient (their dq and dbias rows are 0).
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ def attention_forward(
     scale: float,
     causal_offset: int | None = None,
     bias: torch.Tensor | None = None,
+    kv_heads_tiled: bool = False,
     block_m: int | None = None,
     block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +84,8 @@ def attention_forward(
         return out, torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
     if not uses_triton(q):
         return tiled_torch.attention_forward(
-            q, k, v, scale=scale, causal_offset=causal_offset, bias=bias, block_n=block_n or 256
+            q, k, v, scale=scale, causal_offset=causal_offset, bias=bias, kv_heads_tiled=kv_heads_tiled,
+            block_n=block_n or 256,
         )
     _check_triton_head_dim(q)
     # Imported here: Triton decides at decoration time whether kernels run compiled or interpreted.
@@ -88,7 +93,7 @@ def attention_forward(
 
     block_m, block_n, num_warps, num_stages = _tiles(q, block_m, block_n, backward=False)
     return triton_forward.attention_forward(
-        q, k, v, scale=scale, causal_offset=causal_offset, bias=bias,
+        q, k, v, scale=scale, causal_offset=causal_offset, bias=bias, kv_heads_tiled=kv_heads_tiled,
         block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -104,21 +109,28 @@ def attention_backward(
     scale: float,
     causal_offset: int | None = None,
     bias: torch.Tensor | None = None,
+    bias_requires_grad: bool = False,
+    kv_heads_tiled: bool = False,
     block_m: int | None = None,
     block_n: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dq, dk, dv) with the shapes and dtypes of q, k, v.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Returns (dq, dk, dv, dbias); dq, dk, dv have the shapes and dtypes of q, k, v.
 
-    ``out`` and ``lse`` are what :func:`attention_forward` returned for the same arguments.
+    ``out`` and ``lse`` are what :func:`attention_forward` returned for the same arguments. ``dbias``
+    is None unless ``bias_requires_grad``; then it is the float32 [B, Hq, Nq, Nk] gradient of the
+    expanded bias (``P * (dP - delta)``, zero where a key is masked and on fully masked rows).
     """
     _check_inputs(q, k, v)
     bias = _expand_bias(bias, q, k)
     if q.numel() == 0 or k.numel() == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dbias = None
+        if bias_requires_grad:
+            dbias = torch.zeros((*q.shape[:3], k.shape[2]), dtype=torch.float32, device=q.device)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
     if not uses_triton(q):
         return tiled_torch.attention_backward(
             grad_out, q, k, v, out, lse, scale=scale, causal_offset=causal_offset, bias=bias,
-            block_n=block_n or 256,
+            bias_requires_grad=bias_requires_grad, kv_heads_tiled=kv_heads_tiled, block_n=block_n or 256,
         )
     _check_triton_head_dim(q)
     from flash_fx.kernels import triton_backward
@@ -126,5 +138,6 @@ def attention_backward(
     block_m, block_n, num_warps, num_stages = _tiles(q, block_m, block_n, backward=True)
     return triton_backward.attention_backward(
         grad_out, q, k, v, out, lse.contiguous(), scale=scale, causal_offset=causal_offset, bias=bias,
+        bias_requires_grad=bias_requires_grad, kv_heads_tiled=kv_heads_tiled,
         block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
     )

@@ -6,9 +6,11 @@ online softmax (running row max and row sum) and returns the natural-log LSE; th
 the probabilities of each tile from Q, K and the LSE. fp16/bf16 inputs are computed in float32,
 float32 in float32 and float64 in float64.
 
-GQA is handled by viewing the query heads as [B, Hkv, group, Nq, D], so each KV head is read once and
-dK, dV come out summed over the group. Semantics match the Triton kernels, including fully masked rows
-(NaN output, LSE = -inf, no gradient contribution).
+GQA is handled by viewing the query heads as [B, Hkv, group, Nq, D] (a view for both the grouped and
+the tiled head mapping), so each KV head is read once and dK, dV come out summed over the group. On
+request the backward also writes each tile's dS into the bias gradient (the one [Nq, Nk]-sized output,
+and only when asked for). Semantics match the Triton kernels, including fully masked rows (NaN output,
+LSE = -inf, no gradient contribution).
 """
 
 from __future__ import annotations
@@ -20,9 +22,20 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _grouped(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """View [B, Hq, Nq, ...] as [B, Hkv, group, Nq, ...] (query head h belongs to KV head h // group)."""
-    return x.unflatten(1, (num_kv_heads, x.shape[1] // num_kv_heads))
+def _grouped(x: torch.Tensor, num_kv_heads: int, tiled: bool) -> torch.Tensor:
+    """View [B, Hq, Nq, ...] as [B, Hkv, group, Nq, ...].
+
+    Query head h belongs to KV head ``h // group`` (grouped) or ``h % Hkv`` (``tiled``).
+    """
+    group = x.shape[1] // num_kv_heads
+    if tiled:
+        return x.unflatten(1, (group, num_kv_heads)).transpose(1, 2)
+    return x.unflatten(1, (num_kv_heads, group))
+
+
+def _ungrouped(x: torch.Tensor, tiled: bool) -> torch.Tensor:
+    """Inverse of :func:`_grouped`: [B, Hkv, group, Nq, ...] back to [B, Hq, Nq, ...]."""
+    return x.transpose(1, 2).flatten(1, 2) if tiled else x.flatten(1, 2)
 
 
 def _key_tiles(n_q: int, n_k: int, block_n: int, causal_offset: int | None) -> range:
@@ -39,12 +52,13 @@ def _tile_scores(
     scale: float,
     causal_offset: int | None,
     bias: torch.Tensor | None,
+    kv_heads_tiled: bool,
 ) -> torch.Tensor:
     """Scaled, biased and causally masked scores [B, Hkv, group, Nq, n] of one key tile."""
     stop = start + k_tile.shape[-2]
     s = torch.matmul(q, k_tile.unsqueeze(2).transpose(-1, -2)) * scale
     if bias is not None:
-        s = s + _grouped(bias[..., start:stop], k_tile.shape[1]).to(s.dtype)
+        s = s + _grouped(bias[..., start:stop], k_tile.shape[1], kv_heads_tiled).to(s.dtype)
     if causal_offset is not None:
         rows = torch.arange(q.shape[-2], device=q.device)[:, None]
         cols = torch.arange(start, stop, device=q.device)[None, :]
@@ -60,22 +74,25 @@ def attention_forward(
     scale: float,
     causal_offset: int | None = None,
     bias: torch.Tensor | None = None,
+    kv_heads_tiled: bool = False,
     block_n: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiled forward: ``(out [B, Hq, Nq, D] in q.dtype, lse [B, Hq, Nq] float32)``.
 
     ``bias``, if given, is broadcastable to [B, Hq, Nq, Nk] and already expanded to that shape.
+    ``kv_heads_tiled`` selects the GQA head mapping (see :func:`_grouped`).
     """
     dtype = _compute_dtype(q.dtype)
     num_kv_heads, n_k = k.shape[1], k.shape[2]
-    qg = _grouped(q.to(dtype), num_kv_heads)
+    qg = _grouped(q.to(dtype), num_kv_heads, kv_heads_tiled)
     row_max = qg.new_full(qg.shape[:-1], float("-inf"))
     row_sum = qg.new_zeros(qg.shape[:-1])
     acc = qg.new_zeros(qg.shape[:-1] + v.shape[-1:])
     for start in _key_tiles(q.shape[2], n_k, block_n, causal_offset):
         k_tile = k[:, :, start : start + block_n].to(dtype)
         v_tile = v[:, :, start : start + block_n].to(dtype).unsqueeze(2)
-        s = _tile_scores(qg, k_tile, start, scale=scale, causal_offset=causal_offset, bias=bias)
+        s = _tile_scores(qg, k_tile, start, scale=scale, causal_offset=causal_offset, bias=bias,
+                         kv_heads_tiled=kv_heads_tiled)
         new_max = torch.maximum(row_max, s.amax(-1))
         # Rows with no visible key so far keep max = -inf; subtract 0 there instead of -inf - -inf = NaN.
         safe_max = new_max.masked_fill(new_max == float("-inf"), 0.0)
@@ -86,7 +103,7 @@ def attention_forward(
         row_max = new_max
     out = acc / row_sum[..., None]
     lse = row_max + torch.log(row_sum)
-    return out.flatten(1, 2).to(q.dtype), lse.flatten(1, 2).to(torch.float32)
+    return _ungrouped(out, kv_heads_tiled).to(q.dtype), _ungrouped(lse, kv_heads_tiled).to(torch.float32)
 
 
 def attention_backward(
@@ -100,29 +117,46 @@ def attention_backward(
     scale: float,
     causal_offset: int | None = None,
     bias: torch.Tensor | None = None,
+    bias_requires_grad: bool = False,
+    kv_heads_tiled: bool = False,
     block_n: int = 256,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tiled backward from the saved ``out`` and ``lse``: ``(dq, dk, dv)`` in the dtypes of q, k, v."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Tiled backward from the saved ``out`` and ``lse``: ``(dq, dk, dv, dbias)``.
+
+    dq, dk, dv have the dtypes of q, k, v. dbias is None unless ``bias_requires_grad``; then it is the
+    float32 [B, Hq, Nq, Nk] gradient of the expanded bias, ``dS = P * (dP - delta)``.
+    """
     dtype = _compute_dtype(q.dtype)
     num_kv_heads, n_k = k.shape[1], k.shape[2]
-    qg = _grouped(q.to(dtype), num_kv_heads)
-    dog = _grouped(grad_out.to(dtype), num_kv_heads)
-    lse_g = _grouped(lse.to(dtype), num_kv_heads)
+
+    def grouped(x: torch.Tensor) -> torch.Tensor:
+        return _grouped(x, num_kv_heads, kv_heads_tiled)
+
+    qg = grouped(q.to(dtype))
+    dog = grouped(grad_out.to(dtype))
+    lse_g = grouped(lse.to(dtype))
     fully_masked = lse_g == float("-inf")
     # Fully masked rows get probability 0 everywhere (LSE -> +inf) and delta 0: no gradient flows from them.
     lse_g = lse_g.masked_fill(fully_masked, float("inf"))
-    delta = (dog * _grouped(out.to(dtype), num_kv_heads)).sum(-1).masked_fill(fully_masked, 0.0)
+    delta = (dog * grouped(out.to(dtype))).sum(-1).masked_fill(fully_masked, 0.0)
     dq = torch.zeros_like(qg)
     dk = k.new_zeros(k.shape, dtype=dtype)
     dv = v.new_zeros(v.shape, dtype=dtype)
+    dbias = None
+    if bias_requires_grad:
+        # Zeros stay in the causally skipped key tiles.
+        dbias = q.new_zeros((*q.shape[:3], n_k), dtype=torch.float32)
     for start in _key_tiles(q.shape[2], n_k, block_n, causal_offset):
         stop = min(start + block_n, n_k)
         k_tile = k[:, :, start:stop].to(dtype)
         v_tile = v[:, :, start:stop].to(dtype)
-        s = _tile_scores(qg, k_tile, start, scale=scale, causal_offset=causal_offset, bias=bias)
+        s = _tile_scores(qg, k_tile, start, scale=scale, causal_offset=causal_offset, bias=bias,
+                         kv_heads_tiled=kv_heads_tiled)
         p = torch.exp(s - lse_g[..., None])
         dv[:, :, start:stop] = torch.matmul(p.transpose(-1, -2), dog).sum(2)
         ds = p * (torch.matmul(dog, v_tile.unsqueeze(2).transpose(-1, -2)) - delta[..., None])
+        if dbias is not None:
+            grouped(dbias)[..., start:stop] = ds
         dq += torch.matmul(ds, k_tile.unsqueeze(2)) * scale
         dk[:, :, start:stop] = torch.matmul(ds.transpose(-1, -2), qg).sum(2) * scale
-    return dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return _ungrouped(dq, kv_heads_tiled).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias

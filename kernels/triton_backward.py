@@ -1,13 +1,18 @@
 """FlashAttention-2 backward kernels in Triton.
 
-Three launches, none of which materializes an N x N tensor or needs atomics:
+Three launches, none of which needs atomics or materializes an N x N tensor (other than the bias
+gradient, an output, when it is requested):
 
 1. ``_delta_kernel``: ``delta = rowsum(dO * O)`` in float32 (the softmax-backward correction).
 2. ``_dkdv_kernel``: each program owns a key tile of one (batch, KV head), loops over the query heads
-   of its GQA group and their query tiles, recomputes ``P = exp(S - LSE)`` and accumulates dK, dV.
-3. ``_dq_kernel``: each program owns a query tile and loops over key tiles, accumulating dQ.
+   of its GQA group (grouped or tiled mapping, see :func:`triton_common.query_head`) and their query
+   tiles, recomputes ``P = exp(S - LSE)`` and accumulates dK, dV.
+3. ``_dq_kernel``: each program owns a query tile and loops over key tiles, accumulating dQ. When the
+   bias gradient is requested it also stores every tile of ``dS = P * (dP - delta)``, which is the
+   gradient of the (expanded) bias, since the bias enters the scores unscaled.
 
-Rows that were fully masked in the forward (LSE = -inf) contribute no gradient: their dQ row is 0.
+Rows that were fully masked in the forward (LSE = -inf) contribute no gradient: their dQ and dbias
+rows are 0.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from flash_fx.kernels.triton_common import (
     dot,
     exp_units,
     key_stages,
+    kv_head,
     load_rows,
     lse_to_units,
+    query_head,
     query_stages,
     scores,
     store_rows,
@@ -91,7 +98,8 @@ def _dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, causal_offset,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, KV_TILED: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """Grid: (key tiles, batch * KV heads). dK, dV sum over the ``group_size`` query heads of the KV head."""
     start_n = tl.program_id(0) * BLOCK_N
@@ -107,8 +115,8 @@ def _dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     query_start, masked_end = query_stages(start_n, n_q, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    for g in range(group_size):
-        h = h_kv * group_size + g
+    for r in range(group_size):
+        h = query_head(h_kv, r, num_kv_heads, group_size, KV_TILED)
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DOut + b * stride_dob + h * stride_doh
         bias_base = Bias + b * stride_bb + h * stride_bh
@@ -128,12 +136,12 @@ def _dkdv_kernel(
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, bias_base, key_start, key_end, offs_m, offs_n, offs_d,
-              stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, n_q, n_k, sm_scale,
-              causal_offset, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr):
-    """Accumulate the key tiles in ``[key_start, key_end)`` into dQ (unscaled)."""
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_start, key_end, offs_m, offs_n,
+              offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dbm, stride_dbn,
+              n_q, n_k, sm_scale, causal_offset, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr,
+              UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Accumulate the key tiles in ``[key_start, key_end)`` into dQ (unscaled); store their dS if asked."""
     for start_n in range(key_start, key_end, BLOCK_N):
         cols = start_n + offs_n
         k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM, MASKED)
@@ -145,29 +153,35 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, bias_base, key_start, key_e
         p = exp_units(s - lse[:, None], HAS_BIAS)
         dp = dot(do, tl.trans(v), UPCAST_DOT, INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
+        if WRITE_DBIAS:
+            tl.store(dbias_base + offs_m[:, None] * stride_dbm + cols[None, :] * stride_dbn, ds,
+                     mask=(offs_m[:, None] < n_q) & (cols[None, :] < n_k))
         dq += dot(ds.to(k.dtype), k, UPCAST_DOT, INPUT_PRECISION)
     return dq
 
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, Bias, DOut, Lse, Delta, DQ,
+    Q, K, V, Bias, DOut, Lse, Delta, DQ, DBias,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    num_heads, group_size, n_q, n_k, sm_scale, causal_offset,
+    stride_dbb, stride_dbh, stride_dbm, stride_dbn,
+    num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, causal_offset,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, KV_TILED: tl.constexpr, WRITE_DBIAS: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Grid: (query tiles, batch * query heads)."""
+    """Grid: (query tiles, batch * query heads). With WRITE_DBIAS, DBias is a float32 [B, Hq, Nq, Nk] tensor
+    that is zero wherever no visible key tile is stored (the causally skipped tiles)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // num_heads
     h = bh % num_heads
-    h_kv = h // group_size
+    h_kv = kv_head(h, num_kv_heads, group_size, KV_TILED)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -180,15 +194,18 @@ def _dq_kernel(
     k_base = K + b * stride_kb + h_kv * stride_kh
     v_base = V + b * stride_vb + h_kv * stride_vh
     bias_base = Bias + b * stride_bb + h * stride_bh
+    dbias_base = DBias + b * stride_dbb + h * stride_dbh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     unmasked_end, end = key_stages(start_m, n_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, bias_base, 0, unmasked_end, offs_m, offs_n, offs_d,
-                   stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, n_q, n_k, sm_scale,
-                   causal_offset, HEAD_DIM, BLOCK_N, False, IS_CAUSAL, HAS_BIAS, UPCAST_DOT, INPUT_PRECISION)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, bias_base, unmasked_end, end, offs_m, offs_n, offs_d,
-                   stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, n_q, n_k, sm_scale,
-                   causal_offset, HEAD_DIM, BLOCK_N, True, IS_CAUSAL, HAS_BIAS, UPCAST_DOT, INPUT_PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, bias_base, dbias_base, 0, unmasked_end, offs_m, offs_n,
+                   offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dbm, stride_dbn,
+                   n_q, n_k, sm_scale, causal_offset, HEAD_DIM, BLOCK_N, False, IS_CAUSAL, HAS_BIAS, WRITE_DBIAS,
+                   UPCAST_DOT, INPUT_PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, bias_base, dbias_base, unmasked_end, end, offs_m, offs_n,
+                   offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dbm, stride_dbn,
+                   n_q, n_k, sm_scale, causal_offset, HEAD_DIM, BLOCK_N, True, IS_CAUSAL, HAS_BIAS, WRITE_DBIAS,
+                   UPCAST_DOT, INPUT_PRECISION)
     store_rows(DQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, offs_m, offs_d, stride_dqm, stride_dqd, n_q,
                HEAD_DIM)
 
@@ -204,23 +221,35 @@ def attention_backward(
     scale: float,
     causal_offset: int | None,
     bias: torch.Tensor | None,
+    bias_requires_grad: bool,
+    kv_heads_tiled: bool,
     block_m: int,
     block_n: int,
     num_warps: int,
     num_stages: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the three backward kernels on non-empty inputs; ``lse`` is contiguous [B, Hq, Nq]."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Launch the three backward kernels on non-empty inputs; ``lse`` is contiguous [B, Hq, Nq].
+
+    Returns ``(dq, dk, dv, dbias)``; dbias is a float32 [B, Hq, Nq, Nk] tensor if ``bias_requires_grad``,
+    else None.
+    """
     batch, num_heads, n_q, head_dim = q.shape
     num_kv_heads, n_k = k.shape[1], k.shape[2]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dbias = None
+    if bias_requires_grad:
+        # Causally skipped key tiles are never stored: start from zeros there.
+        alloc = torch.empty if causal_offset is None else torch.zeros
+        dbias = alloc((batch, num_heads, n_q, n_k), dtype=torch.float32, device=q.device)
     delta = torch.empty_like(lse)
     bias_ptr, bias_strides = bias_arguments(bias, q)
+    dbias_ptr, dbias_strides = bias_arguments(dbias, q)
     block_d = config.padded_head_dim(head_dim)
     flags = dict(
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        IS_CAUSAL=causal_offset is not None, HAS_BIAS=bias is not None,
+        IS_CAUSAL=causal_offset is not None, HAS_BIAS=bias is not None, KV_TILED=kv_heads_tiled,
         UPCAST_DOT=config.upcast_dot(q.dtype), INPUT_PRECISION=config.input_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -237,8 +266,8 @@ def attention_backward(
         num_heads, num_kv_heads, group_size, n_q, n_k, scale, offset, **flags,
     )
     _dq_kernel[(triton.cdiv(n_q, block_m), batch * num_heads)](
-        q, k, v, bias_ptr, grad_out, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *grad_out.stride(), *dq.stride(),
-        num_heads, group_size, n_q, n_k, scale, offset, **flags,
+        q, k, v, bias_ptr, grad_out, lse, delta, dq, dbias_ptr,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *grad_out.stride(), *dq.stride(), *dbias_strides,
+        num_heads, num_kv_heads, group_size, n_q, n_k, scale, offset, WRITE_DBIAS=dbias is not None, **flags,
     )
-    return dq, dk, dv
+    return dq, dk, dv, dbias

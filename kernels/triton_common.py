@@ -124,3 +124,23 @@ def query_stages(start_n, n_q, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl
         start = 0
         masked_end = 0
     return start, masked_end
+
+
+@triton.jit
+def kv_head(h, num_kv_heads, group_size, KV_TILED: tl.constexpr):
+    """The KV head query head ``h`` reads: ``h % Hkv`` if the KV heads are tiled, else ``h // group``."""
+    if KV_TILED:
+        out = h % num_kv_heads
+    else:
+        out = h // group_size
+    return out
+
+
+@triton.jit
+def query_head(h_kv, r, num_kv_heads, group_size, KV_TILED: tl.constexpr):
+    """The ``r``-th (``r < group``) query head reading KV head ``h_kv``; inverse of :func:`kv_head`."""
+    if KV_TILED:
+        out = h_kv + r * num_kv_heads
+    else:
+        out = h_kv * group_size + r
+    return out

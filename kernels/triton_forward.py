@@ -1,7 +1,8 @@
 """FlashAttention-2 forward kernel in Triton.
 
 Each program owns ``BLOCK_M`` query rows of one (batch, query head) and streams the key/value tiles
-of that head's KV head through an online softmax, so the N x N score matrix never exists. It writes
+of that head's KV head (grouped or tiled GQA mapping, see :func:`triton_common.kv_head`) through an
+online softmax, so the N x N score matrix never exists. It writes
 the output (input dtype) and the natural-log log-sum-exp of every row (float32) for the backward.
 """
 
@@ -16,6 +17,7 @@ from flash_fx.kernels.triton_common import (
     dot,
     exp_units,
     key_stages,
+    kv_head,
     load_rows,
     scores,
     store_rows,
@@ -58,16 +60,17 @@ def _attention_forward_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_ob, stride_oh, stride_om, stride_od,
-    num_heads, group_size, n_q, n_k, sm_scale, causal_offset,
+    num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, causal_offset,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, KV_TILED: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """Grid: (query tiles, batch * query heads). Lse is a contiguous [B, Hq, Nq] float32 tensor."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // num_heads
     h = bh % num_heads
-    h_kv = h // group_size
+    h_kv = kv_head(h, num_kv_heads, group_size, KV_TILED)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -101,7 +104,7 @@ def _attention_forward_kernel(
 
 
 def bias_arguments(bias: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """The bias pointer and its 4 strides; without a bias, a dummy pointer and zero strides."""
+    """A 4-d bias (or bias gradient) pointer and its 4 strides; without one, a dummy pointer and zero strides."""
     if bias is None:
         return fallback, (0, 0, 0, 0)
     return bias, tuple(bias.stride())
@@ -115,6 +118,7 @@ def attention_forward(
     scale: float,
     causal_offset: int | None,
     bias: torch.Tensor | None,
+    kv_heads_tiled: bool,
     block_m: int,
     block_n: int,
     num_warps: int,
@@ -130,9 +134,9 @@ def attention_forward(
     _attention_forward_kernel[grid](
         q, k, v, bias_ptr, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *out.stride(),
-        num_heads, num_heads // k.shape[1], n_q, n_k, scale, causal_offset or 0,
+        num_heads, k.shape[1], num_heads // k.shape[1], n_q, n_k, scale, causal_offset or 0,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config.padded_head_dim(head_dim),
-        IS_CAUSAL=causal_offset is not None, HAS_BIAS=bias is not None,
+        IS_CAUSAL=causal_offset is not None, HAS_BIAS=bias is not None, KV_TILED=kv_heads_tiled,
         UPCAST_DOT=config.upcast_dot(q.dtype), INPUT_PRECISION=config.input_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )

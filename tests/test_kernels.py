@@ -2,7 +2,7 @@
 
 Every check follows SPEC.md: against a float64 eager reference, the relative error ||x - ref|| / ||ref||
 of the kernel must be at most 2x the error of eager attention computed in the same dtype, plus 1e-6,
-for the output and for dq, dk, dv.
+for the output and for dq, dk, dv (and dbias when the bias gradient is requested).
 """
 
 import os
@@ -20,14 +20,19 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NEG_INF = float("-inf")
 
 
-def eager_attention(q, k, v, scale, causal_offset=None, bias=None, drop_masked_rows=False):
+def repeat_kv(x, group, kv_heads_tiled=False):
+    """The KV heads repeated for GQA: ``repeat_interleave`` (grouped) or ``repeat`` (tiled)."""
+    return x.repeat(1, group, 1, 1) if kv_heads_tiled else x.repeat_interleave(group, 1)
+
+
+def eager_attention(q, k, v, scale, causal_offset=None, bias=None, drop_masked_rows=False, kv_heads_tiled=False):
     """softmax(q k^T * scale + bias, causal -inf fill) v in the inputs' dtype, with GQA by repetition.
 
     With ``drop_masked_rows`` fully masked rows output 0 and pass no gradient, the convention the
     kernels' backward follows (plain eager gives NaN there).
     """
     group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    k, v = repeat_kv(k, group, kv_heads_tiled), repeat_kv(v, group, kv_heads_tiled)
     s = (q @ k.transpose(-1, -2)) * scale
     if bias is not None:
         s = s + bias.to(s.dtype)
@@ -59,11 +64,15 @@ def random_inputs(shape_q, shape_kv, seed=0):
     return q, k, v
 
 
-def check_attention(q, k, v, dtype, *, causal_offset=None, bias=None, triton=True, grad_out=None, **blocks):
+def check_attention(q, k, v, dtype, *, causal_offset=None, bias=None, triton=True, grad_out=None,
+                    bias_grad=False, kv_heads_tiled=False, **blocks):
     """Run forward + backward of the kernels on (q, k, v) cast to ``dtype`` and check both against float64.
 
-    q, k, v are float64 tensors of any layout; the casts keep their strides.
+    q, k, v are float64 tensors of any layout; the casts keep their strides. With ``bias_grad`` the
+    backward also returns dbias, checked against the float64 gradient of a full-shape ``bias``.
+    Returns the output and the backward's (dq, dk, dv, dbias).
     """
+    options = dict(causal_offset=causal_offset, kv_heads_tiled=kv_heads_tiled)
     forward = attention_forward if triton else tiled_torch.attention_forward
     backward = attention_backward if triton else tiled_torch.attention_backward
     if not triton:
@@ -71,34 +80,41 @@ def check_attention(q, k, v, dtype, *, causal_offset=None, bias=None, triton=Tru
     scale = q.shape[-1] ** -0.5
     qx, kx, vx = (t.to(dtype) for t in (q, k, v))
     bias_x = None if bias is None else bias.to(dtype)
-    out, lse = forward(qx, kx, vx, scale=scale, causal_offset=causal_offset, bias=bias_x, **blocks)
+    out, lse = forward(qx, kx, vx, scale=scale, bias=bias_x, **options, **blocks)
     assert out.shape == q.shape and out.dtype == dtype
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
 
-    ref = eager_attention(q, k, v, scale, causal_offset, bias)
+    ref = eager_attention(q, k, v, scale, bias=bias, **options)
     assert torch.equal(out.isnan(), ref.isnan()), "NaN rows differ from eager"
-    assert_close(out, eager_attention(qx, kx, vx, scale, causal_offset, bias_x), ref, "out")
+    assert_close(out, eager_attention(qx, kx, vx, scale, bias=bias_x, **options), ref, "out")
     rounded = [t.double() for t in (qx, kx, vx, bias_x) if t is not None] + [None]
-    ref_lse = torch.logsumexp(_scores(rounded[0], rounded[1], scale, causal_offset, rounded[3]), -1)
+    ref_lse = torch.logsumexp(_scores(rounded[0], rounded[1], scale, causal_offset, rounded[3], kv_heads_tiled), -1)
     assert torch.allclose(lse.double(), ref_lse, rtol=1e-4, atol=1e-4)
 
     if grad_out is None:
         grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    grads = backward(grad_out.to(dtype), qx, kx, vx, out, lse, scale=scale, causal_offset=causal_offset,
-                     bias=bias_x, **blocks)
-    for grad, t in zip(grads, (qx, kx, vx), strict=True):
+    grads = backward(grad_out.to(dtype), qx, kx, vx, out, lse, scale=scale, bias=bias_x,
+                     bias_requires_grad=bias_grad, **options, **blocks)
+    for grad, t in zip(grads[:3], (qx, kx, vx), strict=True):
         assert grad.shape == t.shape and grad.dtype == dtype
-    ref_grads = _grads(q, k, v, grad_out, scale, causal_offset, bias)
-    eager_grads = _grads(qx, kx, vx, grad_out.to(dtype), scale, causal_offset, bias_x)
-    for name, grad, eager, ref_grad in zip(("dq", "dk", "dv"), grads, eager_grads, ref_grads, strict=True):
+    names, inputs = ["dq", "dk", "dv"], [qx, kx, vx]
+    if bias_grad:
+        assert grads[3].shape == ref.shape[:3] + k.shape[2:3] and grads[3].dtype == torch.float32
+        names.append("dbias")
+        inputs.append(bias_x)
+    else:
+        assert grads[3] is None
+    ref_grads = _grads([q, k, v, bias][: len(names)], grad_out, scale, bias, **options)
+    eager_grads = _grads(inputs, grad_out.to(dtype), scale, bias_x, **options)
+    for name, grad, eager, ref_grad in zip(names, grads[: len(names)], eager_grads, ref_grads, strict=True):
         assert not grad.isnan().any(), f"{name} has NaN"
         assert_close(grad, eager, ref_grad, name)
     return out, grads
 
 
-def _scores(q, k, scale, causal_offset, bias):
+def _scores(q, k, scale, causal_offset, bias, kv_heads_tiled=False):
     group = q.shape[1] // k.shape[1]
-    s = (q @ k.repeat_interleave(group, 1).transpose(-1, -2)) * scale
+    s = (q @ repeat_kv(k, group, kv_heads_tiled).transpose(-1, -2)) * scale
     if bias is not None:
         s = s + bias
     if causal_offset is not None:
@@ -106,9 +122,12 @@ def _scores(q, k, scale, causal_offset, bias):
     return s
 
 
-def _grads(q, k, v, grad_out, scale, causal_offset, bias):
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = eager_attention(*leaves, scale, causal_offset, bias, drop_masked_rows=True)
+def _grads(inputs, grad_out, scale, bias, **options):
+    """Eager gradients w.r.t. ``inputs``: q, k, v and optionally the bias (which then replaces ``bias``)."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    q, k, v = leaves[:3]
+    bias = leaves[3] if len(leaves) == 4 else bias
+    out = eager_attention(q, k, v, scale, bias=bias, drop_masked_rows=True, **options)
     return torch.autograd.grad(out, leaves, grad_out)
 
 
@@ -187,7 +206,7 @@ def test_bias(dtype, triton):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_fully_masked_rows_are_nan(dtype, triton):
     q, k, v = random_inputs((1, 2, 40, 32), (1, 2, 40, 32))
-    out, (dq, _, _) = check_attention(q, k, v, dtype, causal_offset=-3, triton=triton, block_n=16)
+    out, (dq, _, _, _) = check_attention(q, k, v, dtype, causal_offset=-3, triton=triton, block_n=16)
     assert out[:, :, :3].isnan().all() and not out[:, :, 3:].isnan().any()
     assert (dq[:, :, :3] == 0).all()
 
@@ -237,8 +256,9 @@ def test_empty_shapes(triton, monkeypatch):
     no_keys = k[:, :, :0].float()
     out, lse = attention_forward(q.float(), no_keys, no_keys, scale=1.0)
     assert torch.equal(out, eager_attention(q.float(), no_keys, no_keys, 1.0)) and (lse == NEG_INF).all()
-    dq, dk, dv = attention_backward(torch.ones_like(out), q.float(), no_keys, no_keys, out, lse, scale=1.0)
-    assert (dq == 0).all() and dk.shape == dv.shape == no_keys.shape
+    dq, dk, dv, dbias = attention_backward(torch.ones_like(out), q.float(), no_keys, no_keys, out, lse, scale=1.0,
+                                           bias_requires_grad=True)
+    assert (dq == 0).all() and dk.shape == dv.shape == no_keys.shape and dbias.shape == (1, 2, 5, 0)
 
 
 def test_dispatch(monkeypatch):
@@ -276,3 +296,108 @@ def test_input_precision():
         assert config.input_precision(torch.float16) == "ieee"
     finally:
         matmul.allow_tf32 = allowed
+
+
+# ------------------------------------------------------------------------------------- bias gradient
+
+
+@pytest.mark.parametrize("triton", [True, False], ids=["triton", "tiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("causal_offset", [None, 0])
+def test_bias_grad(causal_offset, dtype, triton):
+    """dbias (= dS of the expanded bias) of a learned full-shape bias, with GQA and ragged tiles."""
+    q, k, v = random_inputs((1, 4, 19, 16), (1, 2, 23, 16), seed=5)
+    bias = torch.randn(1, 4, 19, 23, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    check_attention(q, k, v, dtype, causal_offset=causal_offset, bias=bias, bias_grad=True, triton=triton,
+                    block_n=16)
+
+
+@pytest.mark.parametrize("triton", [True, False], ids=["triton", "tiled"])
+def test_bias_grad_fully_masked_row(triton):
+    """A row that a -inf bias masks entirely gets a zero dbias row, where eager's gradient is NaN."""
+    q, k, v = random_inputs((1, 1, 9, 16), (1, 1, 12, 16), seed=7)
+    noise = torch.randn(9, 12, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    bias = masked_bias(9, 12, [4]) + noise
+    _, (_, _, _, dbias) = check_attention(q, k, v, torch.float32, bias=bias, bias_grad=True, triton=triton)
+    assert (dbias[0, 0, 4] == 0).all()
+    leaf = bias.clone().requires_grad_()
+    eager_attention(q, k, v, 0.25, bias=leaf).sum().backward()
+    assert leaf.grad[0, 0, 4].isnan().all()
+
+
+# ------------------------------------------------------------------------------ tiled GQA head mapping
+
+
+@pytest.mark.parametrize("triton", [True, False], ids=["triton", "tiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("num_kv_heads", [2, 3])
+def test_kv_heads_tiled(num_kv_heads, dtype, triton):
+    """Query head h reads KV head h % Hkv, as after ``k.repeat(1, Hq // Hkv, 1, 1)``."""
+    q, k, v = random_inputs((1, 6, 21, 16), (1, num_kv_heads, 27, 16), seed=9)
+    check_attention(q, k, v, dtype, causal_offset=0, kv_heads_tiled=True, triton=triton, block_n=16)
+
+
+@pytest.mark.parametrize("triton", [True, False], ids=["triton", "tiled"])
+def test_kv_heads_tiled_with_bias_grad(triton):
+    q, k, v = random_inputs((2, 6, 19, 16), (2, 2, 23, 16), seed=10)
+    bias = torch.randn(2, 6, 19, 23, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    check_attention(q, k, v, torch.float32, bias=bias, bias_grad=True, kv_heads_tiled=True, triton=triton,
+                    block_n=16)
+
+
+# ------------------------------------------------------------------------- the flash_fx::attention op
+
+
+def _op_grads(op, q, k, v, bias, grad_out):
+    """Output of ``op(q, k, v, bias)`` and the gradients of all four inputs under ``grad_out``."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, bias)]
+    out = op(*leaves)
+    return out, torch.autograd.grad(out, leaves, grad_out)
+
+
+@pytest.mark.parametrize("triton", [True, False], ids=["triton", "tiled"])
+@pytest.mark.parametrize(
+    "shape_k,shape_v,kv_heads_tiled",
+    [((1, 2, 23, 16), (1, 2, 23, 16), False), ((2, 1, 23, 16), (1, 2, 23, 16), True)],
+    ids=["kv_batch_1", "k_one_head"],
+)
+def test_op_broadcasts_inputs(shape_k, shape_v, kv_heads_tiled, triton, monkeypatch):
+    """The op broadcasts batch-1 (and k or v with one head) inputs and a [1, H, Nq, Nk] learned bias;
+    their gradients come back summed over the broadcast dims."""
+    if not triton:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    gen = torch.Generator().manual_seed(12)
+    q, k, v, bias = (torch.randn(shape, generator=gen, dtype=torch.float64)
+                     for shape in ((2, 4, 19, 16), shape_k, shape_v, (1, 4, 19, 23)))
+    grad_out = torch.randn(2, 4, 19, 16, generator=gen, dtype=torch.float64)
+    scale, causal_offset = 0.25, 2
+
+    def flash(q, k, v, bias):
+        return torch.ops.flash_fx.attention(q, k, v, bias, scale, causal_offset, kv_heads_tiled)[0]
+
+    def eager(q, k, v, bias):
+        heads = max(k.shape[1], v.shape[1])
+        k, v = k.expand(-1, heads, -1, -1), v.expand(-1, heads, -1, -1)
+        return eager_attention(q, k, v, scale, causal_offset, bias, kv_heads_tiled=kv_heads_tiled)
+
+    floats = [t.float() for t in (q, k, v, bias, grad_out)]
+    out, grads = _op_grads(flash, *floats)
+    eager_out, eager_grads = _op_grads(eager, *floats)
+    ref_out, ref_grads = _op_grads(eager, q, k, v, bias, grad_out)
+    assert out.shape == ref_out.shape
+    assert_close(out, eager_out, ref_out, "out")
+    for name, grad, eager_grad, ref_grad, t in zip("qkvb", grads, eager_grads, ref_grads, floats, strict=False):
+        assert grad.shape == t.shape and grad.dtype == t.dtype
+        assert_close(grad, eager_grad, ref_grad, f"d{name}")
+
+
+def test_opcheck():
+    """torch.library.opcheck: schema, autograd registration, fake tensors (and, with a learned bias, AOT
+    dispatch, which also runs the backward op and its fake)."""
+    gen = torch.Generator().manual_seed(13)
+    q, k, v, bias = (torch.randn(shape, generator=gen, requires_grad=True)
+                     for shape in ((2, 4, 7, 16), (1, 2, 9, 16), (1, 2, 9, 16), (1, 4, 7, 9)))
+    quick = ("test_schema", "test_autograd_registration", "test_faketensor")
+    op = torch.ops.flash_fx.attention.default
+    torch.library.opcheck(op, (q, k, v, bias, 0.25, 0, True), test_utils=(*quick, "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(op, (q, k, v, None, 0.25, None, False), test_utils=quick)
