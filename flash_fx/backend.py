@@ -17,6 +17,7 @@ import torch
 from torch import fx
 
 from flash_fx.attention_pass import PassResult, run_attention_pass
+from flash_fx.cache_salt import inductor_config_patches
 from flash_fx.options import Options, parse_options
 from flash_fx.report import Report, SkipRecord, record
 from flash_fx.verify import verify_outputs
@@ -90,7 +91,7 @@ def _inner_compile(inner: str, gm: fx.GraphModule, example_inputs: list[Any]) ->
     if inner == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs)
+        return compile_fx(gm, example_inputs, config_patches=inductor_config_patches())
     if inner == "aot_eager":
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
     return gm.forward

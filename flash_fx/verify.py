@@ -14,10 +14,14 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """||x - ref|| / ||ref|| over the finite entries of ref (NaN/inf positions must agree separately)."""
+    """||x - ref|| / ||ref|| over the finite entries of ref (NaN/inf positions must agree separately).
+
+    Where ref is exactly zero (e.g. dq with a single key), the error is absolute: ||x||.
+    """
     finite = torch.isfinite(ref)
-    x, ref = x.double()[finite], ref.double()[finite]
-    return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
+    x, ref = x.detach().double()[finite], ref.detach().double()[finite]
+    norm = ref.norm()
+    return float((x - ref).norm() / (norm if norm > 0 else 1.0))
 
 
 def verify_outputs(original: Callable, args: tuple, outputs: Any) -> str | None:

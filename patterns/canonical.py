@@ -205,6 +205,18 @@ def _matmul(node: fx.Node) -> MatMul | None:
     return MatMul(Operand(a), Operand(b))
 
 
+def _expand_ellipsis(sa: str, sb: str, out: str, shapes: list) -> tuple[str, str, str] | None:
+    """Spell out '...' as explicit batch letters (both operands must cover the same number of dims)."""
+    if any(shape is None for shape in shapes) or "..." not in sa or "..." not in sb or "..." not in out:
+        return None
+    covered = {len(shape) - len(term.replace("...", "")) for shape, term in zip(shapes, (sa, sb), strict=True)}
+    if len(covered) != 1:
+        return None
+    used = set(sa + sb + out)
+    letters = "".join([c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in used][: covered.pop()])
+    return sa.replace("...", letters), sb.replace("...", letters), out.replace("...", letters)
+
+
 def _baddbmm(node: fx.Node) -> MatMul | None:
     """baddbmm(input, b1, b2, beta=, alpha=): an empty/zero input or beta=0 contributes nothing."""
     addend, a, b = (_arg(node, i, name) for i, name in enumerate(("input", "batch1", "batch2")))
@@ -221,13 +233,18 @@ def _einsum(node: fx.Node) -> MatMul | None:
     equation, *operands = node.args
     if len(operands) == 1 and isinstance(operands[0], list | tuple):
         operands = list(operands[0])
-    if not isinstance(equation, str) or len(operands) != 2 or "->" not in equation or "." in equation:
+    if not isinstance(equation, str) or len(operands) != 2 or "->" not in equation:
         return None
     lhs, out = equation.replace(" ", "").split("->")
     terms = lhs.split(",")
     if len(terms) != 2:
         return None
     sa, sb = terms
+    if "..." in equation:
+        expanded = _expand_ellipsis(sa, sb, out, [_shape_of(o) for o in operands])
+        if expanded is None:
+            return None
+        sa, sb, out = expanded
     if len(set(sa)) != len(sa) or len(set(sb)) != len(sb) or len(set(out)) != len(out):
         return None
     contracted = [c for c in sa if c in sb and c not in out]

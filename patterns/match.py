@@ -241,8 +241,8 @@ def _fold_score_ops(score_ops: list, alpha: float) -> tuple[float, list, list[Sc
 
 def _batch_view(views: list[Reshape], terms: list[ScoreTerm], qk: MatMul, pv: MatMul) -> tuple | str:
     """The sizes of the widest batch layout the scores take between the products (views regroup B and H)."""
-    if any(o.perm is not None for o in (qk.a, qk.b, pv.b)) or pv.out_perm is not None:
-        return "batch views between the products combined with permuted einsum operands"
+    if pv.out_perm is not None:
+        return "batch views between the products combined with a permuted einsum output"
     widest = max(views, key=lambda view: len(view.sizes))
     rank = len(widest.sizes)
     for term in terms:
@@ -326,6 +326,9 @@ def _strip_scales(operand: Operand) -> tuple[Operand, float]:
 def _plain_key(k: Operand, transposed: bool) -> tuple[Operand, bool, float]:
     """K itself when K^T is a swap of K's last two dims (after constant scales), with the scales folded."""
     k, factor = _strip_scales(k)
+    rank = len(k.perm) if k.perm is not None else 0
+    if transposed and k.perm is not None and k.perm == (*range(rank - 2), rank - 1, rank - 2):
+        return Operand(k.node), False, factor  # an einsum reading K^T: K itself
     if transposed and k.perm is None and (source := swapped_last_two(k.node)) is not None:
         k, more = _strip_scales(Operand(source))
         return k, False, factor * more

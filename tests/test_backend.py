@@ -190,3 +190,20 @@ def test_inductor_end_to_end_with_gradients():
     (report,) = compiled_matches_eager(causal_scaled, *inputs(1, 2, 13, 16, requires_grad=True), inner="inductor",
                                        atol=1e-4, rtol=1e-4)
     assert [r.variant for r in report.rewrites] == ["causal"]
+
+
+def test_inductor_cache_keys_carry_the_op_interface(monkeypatch):
+    """A cached compiled backward from another flash_fx version must not be reused (stale op schema)."""
+    import torch._inductor.compile_fx as inductor
+
+    from flash_fx.cache_salt import CacheSalt, interface_hash
+
+    seen = []
+    monkeypatch.setattr(inductor, "compile_fx", lambda gm, inputs, config_patches=None: seen.append(config_patches)
+                        or gm.forward)
+    torch._dynamo.reset()
+    torch.compile(attention, backend="flash_fx", options={"report": False})(*inputs())
+    torch._dynamo.reset()
+    (patches,) = seen
+    salt = patches["post_grad_custom_pre_pass"]
+    assert isinstance(salt, CacheSalt) and salt.uuid() == interface_hash() and len(salt.uuid()) == 64

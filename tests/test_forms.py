@@ -368,9 +368,7 @@ def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor)
     l_q_ = L_q_
     l_k_ = L_k_
     l_v_ = L_v_
-    permute = l_k_.permute(0, 1, 3, 2)
-    transpose = permute.transpose(-2, -1)
-    attention_default = torch.ops.flash_fx.attention.default(l_q_, transpose, l_v_, None, 0.35355339059327373, None)
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.35355339059327373, None)
     getitem = attention_default[0]
     return (getitem,)
 """)
