@@ -105,12 +105,10 @@ def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[A
             return (f"mask/bias of shape {_concrete_shape(tensor.shape)} does not broadcast to the scores' "
                     f"shape {_concrete_shape(term.scores_shape)}")
         if isinstance(op, AddBias):
-            if tensor.requires_grad:
-                return "additive bias requires grad (a learned bias): its gradient is not computed by the kernels"
             if not tensor.dtype.is_floating_point:
                 return f"additive term of dtype {tensor.dtype} is not a float bias"
             bias_terms.append(term)
-            parts.append(f"bias[{shape}]")
+            parts.append(f"bias[{shape}]" + (" (learned: its gradient is written as dS)" if tensor.requires_grad else ""))
             continue
         if not (op.value == -math.inf or op.value <= LARGEST_MASK_FILL):
             return f"masked_fill with value {op.value} is not a mask fill (-inf or a large negative number)"

@@ -211,6 +211,10 @@ def sdpa_gqa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
 
+def learned_bias(q, k, v, bias):
+    return ((q @ k.mT) * 0.5 + bias).softmax(-1) @ v
+
+
 class Layer(nn.Module):
     def forward(self, x):
         return F.softmax(x @ x.transpose(-2, -1) * 0.1, dim=-1) @ x
@@ -1074,3 +1078,29 @@ def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor)
     getitem_2 = attention_default_2[0]
     return (getitem_2,)
 """, count=3)
+
+    def test_learned_bias(self):
+        bias = torch.randn(1, H, N, N, requires_grad=True)
+        self.check(learned_bias, [*qkv(), bias], "bias", """\
+def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_bias_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_k_ = L_k_
+    l_q_ = L_q_
+    l_bias_ = L_bias_
+    l_v_ = L_v_
+    getattr_1 = l_k_.mT
+    matmul = l_q_ @ getattr_1
+    mul = matmul * 0.5
+    add = mul + l_bias_
+    softmax = add.softmax(-1)
+    matmul_1 = softmax @ l_v_
+    return (matmul_1,)
+---- after flash_fx ----
+def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_bias_ : torch.Tensor, L_v_ : torch.Tensor):
+    l_k_ = L_k_
+    l_q_ = L_q_
+    l_bias_ = L_bias_
+    l_v_ = L_v_
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, l_bias_, 0.5, None)
+    getitem = attention_default[0]
+    return (getitem,)
+""")

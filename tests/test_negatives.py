@@ -118,15 +118,6 @@ def test_masked_fill_with_ordinary_value():
     assert_unchanged(fn, "not a mask fill")
 
 
-def test_learned_bias_requiring_grad():
-    bias = torch.randn(H, N, N, requires_grad=True)
-
-    def fn(q, k, v):
-        return ((q @ k.mT) + bias).softmax(-1) @ v
-
-    assert_unchanged(fn, "requires grad")
-
-
 def test_variant_not_allowed():
     def fn(q, k, v):
         mask = torch.triu(torch.ones(N, N, dtype=torch.bool), 1)
