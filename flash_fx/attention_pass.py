@@ -11,10 +11,12 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from flash_fx import cost
+from flash_fx.mha import multi_head_attention
 from flash_fx.options import Options
 from flash_fx.patterns.canonical import AddBias, Cast, MaskedFill, Scale, canonicalize
 from flash_fx.patterns.masks import MaskProof, Unrecognized, analyze_boolean_mask, concrete
 from flash_fx.patterns.match import RSQRT_HEAD_DIM, AttentionMatch, NearMiss, ScoreTerm, anchor_nodes, match_anchor
+from flash_fx.patterns.mha import MhaMatch, is_mha_call, match_mha
 from flash_fx.report import Report, RewriteRecord, SkipRecord
 from flash_fx.rewrite import KernelCall, replace_attention
 
@@ -43,6 +45,12 @@ def run_attention_pass(gm: fx.GraphModule, example_inputs: list[Any], options: O
                        apply: bool = True) -> PassResult:
     """Rewrite the attentions of `gm` in place (unless apply=False) and return what was done."""
     result = PassResult(Report(graph_id))
+    for call in [node for node in gm.graph.nodes if is_mha_call(node)]:
+        outcome = _plan_and_rewrite_mha(match_mha(call), options, apply)
+        if isinstance(outcome, SkipRecord):
+            result.report.skipped.append(outcome)
+        else:
+            result.report.rewrites.append(outcome)
     for anchor in anchor_nodes(gm.graph):
         found = match_anchor(anchor)
         if isinstance(found, NearMiss):
@@ -70,7 +78,7 @@ def _plan_and_rewrite(graph: fx.Graph, match: AttentionMatch, example_inputs: li
         return masks
     variant = "bias" if masks.bias_terms else "causal" if masks.causal_offset is not None else "dense"
     if variant not in options.variants:
-        return f"variant {variant!r} is not in the allowed variants {list(options.variants)}"
+        return _not_allowed(variant, options)
     shape = _cost_shape(match, masks, nq, nk)
     plan = cost.plan(shape, options.force)
     if not plan.rewrite:
@@ -91,6 +99,42 @@ def _plan_and_rewrite(graph: fx.Graph, match: AttentionMatch, example_inputs: li
     return record, masks.proofs
 
 
+def _not_allowed(variant: str, options: Options) -> str:
+    return f"variant {variant!r} is not in the allowed variants {list(options.variants)}"
+
+
+def _plan_and_rewrite_mha(match: MhaMatch | str, options: Options, apply: bool) -> RewriteRecord | SkipRecord:
+    """Route an nn.MultiheadAttention call's attention to the kernels (masks as a bias), or say why not."""
+    if isinstance(match, str):
+        return SkipRecord("<nn.MultiheadAttention>", match)
+    args = match.arguments
+    masks = [name for name in ("attn_mask", "key_padding_mask") if args[name] is not None]
+    variant = "bias" if masks else "dense"
+    if variant not in options.variants:
+        return SkipRecord(match.location, _not_allowed(variant, options))
+    batch, heads, nq, nk, head_dim = (concrete(s) for s in match.shape)
+    shape = cost.AttentionShape(batch_heads=batch * heads, nq=nq, nk=nk, head_dim=head_dim, dtype=match.dtype,
+                                causal=False, elementwise_passes=1, mask_bytes_per_score=4.0 * bool(masks),
+                                training=torch.is_grad_enabled())
+    plan = cost.plan(shape, options.force)
+    if not plan.rewrite:
+        return SkipRecord(match.location, plan.reason)
+    if apply:
+        match.node.target = multi_head_attention
+        match.node.args = tuple(args[name] for name in (
+            "query", "key", "value", "num_heads", "in_proj_weight", "in_proj_bias", "out_proj_weight",
+            "out_proj_bias", "key_padding_mask", "attn_mask", "q_proj_weight", "k_proj_weight", "v_proj_weight"))
+        match.node.kwargs = {}
+    return RewriteRecord(
+        variant=variant, location=match.location, q_shape=(batch, heads, nq, head_dim),
+        k_shape=(batch, heads, nk, head_dim), v_shape=(batch, heads, nk, head_dim),
+        dtype=str(match.dtype).removeprefix("torch."), scale=f"{head_dim ** -0.5:.4g}",
+        mask=" + ".join(masks) or "none", notes=f"nn.MultiheadAttention; {plan.reason}",
+        hbm_before=plan.hbm_before, hbm_after=plan.hbm_after, time_before=plan.time_before,
+        time_after=plan.time_after,
+    )
+
+
 def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[Any], nq: int,
                   nk: int) -> MaskDecision | str:
     """Sort the score terms into one proven causal mask and dense bias terms, or say why not."""
@@ -108,7 +152,8 @@ def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[A
             if not tensor.dtype.is_floating_point:
                 return f"additive term of dtype {tensor.dtype} is not a float bias"
             bias_terms.append(term)
-            parts.append(f"bias[{shape}]" + (" (learned: its gradient is written as dS)" if tensor.requires_grad else ""))
+            learned = " (learned: its gradient is written as dS)" if tensor.requires_grad else ""
+            parts.append(f"bias[{shape}]{learned}")
             continue
         if not (op.value == -math.inf or op.value <= LARGEST_MASK_FILL):
             return f"masked_fill with value {op.value} is not a mask fill (-inf or a large negative number)"

@@ -234,7 +234,9 @@ class Stack(nn.Module):
         return x
 
 
-class FormsTest(TestCase):
+class SnapshotCase(TestCase):
+    """check(): the rewrite's variant(s), a snapshot of the graph before and after, and compiled == eager."""
+
     def check(self, fn, inputs, variant, expected_graph, count=1, **tolerance):
         captured = capture(fn, *inputs)
         self.assertEqual(captured.variants, [variant] * count if isinstance(variant, str) else variant,
@@ -242,6 +244,9 @@ class FormsTest(TestCase):
         self.assertExpectedInline(captured.before + "---- after flash_fx ----\n" + captured.after, expected_graph,
                                   skip=1)
         compiled_matches_eager(fn, *inputs, **tolerance)
+
+
+class FormsTest(SnapshotCase):
 
     def test_matmul_operator(self):
         self.check(matmul_operator, qkv(), "dense", """\
@@ -1104,3 +1109,64 @@ def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_bias_ : torch.Tens
     getitem = attention_default[0]
     return (getitem,)
 """)
+
+
+class MultiheadAttentionTest(SnapshotCase):
+    """nn.MultiheadAttention (Dynamo keeps F.multi_head_attention_forward as one call) with need_weights=False."""
+
+    def run_case(self, batch_first, masks, inner):
+        torch.manual_seed(0)
+        module = nn.MultiheadAttention(16, 4, batch_first=batch_first).train()
+        x = torch.randn(2, 7, 16) if batch_first else torch.randn(7, 2, 16)
+        padding = torch.zeros(2, 7, dtype=torch.bool)
+        padding[1, -2:] = True
+        causal = torch.ones(7, 7, dtype=torch.bool).triu(1)
+
+        def fn(x):
+            extra = {"key_padding_mask": padding, "attn_mask": causal} if masks else {}
+            return module(x, x, x, need_weights=False, **extra)[0]
+
+        (report,) = compiled_matches_eager(fn, x.requires_grad_(), inner=inner)
+        self.assertEqual([r.variant for r in report.rewrites], ["bias" if masks else "dense"])
+        return report
+
+    def test_plain_and_masked(self):
+        for batch_first in (True, False):
+            for masks in (False, True):
+                self.run_case(batch_first, masks, "aot_eager")
+
+    def test_snapshot(self):
+        torch.manual_seed(0)
+        module = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.check(lambda x: module(x, x, x, need_weights=False)[0], [torch.randn(2, 7, 16)], "dense", """\
+def forward(self, L_x_ : torch.Tensor, L_module_parameters_in_proj_bias_ : torch.nn.parameter.Parameter, L_module_parameters_in_proj_weight_ : torch.nn.parameter.Parameter, L_module_modules_out_proj_parameters_weight_ : torch.nn.parameter.Parameter, L_module_modules_out_proj_parameters_bias_ : torch.nn.parameter.Parameter):
+    l_x_ = L_x_
+    l_module_parameters_in_proj_bias_ = L_module_parameters_in_proj_bias_
+    l_module_parameters_in_proj_weight_ = L_module_parameters_in_proj_weight_
+    l_module_modules_out_proj_parameters_weight_ = L_module_modules_out_proj_parameters_weight_
+    l_module_modules_out_proj_parameters_bias_ = L_module_modules_out_proj_parameters_bias_
+    query = l_x_.transpose(1, 0)
+    multi_head_attention_forward = torch.nn.functional.multi_head_attention_forward(query, query, query, 16, 4, l_module_parameters_in_proj_weight_, l_module_parameters_in_proj_bias_, None, None, False, 0.0, l_module_modules_out_proj_parameters_weight_, l_module_modules_out_proj_parameters_bias_, training = True, key_padding_mask = None, need_weights = False, attn_mask = None, average_attn_weights = True, is_causal = False)
+    attn_output = multi_head_attention_forward[0]
+    attn_output_1 = attn_output.transpose(1, 0)
+    return (attn_output_1,)
+---- after flash_fx ----
+def forward(self, L_x_ : torch.Tensor, L_module_parameters_in_proj_bias_ : torch.nn.parameter.Parameter, L_module_parameters_in_proj_weight_ : torch.nn.parameter.Parameter, L_module_modules_out_proj_parameters_weight_ : torch.nn.parameter.Parameter, L_module_modules_out_proj_parameters_bias_ : torch.nn.parameter.Parameter):
+    l_x_ = L_x_
+    l_module_parameters_in_proj_bias_ = L_module_parameters_in_proj_bias_
+    l_module_parameters_in_proj_weight_ = L_module_parameters_in_proj_weight_
+    l_module_modules_out_proj_parameters_weight_ = L_module_modules_out_proj_parameters_weight_
+    l_module_modules_out_proj_parameters_bias_ = L_module_modules_out_proj_parameters_bias_
+    query = l_x_.transpose(1, 0)
+    multi_head_attention_forward = flash_fx_mha_multi_head_attention(query, query, query, 4, l_module_parameters_in_proj_weight_, l_module_parameters_in_proj_bias_, l_module_modules_out_proj_parameters_weight_, l_module_modules_out_proj_parameters_bias_, None, None, None, None, None)
+    attn_output = multi_head_attention_forward[0]
+    attn_output_1 = attn_output.transpose(1, 0)
+    return (attn_output_1,)
+""")
+
+    def test_weights_requested_is_skipped(self):
+        module = nn.MultiheadAttention(16, 4)
+        x = torch.randn(7, 2, 16)
+        captured = capture(lambda x: module(x, x, x)[0], x)
+        self.assertEqual(captured.variants, [])
+        self.assertIn("need_weights=False", captured.skip_reasons[0])

@@ -1,0 +1,62 @@
+"""`F.multi_head_attention_forward` calls (what nn.MultiheadAttention runs; Dynamo keeps it as one call).
+
+The call is matched as a whole: `match_mha(node)` returns an MhaMatch when its attention can run on the
+flash kernels (weights not requested, no bias_k/bias_v, no zero-attention column, no dropout in
+training, batched inputs), else the reason it cannot.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from flash_fx.patterns.match import MAX_HEAD_DIM, SUPPORTED_DTYPES, location
+from torch import fx
+
+_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+@dataclass
+class MhaMatch:
+    """A multi_head_attention_forward call and its arguments by name."""
+
+    node: fx.Node
+    arguments: dict
+    location: str
+    shape: tuple  # (batch, heads, Nq, Nk, head_dim) at the example
+    dtype: torch.dtype
+
+
+def is_mha_call(node: fx.Node) -> bool:
+    """True for call_function nodes of F.multi_head_attention_forward."""
+    return node.op == "call_function" and node.target is F.multi_head_attention_forward
+
+
+def match_mha(node: fx.Node) -> MhaMatch | str:
+    """The MhaMatch of `node`, or why its attention stays as it is."""
+    try:
+        bound = _SIGNATURE.bind(*node.args, **node.kwargs)
+    except TypeError:
+        return "multi_head_attention_forward called with arguments that do not bind"
+    bound.apply_defaults()
+    args = dict(bound.arguments)
+    if args["need_weights"] is not False:
+        return "nn.MultiheadAttention with need_weights=True returns the attention weights; pass need_weights=False"
+    unsupported = [name for name in ("bias_k", "bias_v", "static_k", "static_v") if args[name] is not None]
+    if unsupported or args["add_zero_attn"]:
+        return f"nn.MultiheadAttention with {unsupported or ['add_zero_attn']} is not supported"
+    if args["training"] is not False and args["dropout_p"] != 0.0:
+        return f"nn.MultiheadAttention dropout={args['dropout_p']} in training: fused dropout is not available yet"
+    query, key = (n.meta.get("example_value") if isinstance(n, fx.Node) else None for n in (args["query"], args["key"]))
+    if not isinstance(query, torch.Tensor) or not isinstance(key, torch.Tensor) or query.dim() != 3:
+        return "unbatched nn.MultiheadAttention input"
+    if query.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {query.dtype} is not supported by the kernels (fp16, bf16, fp32)"
+    heads = args["num_heads"]
+    head_dim = query.shape[2] // heads
+    if isinstance(head_dim, int) and head_dim > MAX_HEAD_DIM:
+        return f"head dim {head_dim} is over {MAX_HEAD_DIM}"
+    return MhaMatch(node, args, location(node), (query.shape[1], heads, query.shape[0], key.shape[0], head_dim),
+                    query.dtype)
