@@ -1,8 +1,11 @@
 """The `flash_fx::attention` custom op that rewritten graphs call.
 
-`torch.ops.flash_fx.attention(q, k, v, bias, scale, causal_offset, kv_heads_tiled=False) -> (out, lse)`
-takes 4-d q [Bq, H, Nq, d], k [Bk, Hk, Nk, d] and v [Bv, Hv, Nk, d] (any strides) and an optional
-additive bias broadcastable to [B, H, Nq, Nk]. Batch sizes of 1 broadcast to the others' B, and a k or
+`torch.ops.flash_fx.attention(q, k, v, bias, scale, causal_offset, kv_heads_tiled=False, window=None,
+key_valid=None, q_doc=None, k_doc=None) -> (out, lse)` takes 4-d q [Bq, H, Nq, d], k [Bk, Hk, Nk, d] and
+v [Bv, Hv, Nk, d] (any strides), an optional additive bias broadcastable to [B, H, Nq, Nk] and the
+optional structural masks of `flash_fx.kernels` (evaluated from indices: a `[left, right]` sliding
+window, bool key validity [B or 1, Nk], integer document ids [B or 1, Nq] and [B or 1, Nk]), which
+receive no gradient. Batch sizes of 1 broadcast to the others' B, and a k or
 v with one head to the other's head count (as views, without copies); query head h then reads KV head
 `h // (H // Hkv)`, or `h % Hkv` with `kv_heads_tiled`. It has a fake implementation (shapes only,
 symbolic sizes welcome) and a registered autograd formula whose backward is the
@@ -37,17 +40,32 @@ def attention(
     scale: float,
     causal_offset: int | None,
     kv_heads_tiled: bool = False,
+    window: list[int] | None = None,
+    key_valid: torch.Tensor | None = None,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q @ k^T * scale + bias, causal) @ v, and the row log-sum-exp (float32) for the backward."""
+    """softmax(q @ k^T * scale + bias, masks) @ v, and the row log-sum-exp (float32) for the backward."""
     q, k, v = _broadcast_qkv(q, k, v)
     out, lse = kernels.attention_forward(
-        q, k, v, scale=scale, causal_offset=causal_offset, bias=bias, kv_heads_tiled=kv_heads_tiled
+        q, k, v, scale=scale, causal_offset=causal_offset, bias=bias, kv_heads_tiled=kv_heads_tiled,
+        window=_window(window), key_valid=key_valid, q_doc=q_doc, k_doc=k_doc,
     )
     return out.contiguous(), lse.contiguous()
 
 
+def _window(window: list[int] | None) -> tuple[int, int] | None:
+    """The op's `[left, right]` window list as the kernels' tuple."""
+    if window is None:
+        return None
+    if len(window) != 2:
+        raise ValueError(f"window must be [left, right], got {window}")
+    return window[0], window[1]
+
+
 @attention.register_fake
-def _attention_fake(q, k, v, bias, scale, causal_offset, kv_heads_tiled=False):
+def _attention_fake(q, k, v, bias, scale, causal_offset, kv_heads_tiled=False, window=None, key_valid=None,
+                    q_doc=None, k_doc=None):
     q, k, v = _broadcast_qkv(q, k, v)
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
@@ -67,6 +85,10 @@ def attention_backward(
     causal_offset: int | None,
     bias_requires_grad: bool,
     kv_heads_tiled: bool = False,
+    window: list[int] | None = None,
+    key_valid: torch.Tensor | None = None,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias) of `attention`, recomputed tile by tile from q, k, v and the saved lse.
 
@@ -76,7 +98,8 @@ def attention_backward(
     q, k, v = _broadcast_qkv(q, k, v)
     dq, dk, dv, dbias = kernels.attention_backward(
         grad_out, q, k, v, out, lse, scale=scale, causal_offset=causal_offset, bias=bias,
-        bias_requires_grad=bias_requires_grad, kv_heads_tiled=kv_heads_tiled,
+        bias_requires_grad=bias_requires_grad, kv_heads_tiled=kv_heads_tiled, window=_window(window),
+        key_valid=key_valid, q_doc=q_doc, k_doc=k_doc,
     )
     if dbias is None:
         dbias = q.new_empty(0)
@@ -85,7 +108,8 @@ def attention_backward(
 
 @attention_backward.register_fake
 def _attention_backward_fake(
-    grad_out, q, k, v, out, lse, bias, scale, causal_offset, bias_requires_grad, kv_heads_tiled=False
+    grad_out, q, k, v, out, lse, bias, scale, causal_offset, bias_requires_grad, kv_heads_tiled=False, window=None,
+    key_valid=None, q_doc=None, k_doc=None,
 ):
     q, k, v = _broadcast_qkv(q, k, v)
     if bias_requires_grad:
@@ -96,23 +120,25 @@ def _attention_backward_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, scale, causal_offset, kv_heads_tiled = inputs
+    q, k, v, bias, scale, causal_offset, kv_heads_tiled, window, key_valid, q_doc, k_doc = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias)
-    ctx.scale, ctx.causal_offset, ctx.kv_heads_tiled = scale, causal_offset, kv_heads_tiled
+    ctx.save_for_backward(q, k, v, out, lse, bias, key_valid, q_doc, k_doc)
+    ctx.scale, ctx.causal_offset, ctx.kv_heads_tiled, ctx.window = scale, causal_offset, kv_heads_tiled, window
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, bias = ctx.saved_tensors
+    q, k, v, out, lse, bias, key_valid, q_doc, k_doc = ctx.saved_tensors
     bias_requires_grad = ctx.needs_input_grad[3]
     dq, dk, dv, dbias = torch.ops.flash_fx.attention_backward(
-        grad_out, q, k, v, out, lse, bias, ctx.scale, ctx.causal_offset, bias_requires_grad, ctx.kv_heads_tiled
+        grad_out, q, k, v, out, lse, bias, ctx.scale, ctx.causal_offset, bias_requires_grad, ctx.kv_heads_tiled,
+        ctx.window, key_valid, q_doc, k_doc,
     )
     # Inputs broadcast in the forward (batch or head dims of size 1) get their gradients summed back.
     dq, dk, dv = dq.sum_to_size(q.shape), dk.sum_to_size(k.shape), dv.sum_to_size(v.shape)
     dbias = dbias.sum_to_size(bias.shape).to(bias.dtype) if bias_requires_grad else None
-    return dq, dk, dv, dbias, None, None, None
+    # The masks (window, key_valid, q_doc, k_doc) receive no gradient.
+    return dq, dk, dv, dbias, None, None, None, None, None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

@@ -10,6 +10,12 @@ expand + reshape of the KV heads produce) or, with ``kv_heads_tiled=True``, KV h
 broadcastable to [B, Hq, Nq, Nk]; the backward returns the gradient of its expanded
 [B, Hq, Nq, Nk] form on request (the caller sums it down to the bias's own shape).
 
+Structural masks, evaluated from indices inside the kernels (nothing of size Nq x Nk is read), narrow
+the visible keys further (see :mod:`flash_fx.kernels.masks`): ``window = (left, right)`` keeps keys
+``i - left <= j <= i + right``; ``key_valid`` (bool [B, Nk]) drops padding keys; ``q_doc``/``k_doc``
+(integer [B, Nq] / [B, Nk]) keep keys of the query's document. Whole tiles that these masks hide are
+skipped; :func:`tile_density` gives the fraction of tile pairs the forward visits.
+
 Fully masked rows give a NaN output row and LSE -inf, as eager softmax does after a ``-inf`` fill;
 in the backward they contribute no gradient (their dq and dbias rows are 0).
 """
@@ -20,8 +26,9 @@ import os
 
 import torch
 from flash_fx.kernels import config, tiled_torch
+from flash_fx.kernels.masks import Masks, tile_density
 
-__all__ = ["attention_backward", "attention_forward", "uses_triton"]
+__all__ = ["attention_backward", "attention_forward", "tile_density", "uses_triton"]
 
 
 def uses_triton(t: torch.Tensor) -> bool:
@@ -68,6 +75,10 @@ def attention_forward(
     causal_offset: int | None = None,
     bias: torch.Tensor | None = None,
     kv_heads_tiled: bool = False,
+    window: tuple[int, int] | None = None,
+    key_valid: torch.Tensor | None = None,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,14 +89,15 @@ def attention_forward(
     """
     _check_inputs(q, k, v)
     bias = _expand_bias(bias, q, k)
+    masks = Masks.build(q.shape[0], q.shape[2], k.shape[2], causal_offset=causal_offset, window=window,
+                        key_valid=key_valid, q_doc=q_doc, k_doc=k_doc)
     n_k = k.shape[2]
     if q.numel() == 0 or n_k == 0:
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         return out, torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
     if not uses_triton(q):
         return tiled_torch.attention_forward(
-            q, k, v, scale=scale, causal_offset=causal_offset, bias=bias, kv_heads_tiled=kv_heads_tiled,
-            block_n=block_n or 256,
+            q, k, v, scale=scale, masks=masks, bias=bias, kv_heads_tiled=kv_heads_tiled, block_n=block_n or 256,
         )
     _check_triton_head_dim(q)
     # Imported here: Triton decides at decoration time whether kernels run compiled or interpreted.
@@ -93,8 +105,8 @@ def attention_forward(
 
     block_m, block_n, num_warps, num_stages = _tiles(q, block_m, block_n, backward=False)
     return triton_forward.attention_forward(
-        q, k, v, scale=scale, causal_offset=causal_offset, bias=bias, kv_heads_tiled=kv_heads_tiled,
-        block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+        q, k, v, scale=scale, masks=masks, bias=bias, kv_heads_tiled=kv_heads_tiled, block_m=block_m,
+        block_n=block_n, num_warps=num_warps, num_stages=num_stages,
     )
 
 
@@ -111,6 +123,10 @@ def attention_backward(
     bias: torch.Tensor | None = None,
     bias_requires_grad: bool = False,
     kv_heads_tiled: bool = False,
+    window: tuple[int, int] | None = None,
+    key_valid: torch.Tensor | None = None,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -122,6 +138,8 @@ def attention_backward(
     """
     _check_inputs(q, k, v)
     bias = _expand_bias(bias, q, k)
+    masks = Masks.build(q.shape[0], q.shape[2], k.shape[2], causal_offset=causal_offset, window=window,
+                        key_valid=key_valid, q_doc=q_doc, k_doc=k_doc)
     if q.numel() == 0 or k.numel() == 0:
         dbias = None
         if bias_requires_grad:
@@ -129,7 +147,7 @@ def attention_backward(
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
     if not uses_triton(q):
         return tiled_torch.attention_backward(
-            grad_out, q, k, v, out, lse, scale=scale, causal_offset=causal_offset, bias=bias,
+            grad_out, q, k, v, out, lse, scale=scale, masks=masks, bias=bias,
             bias_requires_grad=bias_requires_grad, kv_heads_tiled=kv_heads_tiled, block_n=block_n or 256,
         )
     _check_triton_head_dim(q)
@@ -137,7 +155,7 @@ def attention_backward(
 
     block_m, block_n, num_warps, num_stages = _tiles(q, block_m, block_n, backward=True)
     return triton_backward.attention_backward(
-        grad_out, q, k, v, out, lse.contiguous(), scale=scale, causal_offset=causal_offset, bias=bias,
+        grad_out, q, k, v, out, lse.contiguous(), scale=scale, masks=masks, bias=bias,
         bias_requires_grad=bias_requires_grad, kv_heads_tiled=kv_heads_tiled,
         block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
     )

@@ -10,12 +10,16 @@ GQA is handled by viewing the query heads as [B, Hkv, group, Nq, D] (a view for 
 the tiled head mapping), so each KV head is read once and dK, dV come out summed over the group. On
 request the backward also writes each tile's dS into the bias gradient (the one [Nq, Nk]-sized output,
 and only when asked for). Semantics match the Triton kernels, including fully masked rows (NaN output,
-LSE = -inf, no gradient contribution).
+LSE = -inf, no gradient contribution) and the structural masks of :mod:`masks`, which are materialized
+one [B, Nq, block_n] tile at a time.
 """
 
 from __future__ import annotations
 
 import torch
+from flash_fx.kernels.masks import Masks
+
+NO_MASKS = Masks()
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -38,10 +42,17 @@ def _ungrouped(x: torch.Tensor, tiled: bool) -> torch.Tensor:
     return x.transpose(1, 2).flatten(1, 2) if tiled else x.flatten(1, 2)
 
 
-def _key_tiles(n_q: int, n_k: int, block_n: int, causal_offset: int | None) -> range:
-    """Start of every key tile that at least one query can see (causal tiles above the diagonal are skipped)."""
-    end = n_k if causal_offset is None else min(n_k, max(n_q + causal_offset, 0))
-    return range(0, end, block_n)
+def _key_tiles(n_q: int, n_k: int, block_n: int, masks: Masks) -> list[int]:
+    """Start of every key tile that at least one query may see: tiles outside the band of all queries,
+    and tiles without a valid key in any batch row, are skipped."""
+    lo = 0 if masks.lower is None else max(-masks.lower, 0)
+    hi = n_k if masks.upper is None else min(n_k, max(n_q + masks.upper, 0))
+    if lo >= hi:
+        return []
+    starts = range(lo // block_n * block_n, hi, block_n)
+    if masks.key_valid is None:
+        return list(starts)
+    return [start for start in starts if masks.key_valid[:, start : start + block_n].any()]
 
 
 def _tile_scores(
@@ -50,19 +61,18 @@ def _tile_scores(
     start: int,
     *,
     scale: float,
-    causal_offset: int | None,
+    masks: Masks,
     bias: torch.Tensor | None,
     kv_heads_tiled: bool,
 ) -> torch.Tensor:
-    """Scaled, biased and causally masked scores [B, Hkv, group, Nq, n] of one key tile."""
+    """Scaled, biased and masked scores [B, Hkv, group, Nq, n] of one key tile."""
     stop = start + k_tile.shape[-2]
     s = torch.matmul(q, k_tile.unsqueeze(2).transpose(-1, -2)) * scale
     if bias is not None:
         s = s + _grouped(bias[..., start:stop], k_tile.shape[1], kv_heads_tiled).to(s.dtype)
-    if causal_offset is not None:
-        rows = torch.arange(q.shape[-2], device=q.device)[:, None]
-        cols = torch.arange(start, stop, device=q.device)[None, :]
-        s = s.masked_fill(cols > rows + causal_offset, float("-inf"))
+    visible = masks.visible(torch.arange(q.shape[-2], device=q.device), torch.arange(start, stop, device=q.device))
+    if visible is not None:
+        s = s.masked_fill(~visible[:, None, None], float("-inf"))
     return s
 
 
@@ -72,7 +82,7 @@ def attention_forward(
     v: torch.Tensor,
     *,
     scale: float,
-    causal_offset: int | None = None,
+    masks: Masks = NO_MASKS,
     bias: torch.Tensor | None = None,
     kv_heads_tiled: bool = False,
     block_n: int = 256,
@@ -80,7 +90,8 @@ def attention_forward(
     """Tiled forward: ``(out [B, Hq, Nq, D] in q.dtype, lse [B, Hq, Nq] float32)``.
 
     ``bias``, if given, is broadcastable to [B, Hq, Nq, Nk] and already expanded to that shape.
-    ``kv_heads_tiled`` selects the GQA head mapping (see :func:`_grouped`).
+    ``masks`` are the structural masks (:meth:`Masks.build`); ``kv_heads_tiled`` selects the GQA head
+    mapping (see :func:`_grouped`).
     """
     dtype = _compute_dtype(q.dtype)
     num_kv_heads, n_k = k.shape[1], k.shape[2]
@@ -88,10 +99,10 @@ def attention_forward(
     row_max = qg.new_full(qg.shape[:-1], float("-inf"))
     row_sum = qg.new_zeros(qg.shape[:-1])
     acc = qg.new_zeros(qg.shape[:-1] + v.shape[-1:])
-    for start in _key_tiles(q.shape[2], n_k, block_n, causal_offset):
+    for start in _key_tiles(q.shape[2], n_k, block_n, masks):
         k_tile = k[:, :, start : start + block_n].to(dtype)
         v_tile = v[:, :, start : start + block_n].to(dtype).unsqueeze(2)
-        s = _tile_scores(qg, k_tile, start, scale=scale, causal_offset=causal_offset, bias=bias,
+        s = _tile_scores(qg, k_tile, start, scale=scale, masks=masks, bias=bias,
                          kv_heads_tiled=kv_heads_tiled)
         new_max = torch.maximum(row_max, s.amax(-1))
         # Rows with no visible key so far keep max = -inf; subtract 0 there instead of -inf - -inf = NaN.
@@ -115,7 +126,7 @@ def attention_backward(
     lse: torch.Tensor,
     *,
     scale: float,
-    causal_offset: int | None = None,
+    masks: Masks = NO_MASKS,
     bias: torch.Tensor | None = None,
     bias_requires_grad: bool = False,
     kv_heads_tiled: bool = False,
@@ -144,13 +155,13 @@ def attention_backward(
     dv = v.new_zeros(v.shape, dtype=dtype)
     dbias = None
     if bias_requires_grad:
-        # Zeros stay in the causally skipped key tiles.
+        # Zeros stay in the skipped key tiles.
         dbias = q.new_zeros((*q.shape[:3], n_k), dtype=torch.float32)
-    for start in _key_tiles(q.shape[2], n_k, block_n, causal_offset):
+    for start in _key_tiles(q.shape[2], n_k, block_n, masks):
         stop = min(start + block_n, n_k)
         k_tile = k[:, :, start:stop].to(dtype)
         v_tile = v[:, :, start:stop].to(dtype)
-        s = _tile_scores(qg, k_tile, start, scale=scale, causal_offset=causal_offset, bias=bias,
+        s = _tile_scores(qg, k_tile, start, scale=scale, masks=masks, bias=bias,
                          kv_heads_tiled=kv_heads_tiled)
         p = torch.exp(s - lse_g[..., None])
         dv[:, :, start:stop] = torch.matmul(p.transpose(-1, -2), dog).sum(2)

@@ -12,7 +12,8 @@ gradient, an output, when it is requested):
    gradient of the (expanded) bias, since the bias enters the scores unscaled.
 
 Rows that were fully masked in the forward (LSE = -inf) contribute no gradient: their dQ and dbias
-rows are 0.
+rows are 0. Both loops visit exactly the tile pairs the forward visits (band, sorted documents, padding
+tiles; see :mod:`masks`).
 """
 
 from __future__ import annotations
@@ -21,20 +22,23 @@ import torch
 import triton
 import triton.language as tl
 from flash_fx.kernels import config
+from flash_fx.kernels.masks import Masks
 from flash_fx.kernels.triton_common import (
+    band_visible,
+    doc_range,
     dot,
     exp_units,
-    key_stages,
     kv_head,
+    load_ids,
     load_rows,
     lse_to_units,
     query_head,
-    query_stages,
     scores,
     store_rows,
-    visible,
+    structural_mask,
+    tile_stages,
 )
-from flash_fx.kernels.triton_forward import bias_arguments
+from flash_fx.kernels.triton_forward import bias_arguments, mask_arguments
 
 
 @triton.jit
@@ -61,10 +65,11 @@ def _delta_kernel(
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, query_start, query_end,
-                offs_m, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn,
-                n_q, n_k, sm_scale, causal_offset, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base, q_doc_base,
+                query_start, query_end, offs_m, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod,
+                stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale, upper, lower, HEAD_DIM: tl.constexpr,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr,
                 UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Accumulate the query tiles in ``[query_start, query_end)`` into dK, dV (transposed [keys, queries])."""
     for start_m in range(query_start, query_end, BLOCK_M):
@@ -76,8 +81,10 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, 
         s_t = scores(dot(k, tl.trans(q), UPCAST_DOT, INPUT_PRECISION), bias_base, rows[None, :], offs_n[:, None],
                      stride_bm, stride_bn, n_q, n_k, sm_scale, HAS_BIAS)
         if MASKED:
-            s_t = tl.where(visible(rows[None, :], offs_n[:, None], n_k, causal_offset, IS_CAUSAL), s_t,
-                           float("-inf"))
+            s_t = tl.where(band_visible(rows[None, :], offs_n[:, None], n_k, upper, lower, HAS_UPPER, HAS_LOWER),
+                           s_t, float("-inf"))
+        q_ids = load_ids(q_doc_base, rows, stride_qdm, n_q, HAS_DOCS)
+        s_t = structural_mask(s_t, q_ids[None, :], k_ids[:, None], key_ok[:, None], HAS_DOCS, HAS_KEY_VALID)
         p_t = exp_units(s_t - lse[None, :], HAS_BIAS)
         dv += dot(p_t.to(do.dtype), do, UPCAST_DOT, INPUT_PRECISION)
         dp_t = dot(v, tl.trans(do), UPCAST_DOT, INPUT_PRECISION)
@@ -88,21 +95,29 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, 
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, Bias, DOut, Lse, Delta, DK, DV,
+    Q, K, V, Bias, KeyValid, QDoc, KDoc, DocBounds, DOut, Lse, Delta, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_kvb, stride_kvn, stride_qdb, stride_qdm, stride_kdb, stride_kdn,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, causal_offset,
+    num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, KV_TILED: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+    HAS_DOCS: tl.constexpr, SORTED_DOCS: tl.constexpr, KV_TILED: tl.constexpr, UPCAST_DOT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """Grid: (key tiles, batch * KV heads). dK, dV sum over the ``group_size`` query heads of the KV head."""
-    start_n = tl.program_id(0) * BLOCK_N
+    """Grid: (key tiles, batch * KV heads). dK, dV sum over the ``group_size`` query heads of the KV head.
+
+    The band seen from a key j is ``j - upper <= i <= j + lower``, so :func:`tile_stages` gets its bounds
+    swapped. A key tile without a valid key writes zeros. DocBounds holds the query ranges of the key
+    tiles (:func:`masks.doc_bounds` with k_doc first).
+    """
+    tile = tl.program_id(0)
+    start_n = tile * BLOCK_N
     bh_kv = tl.program_id(1).to(tl.int64)
     b = bh_kv // num_kv_heads
     h_kv = bh_kv % num_kv_heads
@@ -110,74 +125,110 @@ def _dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
-    k = load_rows(K + b * stride_kb + h_kv * stride_kh, offs_n, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM, True)
-    v = load_rows(V + b * stride_vb + h_kv * stride_vh, offs_n, offs_d, stride_vn, stride_vd, n_k, HEAD_DIM, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    query_start, masked_end = query_stages(start_n, n_q, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    for r in range(group_size):
-        h = query_head(h_kv, r, num_kv_heads, group_size, KV_TILED)
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DOut + b * stride_dob + h * stride_doh
-        bias_base = Bias + b * stride_bb + h * stride_bh
-        lse_base = Lse + (b * num_heads + h) * n_q
-        delta_base = Delta + (b * num_heads + h) * n_q
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, query_start,
-                             masked_end, offs_m, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod,
-                             stride_bm, stride_bn, n_q, n_k, sm_scale, causal_offset, HEAD_DIM, BLOCK_M, True,
-                             IS_CAUSAL, HAS_BIAS, UPCAST_DOT, INPUT_PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, bias_base, lse_base, delta_base, masked_end, n_q,
-                             offs_m, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, stride_bm,
-                             stride_bn, n_q, n_k, sm_scale, causal_offset, HEAD_DIM, BLOCK_M, False, IS_CAUSAL,
-                             HAS_BIAS, UPCAST_DOT, INPUT_PRECISION)
+    key_ok = load_ids(KeyValid + b * stride_kvb, offs_n, stride_kvn, n_k, HAS_KEY_VALID)
+    if HAS_KEY_VALID:
+        live = tl.max(key_ok, 0) > 0
+    else:
+        live = True
+    if live:
+        k = load_rows(K + b * stride_kb + h_kv * stride_kh, offs_n, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM,
+                      True)
+        v = load_rows(V + b * stride_vb + h_kv * stride_vh, offs_n, offs_d, stride_vn, stride_vd, n_k, HEAD_DIM,
+                      True)
+        k_ids = load_ids(KDoc + b * stride_kdb, offs_n, stride_kdn, n_k, HAS_DOCS)
+        q_doc_base = QDoc + b * stride_qdb
+        n_tiles = tl.num_programs(0)
+        lo, hi = doc_range(DocBounds + b * n_tiles * 2, tile, n_tiles, n_q, SORTED_DOCS)
+        begin, full_begin, full_end, end = tile_stages(start_n, n_k, n_q, lower, upper, lo, hi, BLOCK_N, BLOCK_M,
+                                                       HAS_LOWER, HAS_UPPER)
+        for r in range(group_size):
+            h = query_head(h_kv, r, num_kv_heads, group_size, KV_TILED)
+            q_base = Q + b * stride_qb + h * stride_qh
+            do_base = DOut + b * stride_dob + h * stride_doh
+            bias_base = Bias + b * stride_bb + h * stride_bh
+            lse_base = Lse + (b * num_heads + h) * n_q
+            delta_base = Delta + (b * num_heads + h) * n_q
+            dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
+                                 q_doc_base, begin, full_begin, offs_m, offs_n, offs_d, stride_qm, stride_qd,
+                                 stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale, upper,
+                                 lower, HEAD_DIM, BLOCK_M, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
+                                 HAS_DOCS, UPCAST_DOT, INPUT_PRECISION)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
+                                 q_doc_base, full_begin, full_end, offs_m, offs_n, offs_d, stride_qm, stride_qd,
+                                 stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale, upper,
+                                 lower, HEAD_DIM, BLOCK_M, False, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
+                                 HAS_DOCS, UPCAST_DOT, INPUT_PRECISION)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
+                                 q_doc_base, full_end, end, offs_m, offs_n, offs_d, stride_qm, stride_qd,
+                                 stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale, upper,
+                                 lower, HEAD_DIM, BLOCK_M, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
+                                 HAS_DOCS, UPCAST_DOT, INPUT_PRECISION)
     store_rows(DK + b * stride_dkb + h_kv * stride_dkh, dk * sm_scale, offs_n, offs_d, stride_dkn, stride_dkd, n_k,
                HEAD_DIM)
     store_rows(DV + b * stride_dvb + h_kv * stride_dvh, dv, offs_n, offs_d, stride_dvn, stride_dvd, n_k, HEAD_DIM)
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_start, key_end, offs_m, offs_n,
-              offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dbm, stride_dbn,
-              n_q, n_k, sm_scale, causal_offset, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr,
-              UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Accumulate the key tiles in ``[key_start, key_end)`` into dQ (unscaled); store their dS if asked."""
+def _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
+              key_start, key_end, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm,
+              stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper, lower,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_UPPER: tl.constexpr,
+              HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr,
+              WRITE_DBIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Accumulate the key tiles in ``[key_start, key_end)`` into dQ (unscaled); store their dS if asked.
+
+    Key tiles without a valid key are skipped, as in the forward.
+    """
     for start_n in range(key_start, key_end, BLOCK_N):
         cols = start_n + offs_n
-        k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM, MASKED)
-        v = load_rows(v_base, cols, offs_d, stride_vn, stride_vd, n_k, HEAD_DIM, MASKED)
-        s = scores(dot(q, tl.trans(k), UPCAST_DOT, INPUT_PRECISION), bias_base, offs_m[:, None], cols[None, :],
-                   stride_bm, stride_bn, n_q, n_k, sm_scale, HAS_BIAS)
-        if MASKED:
-            s = tl.where(visible(offs_m[:, None], cols[None, :], n_k, causal_offset, IS_CAUSAL), s, float("-inf"))
-        p = exp_units(s - lse[:, None], HAS_BIAS)
-        dp = dot(do, tl.trans(v), UPCAST_DOT, INPUT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        if WRITE_DBIAS:
-            tl.store(dbias_base + offs_m[:, None] * stride_dbm + cols[None, :] * stride_dbn, ds,
-                     mask=(offs_m[:, None] < n_q) & (cols[None, :] < n_k))
-        dq += dot(ds.to(k.dtype), k, UPCAST_DOT, INPUT_PRECISION)
+        key_ok = load_ids(key_valid_base, cols, stride_kvn, n_k, HAS_KEY_VALID)
+        if HAS_KEY_VALID:
+            live = tl.max(key_ok, 0) > 0
+        else:
+            live = True
+        if live:
+            k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM, MASKED)
+            v = load_rows(v_base, cols, offs_d, stride_vn, stride_vd, n_k, HEAD_DIM, MASKED)
+            s = scores(dot(q, tl.trans(k), UPCAST_DOT, INPUT_PRECISION), bias_base, offs_m[:, None], cols[None, :],
+                       stride_bm, stride_bn, n_q, n_k, sm_scale, HAS_BIAS)
+            if MASKED:
+                s = tl.where(band_visible(offs_m[:, None], cols[None, :], n_k, upper, lower, HAS_UPPER, HAS_LOWER),
+                             s, float("-inf"))
+            k_ids = load_ids(k_doc_base, cols, stride_kdn, n_k, HAS_DOCS)
+            s = structural_mask(s, q_ids[:, None], k_ids[None, :], key_ok[None, :], HAS_DOCS, HAS_KEY_VALID)
+            p = exp_units(s - lse[:, None], HAS_BIAS)
+            dp = dot(do, tl.trans(v), UPCAST_DOT, INPUT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            if WRITE_DBIAS:
+                tl.store(dbias_base + offs_m[:, None] * stride_dbm + cols[None, :] * stride_dbn, ds,
+                         mask=(offs_m[:, None] < n_q) & (cols[None, :] < n_k))
+            dq += dot(ds.to(k.dtype), k, UPCAST_DOT, INPUT_PRECISION)
     return dq
 
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, Bias, DOut, Lse, Delta, DQ, DBias,
+    Q, K, V, Bias, KeyValid, QDoc, KDoc, DocBounds, DOut, Lse, Delta, DQ, DBias,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_kvb, stride_kvn, stride_qdb, stride_qdm, stride_kdb, stride_kdn,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_dbb, stride_dbh, stride_dbm, stride_dbn,
-    num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, causal_offset,
+    num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, KV_TILED: tl.constexpr, WRITE_DBIAS: tl.constexpr,
+    HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+    HAS_DOCS: tl.constexpr, SORTED_DOCS: tl.constexpr, KV_TILED: tl.constexpr, WRITE_DBIAS: tl.constexpr,
     UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Grid: (query tiles, batch * query heads). With WRITE_DBIAS, DBias is a float32 [B, Hq, Nq, Nk] tensor
-    that is zero wherever no visible key tile is stored (the causally skipped tiles)."""
-    start_m = tl.program_id(0) * BLOCK_M
+    """Grid: (query tiles, batch * query heads); visits the key tiles the forward visits. With WRITE_DBIAS,
+    DBias is a float32 [B, Hq, Nq, Nk] tensor that is zero wherever no key tile is stored (skipped tiles)."""
+    tile = tl.program_id(0)
+    start_m = tile * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // num_heads
     h = bh % num_heads
@@ -187,6 +238,7 @@ def _dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
 
     q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, n_q, HEAD_DIM, True)
+    q_ids = load_ids(QDoc + b * stride_qdb, offs_m, stride_qdm, n_q, HAS_DOCS)
     do = load_rows(DOut + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, n_q, HEAD_DIM,
                    True)
     lse = lse_to_units(tl.load(Lse + bh * n_q + offs_m, mask=offs_m < n_q, other=0.0), HAS_BIAS)
@@ -195,16 +247,28 @@ def _dq_kernel(
     v_base = V + b * stride_vb + h_kv * stride_vh
     bias_base = Bias + b * stride_bb + h * stride_bh
     dbias_base = DBias + b * stride_dbb + h * stride_dbh
+    key_valid_base = KeyValid + b * stride_kvb
+    k_doc_base = KDoc + b * stride_kdb
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    unmasked_end, end = key_stages(start_m, n_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, bias_base, dbias_base, 0, unmasked_end, offs_m, offs_n,
-                   offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dbm, stride_dbn,
-                   n_q, n_k, sm_scale, causal_offset, HEAD_DIM, BLOCK_N, False, IS_CAUSAL, HAS_BIAS, WRITE_DBIAS,
+    n_tiles = tl.num_programs(0)
+    lo, hi = doc_range(DocBounds + b * n_tiles * 2, tile, n_tiles, n_k, SORTED_DOCS)
+    begin, full_begin, full_end, end = tile_stages(start_m, n_q, n_k, upper, lower, lo, hi, BLOCK_M, BLOCK_N,
+                                                   HAS_UPPER, HAS_LOWER)
+    dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
+                   begin, full_begin, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm,
+                   stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper, lower,
+                   HEAD_DIM, BLOCK_N, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS,
                    UPCAST_DOT, INPUT_PRECISION)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, bias_base, dbias_base, unmasked_end, end, offs_m, offs_n,
-                   offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_dbm, stride_dbn,
-                   n_q, n_k, sm_scale, causal_offset, HEAD_DIM, BLOCK_N, True, IS_CAUSAL, HAS_BIAS, WRITE_DBIAS,
+    dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
+                   full_begin, full_end, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                   stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper,
+                   lower, HEAD_DIM, BLOCK_N, False, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS,
+                   WRITE_DBIAS, UPCAST_DOT, INPUT_PRECISION)
+    dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
+                   full_end, end, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm,
+                   stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper, lower,
+                   HEAD_DIM, BLOCK_N, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS,
                    UPCAST_DOT, INPUT_PRECISION)
     store_rows(DQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, offs_m, offs_d, stride_dqm, stride_dqd, n_q,
                HEAD_DIM)
@@ -219,7 +283,7 @@ def attention_backward(
     lse: torch.Tensor,
     *,
     scale: float,
-    causal_offset: int | None,
+    masks: Masks,
     bias: torch.Tensor | None,
     bias_requires_grad: bool,
     kv_heads_tiled: bool,
@@ -240,34 +304,36 @@ def attention_backward(
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     dbias = None
     if bias_requires_grad:
-        # Causally skipped key tiles are never stored: start from zeros there.
-        alloc = torch.empty if causal_offset is None else torch.zeros
+        # Skipped key tiles are never stored: start from zeros there.
+        alloc = torch.zeros if masks.causal_offset is not None or masks.may_skip else torch.empty
         dbias = alloc((batch, num_heads, n_q, n_k), dtype=torch.float32, device=q.device)
     delta = torch.empty_like(lse)
     bias_ptr, bias_strides = bias_arguments(bias, q)
     dbias_ptr, dbias_strides = bias_arguments(dbias, q)
     block_d = config.padded_head_dim(head_dim)
     flags = dict(
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        IS_CAUSAL=causal_offset is not None, HAS_BIAS=bias is not None, KV_TILED=kv_heads_tiled,
-        UPCAST_DOT=config.upcast_dot(q.dtype), INPUT_PRECISION=config.input_precision(q.dtype),
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HAS_BIAS=bias is not None,
+        KV_TILED=kv_heads_tiled, UPCAST_DOT=config.upcast_dot(q.dtype), INPUT_PRECISION=config.input_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
-    offset = causal_offset or 0
     group_size = num_heads // num_kv_heads
 
     _delta_kernel[(triton.cdiv(n_q, block_m), batch * num_heads)](
         out, grad_out, lse, delta, *out.stride(), *grad_out.stride(), num_heads, n_q,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
     )
+    key_args = mask_arguments(masks, q, block_n, keys_own_tiles=True)
     _dkdv_kernel[(triton.cdiv(n_k, block_n), batch * num_kv_heads)](
-        q, k, v, bias_ptr, grad_out, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *grad_out.stride(), *dk.stride(), *dv.stride(),
-        num_heads, num_kv_heads, group_size, n_q, n_k, scale, offset, **flags,
+        q, k, v, bias_ptr, *key_args.tensors, grad_out, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *key_args.strides, *grad_out.stride(), *dk.stride(),
+        *dv.stride(), num_heads, num_kv_heads, group_size, n_q, n_k, scale, *key_args.offsets, **key_args.flags,
+        **flags,
     )
+    query_args = mask_arguments(masks, q, block_m, keys_own_tiles=False)
     _dq_kernel[(triton.cdiv(n_q, block_m), batch * num_heads)](
-        q, k, v, bias_ptr, grad_out, lse, delta, dq, dbias_ptr,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *grad_out.stride(), *dq.stride(), *dbias_strides,
-        num_heads, num_kv_heads, group_size, n_q, n_k, scale, offset, WRITE_DBIAS=dbias is not None, **flags,
+        q, k, v, bias_ptr, *query_args.tensors, grad_out, lse, delta, dq, dbias_ptr,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *query_args.strides, *grad_out.stride(), *dq.stride(),
+        *dbias_strides, num_heads, num_kv_heads, group_size, n_q, n_k, scale, *query_args.offsets,
+        WRITE_DBIAS=dbias is not None, **query_args.flags, **flags,
     )
     return dq, dk, dv, dbias

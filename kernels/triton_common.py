@@ -9,8 +9,8 @@ maximum is subtracted, because a ``torch.finfo(float32).min`` bias times ``log2(
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -81,49 +81,77 @@ def lse_to_units(lse, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def visible(rows, cols, n_cols, causal_offset, IS_CAUSAL: tl.constexpr):
-    """Mask of the (query ``rows``, key ``cols``) pairs that may attend: in range and, if causal, j <= i + c."""
+def band_visible(rows, cols, n_cols, upper, lower, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr):
+    """Mask of the (``rows``, ``cols``) pairs in range (``cols < n_cols``) and inside the band
+    ``rows - lower <= cols <= rows + upper`` (each bound only if present)."""
     ok = cols < n_cols
-    if IS_CAUSAL:
-        ok = ok & (cols <= rows + causal_offset)
+    if HAS_UPPER:
+        ok = ok & (cols <= rows + upper)
+    if HAS_LOWER:
+        ok = ok & (cols >= rows - lower)
     return ok
 
 
 @triton.jit
-def key_stages(start_m, n_k, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               IS_CAUSAL: tl.constexpr):
-    """Key ranges for the query tile at ``start_m``: ``[0, a)`` needs no mask, ``[a, b)`` does.
+def tile_stages(start, n_this, n_other, upper, lower, lo, hi, BLOCK_THIS: tl.constexpr, BLOCK_OTHER: tl.constexpr,
+                HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr):
+    """Which tiles of the other axis the tile at ``start`` of this axis visits, as ``(a, b, c, d)``.
 
-    Key tiles past ``b`` are invisible to the whole query tile (causal) and skipped. The masked range
-    holds the diagonal tiles and the ragged last tile.
+    Index x of this axis sees index y of the other iff ``x - lower <= y <= x + upper`` (the band; each
+    bound only if present), and only y in ``[lo, hi)`` can matter (the document range, or
+    ``[0, n_other)``). Tiles in ``[a, d)`` meet both; the others are skipped. Tiles in ``[b, c)`` lie
+    inside the band for every x of the tile and within ``n_other``, so they run without band mask;
+    ``[a, b)`` and ``[c, d)`` need it. The forward and dQ kernels call this with x = query, the dK/dV
+    kernel with x = key and the band's bounds swapped (``i <= j + lower``, ``i >= j - upper``).
     """
-    full_end = (n_k // BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
-        end = tl.minimum(n_k, tl.maximum(start_m + BLOCK_M + causal_offset, 0))
-        below_diagonal = tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N
-        unmasked_end = tl.minimum(full_end, below_diagonal)
-    else:
-        end = n_k
-        unmasked_end = full_end
-    return unmasked_end, end
+    last = tl.minimum(start + BLOCK_THIS, n_this) - 1
+    full_begin = 0
+    full_end = n_other // BLOCK_OTHER * BLOCK_OTHER
+    if HAS_UPPER:
+        hi = tl.minimum(hi, tl.maximum(last + upper + 1, 0))
+        full_end = tl.minimum(full_end, tl.maximum(start + upper + 1, 0) // BLOCK_OTHER * BLOCK_OTHER)
+    if HAS_LOWER:
+        lo = tl.maximum(lo, start - lower)
+        full_begin = tl.cdiv(tl.maximum(last - lower, 0), BLOCK_OTHER) * BLOCK_OTHER
+    begin = tl.where(lo < hi, lo // BLOCK_OTHER * BLOCK_OTHER, hi)
+    full_begin = tl.minimum(tl.maximum(full_begin, begin), hi)
+    full_end = tl.minimum(tl.maximum(full_end, full_begin), hi)
+    return begin, full_begin, full_end, hi
 
 
 @triton.jit
-def query_stages(start_n, n_q, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 IS_CAUSAL: tl.constexpr):
-    """Query ranges for the key tile at ``start_n``: ``[a, b)`` needs the causal mask, ``[b, n_q)`` not.
-
-    Query tiles before ``a`` see none of the tile's keys (causal) and are skipped. Ragged query rows
-    need no mask: they read as zeros and contribute nothing.
-    """
-    if IS_CAUSAL:
-        start = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
-        sees_whole_tile = tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0)
-        masked_end = tl.minimum((sees_whole_tile + BLOCK_M - 1) // BLOCK_M * BLOCK_M, n_q)
+def doc_range(bounds, tile, n_tiles, n_other, SORTED_DOCS: tl.constexpr):
+    """The other axis's index range ``[lo, hi)`` that sorted document ids leave to ``tile`` (see
+    :func:`masks.doc_bounds`); all of ``[0, n_other)`` without sorted documents."""
+    if SORTED_DOCS:
+        lo = tl.load(bounds + tile * 2)
+        hi = tl.load(bounds + tile * 2 + 1)
     else:
-        start = 0
-        masked_end = 0
-    return start, masked_end
+        lo = 0
+        hi = n_other
+    return lo, hi
+
+
+@triton.jit
+def load_ids(base, idx, stride, n, ENABLED: tl.constexpr):
+    """int32 entries ``base[idx * stride]`` of a per-position vector (document ids, key validity), -1 where
+    ``idx >= n``; zeros when the vector is absent (``ENABLED`` false)."""
+    if ENABLED:
+        out = tl.load(base + idx * stride, mask=idx < n, other=-1).to(tl.int32)
+    else:
+        out = tl.zeros_like(idx)
+    return out
+
+
+@triton.jit
+def structural_mask(s, q_ids, k_ids, key_ok, HAS_DOCS: tl.constexpr, HAS_KEY_VALID: tl.constexpr):
+    """``s`` with -inf where documents differ or the key is padding; the id/validity vectors come
+    already shaped for broadcasting against ``s`` (row and column vectors, either orientation)."""
+    if HAS_KEY_VALID:
+        s = tl.where(key_ok > 0, s, float("-inf"))
+    if HAS_DOCS:
+        s = tl.where(q_ids == k_ids, s, float("-inf"))
+    return s
 
 
 @triton.jit

@@ -4,69 +4,97 @@ Each program owns ``BLOCK_M`` query rows of one (batch, query head) and streams 
 of that head's KV head (grouped or tiled GQA mapping, see :func:`triton_common.kv_head`) through an
 online softmax, so the N x N score matrix never exists. It writes
 the output (input dtype) and the natural-log log-sum-exp of every row (float32) for the backward.
+
+Structural masks (:mod:`masks`) come from indices: the causal/window band and sorted document ranges
+bound the loop over key tiles (:func:`triton_common.tile_stages`), padding tiles without a valid key
+are skipped, and only tiles crossing the band's edges (or the ragged last tile) pay for the band mask.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from flash_fx.kernels import config
+from flash_fx.kernels.masks import Masks, doc_bounds
 from flash_fx.kernels.triton_common import (
     LN2,
+    band_visible,
+    doc_range,
     dot,
     exp_units,
-    key_stages,
     kv_head,
+    load_ids,
     load_rows,
     scores,
     store_rows,
-    visible,
+    structural_mask,
+    tile_stages,
 )
 
 
 @triton.jit
-def _forward_tiles(acc, l_i, m_i, q, k_base, v_base, bias_base, key_start, key_end, offs_m, offs_n, offs_d,
-                   stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, n_q, n_k, sm_scale,
-                   causal_offset, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                   IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr):
-    """Fold the key tiles in ``[key_start, key_end)`` into the running (acc, row sum, row max)."""
+def _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base, key_start,
+                   key_end, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                   stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper, lower, HEAD_DIM: tl.constexpr,
+                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr,
+                   UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Fold the key tiles in ``[key_start, key_end)`` into the running (acc, row sum, row max).
+
+    ``MASKED`` applies the band and key-range mask; padding and document masks apply to every tile,
+    and a tile without a valid key is skipped.
+    """
     for start_n in range(key_start, key_end, BLOCK_N):
         cols = start_n + offs_n
-        k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM, MASKED)
-        qk = dot(q, tl.trans(k), UPCAST_DOT, INPUT_PRECISION)
-        s = scores(qk, bias_base, offs_m[:, None], cols[None, :], stride_bm, stride_bn, n_q, n_k, sm_scale,
-                   HAS_BIAS)
-        if MASKED:
-            s = tl.where(visible(offs_m[:, None], cols[None, :], n_k, causal_offset, IS_CAUSAL), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows with no visible key so far keep m = -inf; subtract 0 there instead of -inf - -inf = NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = exp_units(s - m_safe[:, None], HAS_BIAS)
-        alpha = exp_units(m_i - m_safe, HAS_BIAS)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_rows(v_base, cols, offs_d, stride_vn, stride_vd, n_k, HEAD_DIM, MASKED)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST_DOT, INPUT_PRECISION)
-        m_i = m_new
+        key_ok = load_ids(key_valid_base, cols, stride_kvn, n_k, HAS_KEY_VALID)
+        if HAS_KEY_VALID:
+            live = tl.max(key_ok, 0) > 0
+        else:
+            live = True
+        if live:
+            k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM, MASKED)
+            qk = dot(q, tl.trans(k), UPCAST_DOT, INPUT_PRECISION)
+            s = scores(qk, bias_base, offs_m[:, None], cols[None, :], stride_bm, stride_bn, n_q, n_k, sm_scale,
+                       HAS_BIAS)
+            if MASKED:
+                s = tl.where(band_visible(offs_m[:, None], cols[None, :], n_k, upper, lower, HAS_UPPER, HAS_LOWER),
+                             s, float("-inf"))
+            k_ids = load_ids(k_doc_base, cols, stride_kdn, n_k, HAS_DOCS)
+            s = structural_mask(s, q_ids[:, None], k_ids[None, :], key_ok[None, :], HAS_DOCS, HAS_KEY_VALID)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # Rows with no visible key so far keep m = -inf; subtract 0 there instead of -inf - -inf = NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = exp_units(s - m_safe[:, None], HAS_BIAS)
+            alpha = exp_units(m_i - m_safe, HAS_BIAS)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = load_rows(v_base, cols, offs_d, stride_vn, stride_vd, n_k, HEAD_DIM, MASKED)
+            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST_DOT, INPUT_PRECISION)
+            m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
 def _attention_forward_kernel(
-    Q, K, V, Bias, Out, Lse,
+    Q, K, V, Bias, KeyValid, QDoc, KDoc, DocBounds, Out, Lse,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_kvb, stride_kvn, stride_qdb, stride_qdm, stride_kdb, stride_kdn,
     stride_ob, stride_oh, stride_om, stride_od,
-    num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, causal_offset,
+    num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, KV_TILED: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+    HAS_DOCS: tl.constexpr, SORTED_DOCS: tl.constexpr, KV_TILED: tl.constexpr, UPCAST_DOT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """Grid: (query tiles, batch * query heads). Lse is a contiguous [B, Hq, Nq] float32 tensor."""
-    start_m = tl.program_id(0) * BLOCK_M
+    """Grid: (query tiles, batch * query heads). Lse is a contiguous [B, Hq, Nq] float32 tensor; DocBounds
+    the int32 [B, query tiles, 2] key ranges of :func:`masks.doc_bounds` (read only with SORTED_DOCS)."""
+    tile = tl.program_id(0)
+    start_m = tile * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // num_heads
     h = bh % num_heads
@@ -76,22 +104,35 @@ def _attention_forward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
 
     q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, n_q, HEAD_DIM, True)
+    q_ids = load_ids(QDoc + b * stride_qdb, offs_m, stride_qdm, n_q, HAS_DOCS)
     k_base = K + b * stride_kb + h_kv * stride_kh
     v_base = V + b * stride_vb + h_kv * stride_vh
     bias_base = Bias + b * stride_bb + h * stride_bh
+    key_valid_base = KeyValid + b * stride_kvb
+    k_doc_base = KDoc + b * stride_kdb
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    unmasked_end, end = key_stages(start_m, n_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, k_base, v_base, bias_base, 0, unmasked_end, offs_m, offs_n,
-                                   offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, n_q,
-                                   n_k, sm_scale, causal_offset, HEAD_DIM, BLOCK_N, False, IS_CAUSAL, HAS_BIAS,
-                                   UPCAST_DOT, INPUT_PRECISION)
-    acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, k_base, v_base, bias_base, unmasked_end, end, offs_m, offs_n,
-                                   offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, n_q,
-                                   n_k, sm_scale, causal_offset, HEAD_DIM, BLOCK_N, True, IS_CAUSAL, HAS_BIAS,
-                                   UPCAST_DOT, INPUT_PRECISION)
+    n_tiles = tl.num_programs(0)
+    lo, hi = doc_range(DocBounds + b * n_tiles * 2, tile, n_tiles, n_k, SORTED_DOCS)
+    begin, full_begin, full_end, end = tile_stages(start_m, n_q, n_k, upper, lower, lo, hi, BLOCK_M, BLOCK_N,
+                                                   HAS_UPPER, HAS_LOWER)
+    acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
+                                   begin, full_begin, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                                   stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper,
+                                   lower, HEAD_DIM, BLOCK_N, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
+                                   HAS_DOCS, UPCAST_DOT, INPUT_PRECISION)
+    acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
+                                   full_begin, full_end, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                                   stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper,
+                                   lower, HEAD_DIM, BLOCK_N, False, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
+                                   HAS_DOCS, UPCAST_DOT, INPUT_PRECISION)
+    acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
+                                   full_end, end, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                                   stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper,
+                                   lower, HEAD_DIM, BLOCK_N, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
+                                   HAS_DOCS, UPCAST_DOT, INPUT_PRECISION)
 
     # A fully masked row has l = 0 and acc = 0: 0 / 0 = NaN, as eager softmax gives; its LSE is -inf.
     out = acc / l_i[:, None]
@@ -110,13 +151,45 @@ def bias_arguments(bias: torch.Tensor | None, fallback: torch.Tensor) -> tuple[t
     return bias, tuple(bias.stride())
 
 
+class MaskArguments(NamedTuple):
+    """What the kernels receive for the structural masks (see :func:`mask_arguments`)."""
+
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    strides: tuple[int, ...]
+    offsets: tuple[int, int]
+    flags: dict[str, bool]
+
+
+def mask_arguments(masks: Masks, fallback: torch.Tensor, block: int, *, keys_own_tiles: bool) -> MaskArguments:
+    """Kernel arguments of the structural masks: band offsets, the key-valid / document vectors (int8 / int32
+    [B, N] with their strides, a dummy pointer and zero strides when absent), the sorted documents'
+    per-tile ranges (:func:`masks.doc_bounds`; tiles of ``block`` queries, or of keys if
+    ``keys_own_tiles``), and the constexpr flags."""
+    key_valid = fallback if masks.key_valid is None else masks.key_valid.view(torch.int8)
+    q_doc = fallback if masks.q_doc is None else masks.q_doc
+    k_doc = fallback if masks.k_doc is None else masks.k_doc
+    doc_ranges = fallback
+    if masks.docs_sorted:
+        this, other = (masks.k_doc, masks.q_doc) if keys_own_tiles else (masks.q_doc, masks.k_doc)
+        doc_ranges = doc_bounds(this, other, block)
+    return MaskArguments(
+        tensors=(key_valid, q_doc, k_doc, doc_ranges),
+        strides=tuple(s for t in (masks.key_valid, masks.q_doc, masks.k_doc)
+                      for s in ((0, 0) if t is None else t.stride())),
+        offsets=(masks.upper or 0, masks.lower or 0),
+        flags=dict(HAS_UPPER=masks.upper is not None, HAS_LOWER=masks.lower is not None,
+                   HAS_KEY_VALID=masks.key_valid is not None, HAS_DOCS=masks.q_doc is not None,
+                   SORTED_DOCS=masks.docs_sorted),
+    )
+
+
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     *,
     scale: float,
-    causal_offset: int | None,
+    masks: Masks,
     bias: torch.Tensor | None,
     kv_heads_tiled: bool,
     block_m: int,
@@ -130,14 +203,15 @@ def attention_forward(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, num_heads, n_q), dtype=torch.float32, device=q.device)
     bias_ptr, bias_strides = bias_arguments(bias, q)
+    mask_args = mask_arguments(masks, q, block_m, keys_own_tiles=False)
     grid = (triton.cdiv(n_q, block_m), batch * num_heads)
     _attention_forward_kernel[grid](
-        q, k, v, bias_ptr, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *out.stride(),
-        num_heads, k.shape[1], num_heads // k.shape[1], n_q, n_k, scale, causal_offset or 0,
+        q, k, v, bias_ptr, *mask_args.tensors, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *mask_args.strides, *out.stride(),
+        num_heads, k.shape[1], num_heads // k.shape[1], n_q, n_k, scale, *mask_args.offsets,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config.padded_head_dim(head_dim),
-        IS_CAUSAL=causal_offset is not None, HAS_BIAS=bias is not None, KV_TILED=kv_heads_tiled,
-        UPCAST_DOT=config.upcast_dot(q.dtype), INPUT_PRECISION=config.input_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        HAS_BIAS=bias is not None, KV_TILED=kv_heads_tiled, UPCAST_DOT=config.upcast_dot(q.dtype),
+        INPUT_PRECISION=config.input_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        **mask_args.flags,
     )
     return out, lse

@@ -1,0 +1,181 @@
+"""Structural masks that the kernels evaluate from indices, and the tile ranges they allow to skip.
+
+A key j is visible to query i (of batch row b) iff every given condition holds:
+
+- ``causal_offset = c``: ``j <= i + c``;
+- ``window = (left, right)``: ``i - left <= j <= i + right``;
+- ``key_valid`` (bool [B, Nk]): ``key_valid[b, j]``;
+- ``q_doc``, ``k_doc`` (integer [B, Nq], [B, Nk]): ``q_doc[b, i] == k_doc[b, j]``.
+
+The first two form a band ``i - lower <= j <= i + upper`` (see :attr:`Masks.upper`, :attr:`Masks.lower`)
+that bounds the loops over tiles. Document ids that are non-decreasing along both sequences
+(:attr:`Masks.docs_sorted`) bound them further (:func:`doc_bounds`); a key tile without a valid key is
+skipped inside the loops. Nothing of size Nq x Nk is ever read. :func:`tile_density` reports the
+fraction of (query tile, key tile) pairs the forward kernel visits under these rules.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Masks", "doc_bounds", "tile_density"]
+
+
+@dataclass(frozen=True)
+class Masks:
+    """The structural masks of one attention call; tensors are already [B, N] (possibly zero-stride)."""
+
+    causal_offset: int | None = None
+    window: tuple[int, int] | None = None
+    key_valid: torch.Tensor | None = None
+    q_doc: torch.Tensor | None = None
+    k_doc: torch.Tensor | None = None
+    docs_sorted: bool = False
+
+    @staticmethod
+    def build(
+        batch: int,
+        n_q: int,
+        n_k: int,
+        *,
+        causal_offset: int | None = None,
+        window: tuple[int, int] | None = None,
+        key_valid: torch.Tensor | None = None,
+        q_doc: torch.Tensor | None = None,
+        k_doc: torch.Tensor | None = None,
+    ) -> Masks:
+        """Validate the masks, expand batch-1 ones to ``batch``, make document ids int32 and check their order.
+
+        ``key_valid`` must be bool [B or 1, Nk]; ``q_doc`` and ``k_doc`` (both or neither) integer
+        [B or 1, Nq] and [B or 1, Nk].
+        """
+        if window is not None:
+            window = (int(window[0]), int(window[1]))
+        if key_valid is not None:
+            if key_valid.dtype != torch.bool:
+                raise ValueError(f"key_valid must be a bool tensor, got {key_valid.dtype}")
+            key_valid = _batch_rows(key_valid, batch, n_k, "key_valid")
+        if (q_doc is None) != (k_doc is None):
+            raise ValueError("q_doc and k_doc must be given together")
+        docs_sorted = False
+        if q_doc is not None and k_doc is not None:
+            for name, ids in (("q_doc", q_doc), ("k_doc", k_doc)):
+                if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+                    raise ValueError(f"{name} must hold integer ids, got {ids.dtype}")
+            q_doc = _batch_rows(q_doc.to(torch.int32), batch, n_q, "q_doc")
+            k_doc = _batch_rows(k_doc.to(torch.int32), batch, n_k, "k_doc")
+            docs_sorted = bool((q_doc[:, 1:] >= q_doc[:, :-1]).all() and (k_doc[:, 1:] >= k_doc[:, :-1]).all())
+        return Masks(causal_offset, window, key_valid, q_doc, k_doc, docs_sorted)
+
+    @property
+    def upper(self) -> int | None:
+        """Band upper offset: key j is visible to query i only if ``j <= i + upper`` (None: no bound)."""
+        bounds = [b for b in (self.causal_offset, None if self.window is None else self.window[1]) if b is not None]
+        return min(bounds) if bounds else None
+
+    @property
+    def lower(self) -> int | None:
+        """Band lower offset: key j is visible to query i only if ``j >= i - lower`` (None: no bound)."""
+        return None if self.window is None else self.window[0]
+
+    @property
+    def may_skip(self) -> bool:
+        """Whether some (query tile, key tile) pairs may be skipped (beyond those above a causal diagonal)."""
+        return self.window is not None or self.key_valid is not None or self.docs_sorted
+
+    def visible(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor | None:
+        """Bool [B or 1, len(rows), len(cols)]: which (query ``rows``, key ``cols``) pairs may attend.
+
+        None when no mask is set. ``rows`` and ``cols`` are 1-d index tensors.
+        """
+        i, j = rows[None, :, None], cols[None, None, :]
+        ok = None
+        if self.upper is not None:
+            ok = j <= i + self.upper
+        if self.lower is not None:
+            ok = _and(ok, j >= i - self.lower)
+        if self.key_valid is not None:
+            ok = _and(ok, self.key_valid[:, None, cols])
+        if self.q_doc is not None and self.k_doc is not None:
+            ok = _and(ok, self.q_doc[:, rows, None] == self.k_doc[:, None, cols])
+        return ok
+
+
+def _and(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else a & b
+
+
+def _batch_rows(x: torch.Tensor, batch: int, n: int, name: str) -> torch.Tensor:
+    if x.dim() != 2 or x.shape[1] != n or x.shape[0] not in (1, batch):
+        raise ValueError(f"{name} must have shape [{batch} or 1, {n}], got {tuple(x.shape)}")
+    return x.expand(batch, n)
+
+
+def doc_bounds(this_doc: torch.Tensor, other_doc: torch.Tensor, block: int) -> torch.Tensor:
+    """Int32 [B, tiles, 2]: per tile of ``block`` positions of ``this_doc``, the index range [lo, hi) of
+    ``other_doc`` whose ids lie within the tile's id range [first, last].
+
+    Both id tensors must be sorted along dim 1. Tiles of the other axis that do not meet [lo, hi) hold
+    no pair of equal ids, so the kernels skip them; the forward and dQ pass q_doc as ``this_doc``, the
+    dK/dV kernel k_doc.
+    """
+    n = this_doc.shape[1]
+    starts = torch.arange(0, n, block, device=this_doc.device)
+    first = this_doc[:, starts]
+    last = this_doc[:, (starts + block - 1).clamp(max=n - 1)]
+    other = other_doc.contiguous()
+    lo = torch.searchsorted(other, first.contiguous(), out_int32=True)
+    hi = torch.searchsorted(other, last.contiguous(), right=True, out_int32=True)
+    return torch.stack([lo, hi], dim=-1).contiguous()
+
+
+def _band_key_ranges(n_q: int, n_k: int, masks: Masks, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query tile, the key index range [lo, hi) the causal/window band lets its rows see."""
+    first = torch.arange(0, n_q, block_m)
+    last = (first + block_m).clamp(max=n_q) - 1
+    lo, hi = torch.zeros_like(first), torch.full_like(first, n_k)
+    if masks.lower is not None:
+        lo = (first - masks.lower).clamp(min=0)
+    if masks.upper is not None:
+        hi = (last + masks.upper + 1).clamp(min=0, max=n_k)
+    return lo, hi
+
+
+def tile_density(
+    nq: int,
+    nk: int,
+    *,
+    causal_offset: int | None = None,
+    window: tuple[int, int] | None = None,
+    key_valid: torch.Tensor | None = None,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
+    block_m: int,
+    block_n: int,
+) -> float:
+    """Fraction of (query tile, key tile) pairs the forward kernel visits, averaged over the batch.
+
+    A query tile visits the key tiles that meet the intersection of its band range and (sorted
+    documents) its document range, minus the tiles without a valid key; the same rules bound the
+    kernels' loops (:func:`triton_common.tile_stages`).
+    """
+    if nq == 0 or nk == 0:
+        return 0.0
+    batch = max([t.shape[0] for t in (key_valid, q_doc, k_doc) if t is not None], default=1)
+    masks = Masks.build(batch, nq, nk, causal_offset=causal_offset, window=window, key_valid=key_valid,
+                        q_doc=q_doc, k_doc=k_doc)
+    lo, hi = _band_key_ranges(nq, nk, masks, block_m)
+    lo, hi = lo.expand(batch, -1), hi.expand(batch, -1)
+    if masks.docs_sorted:
+        bounds = doc_bounds(masks.q_doc, masks.k_doc, block_m).cpu().long()
+        lo, hi = torch.maximum(lo, bounds[..., 0]), torch.minimum(hi, bounds[..., 1])
+    tile_starts = torch.arange(0, nk, block_n)
+    # Key tile [s, s + block_n) meets [lo, hi) iff s < hi and s + block_n > lo (and the range is not empty).
+    visits = ((tile_starts < hi[..., None]) & (tile_starts + block_n > lo[..., None]) & (lo < hi)[..., None])
+    if masks.key_valid is not None:
+        padded = torch.nn.functional.pad(masks.key_valid.cpu(), (0, math.ceil(nk / block_n) * block_n - nk))
+        visits = visits & padded.unflatten(1, (-1, block_n)).any(-1)[:, None, :]
+    return visits.float().mean().item()
