@@ -169,11 +169,12 @@ def _grads(inputs, grad_out, scale, bias, **options):
 # ---------------------------------------------------------------------------------------------- Triton
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("causal_offset", [None, 0])
 @pytest.mark.parametrize("n_q,n_k", [(37, 50), (33, 33)])
 @pytest.mark.parametrize("head_dim", [16, 64])
 def test_triton_grid(head_dim, n_q, n_k, causal_offset, dtype):
+    """bfloat16 is covered by the head-dim, bias, non-contiguous and tiled-path tests."""
     q, k, v = random_inputs((2, 2, n_q, head_dim), (2, 2, n_k, head_dim))
     check_attention(q, k, v, dtype, causal_offset=causal_offset)
 
