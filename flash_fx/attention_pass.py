@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,16 @@ from flash_fx import cost
 from flash_fx.mha import multi_head_attention
 from flash_fx.options import Options
 from flash_fx.patterns.canonical import AddBias, Cast, MaskedFill, Scale, canonicalize
-from flash_fx.patterns.masks import MaskProof, Unrecognized, analyze_boolean_mask, concrete
+from flash_fx.patterns.masks import (
+    Band,
+    Literal,
+    MaskAnalysis,
+    MaskProof,
+    Unrecognized,
+    analyze_visibility,
+    concrete,
+    mask_bias_condition,
+)
 from flash_fx.patterns.match import RSQRT_HEAD_DIM, AttentionMatch, NearMiss, ScoreTerm, anchor_nodes, match_anchor
 from flash_fx.patterns.mha import MhaMatch, is_mha_call, match_mha
 from flash_fx.report import Report, RewriteRecord, SkipRecord
@@ -35,10 +45,27 @@ class PassResult:
 class MaskDecision:
     """How the masks of one match reach the kernel, and the proofs that must keep holding at run time."""
 
-    causal_offset: int | None
+    band: Band | None
     bias_terms: list[ScoreTerm]
-    description: str
+    parts: list[str]
     proofs: list[MaskProof]
+    key_valid: Literal | None = None
+    documents: tuple[fx.Node, fx.Node] | None = None
+
+    @property
+    def variant(self) -> str:
+        """The report's variant name: the most specific structural mask, or bias when dense terms remain."""
+        if self.bias_terms:
+            return "bias"
+        if self.documents is not None:
+            return "document"
+        if self.key_valid is not None:
+            return "key_padding"
+        return self.band.variant if self.band is not None else "dense"
+
+    @property
+    def description(self) -> str:
+        return " + ".join(self.parts) or "none"
 
 
 def run_attention_pass(gm: fx.GraphModule, example_inputs: list[Any], options: Options, graph_id: int,
@@ -76,7 +103,7 @@ def _plan_and_rewrite(graph: fx.Graph, match: AttentionMatch, example_inputs: li
     masks = _decide_masks(graph, match, example_inputs, nq, nk)
     if isinstance(masks, str):
         return masks
-    variant = "bias" if masks.bias_terms else "causal" if masks.causal_offset is not None else "dense"
+    variant = masks.variant
     if variant not in options.variants:
         return _not_allowed(variant, options)
     shape = _cost_shape(match, masks, nq, nk)
@@ -84,7 +111,8 @@ def _plan_and_rewrite(graph: fx.Graph, match: AttentionMatch, example_inputs: li
     if not plan.rewrite:
         return plan.reason
     if apply:
-        replace_attention(graph, match, KernelCall(match.scale, masks.causal_offset, masks.bias_terms))
+        replace_attention(graph, match, KernelCall(match.scale, masks.band, masks.bias_terms, masks.key_valid,
+                                                   masks.documents))
     scale = f"{match.scale:.4g}" + "".join(
         " / sqrt(head_dim)" if d == RSQRT_HEAD_DIM else f" {'/' if d.reciprocal else '*'} {d.factor.name}"
         for d in match.dynamic_scales)
@@ -137,37 +165,83 @@ def _plan_and_rewrite_mha(match: MhaMatch | str, options: Options, apply: bool) 
 
 def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[Any], nq: int,
                   nk: int) -> MaskDecision | str:
-    """Sort the score terms into one proven causal mask and dense bias terms, or say why not."""
-    causal_offset = 0 if match.causal else None
-    proofs: list[MaskProof] = []
-    bias_terms: list[ScoreTerm] = []
-    parts = ["causal"] if match.causal else []
+    """Sort the score terms into structural kernel inputs (one mask) and dense bias terms, or say why not."""
+    decision = MaskDecision(band=Band(None, 0) if match.causal else None, bias_terms=[], parts=[],
+                            proofs=[])
+    if match.causal:
+        decision.parts.append("causal")
     for term in match.terms:
         op, tensor = term.op, term.tensor.meta["example_value"]
-        shape = "x".join(map(str, _concrete_shape(tensor.shape)))
         if not _broadcasts_into(tuple(tensor.shape), term.scores_shape):
             return (f"mask/bias of shape {_concrete_shape(tensor.shape)} does not broadcast to the scores' "
                     f"shape {_concrete_shape(term.scores_shape)}")
-        if isinstance(op, AddBias):
+        shape = "x".join(map(str, _concrete_shape(tensor.shape)))
+        condition = _mask_condition(op)
+        if condition is None:
             if not tensor.dtype.is_floating_point:
                 return f"additive term of dtype {tensor.dtype} is not a float bias"
-            bias_terms.append(term)
+            decision.bias_terms.append(term)
             learned = " (learned: its gradient is written as dS)" if tensor.requires_grad else ""
-            parts.append(f"bias[{shape}]{learned}")
+            decision.parts.append(f"bias[{shape}]{learned}")
             continue
+        if isinstance(condition, str):
+            return condition
+        mask, hidden_when_true, fill = condition
+        why = _use_structural(decision, analyze_visibility(graph, mask, hidden_when_true, nq, nk, example_inputs),
+                              fill)
+        if why is not None:
+            decision.bias_terms.append(term)
+            decision.parts.append(f"mask[{shape}] ({why})")
+    return decision
+
+
+def _mask_condition(op: MaskedFill | AddBias) -> tuple[fx.Node, bool, float] | str | None:
+    """(boolean mask, True if it marks hidden entries, fill) for a mask term; None for a genuine bias."""
+    if isinstance(op, MaskedFill):
         if not (op.value == -math.inf or op.value <= LARGEST_MASK_FILL):
             return f"masked_fill with value {op.value} is not a mask fill (-inf or a large negative number)"
-        proof = (analyze_boolean_mask(graph, op.mask, op.inverted, nq, nk, example_inputs)
-                 if causal_offset is None else Unrecognized("a second mask"))
-        if isinstance(proof, MaskProof) and (proof.spec.offset >= 0 or op.value == -math.inf):
-            causal_offset = proof.spec.offset
-            proofs.append(proof)
-            parts.append(proof.description)
-            continue
-        why = proof.reason if isinstance(proof, Unrecognized) else "a finite fill would leave rows fully masked"
-        bias_terms.append(term)
-        parts.append(f"mask[{shape}] ({why})")
-    return MaskDecision(causal_offset, bias_terms, " + ".join(parts) or "none", proofs)
+        return op.mask, not op.inverted, op.value
+    return mask_bias_condition(op.bias, LARGEST_MASK_FILL)
+
+
+def _use_structural(decision: MaskDecision, analysis: MaskAnalysis | Unrecognized, fill: float) -> str | None:
+    """Record the analyzed mask as kernel inputs; or return why it stays a dense bias."""
+    if isinstance(analysis, Unrecognized):
+        return analysis.reason
+    if decision.band is not None or decision.key_valid is not None or decision.documents is not None:
+        return "a second structural mask is streamed as a bias"
+    band = analysis.band.spec if analysis.band else None
+    if fill != -math.inf and not _no_dead_rows(band, analysis):
+        # eager gives fully masked rows the uniform average of a finite fill; the bias path does the same
+        return "finite fill and rows that may be fully masked (key padding or a shifted band)"
+    decision.band = band
+    decision.key_valid = analysis.key_valid
+    decision.documents = analysis.documents
+    decision.proofs += [analysis.band] if analysis.band else []
+    decision.parts.append(analysis.describe())
+    return None
+
+
+def _no_dead_rows(band: Band | None, analysis: MaskAnalysis) -> bool:
+    """True when every query row keeps at least its own key (band through the diagonal, shared doc ids)."""
+    if analysis.key_valid is not None:
+        return False
+    if band is not None and not ((band.right is None or band.right >= 0) and (band.left is None or band.left >= 0)):
+        return False
+    return analysis.documents is None or _same_ids(*analysis.documents)
+
+
+def _same_ids(a: fx.Node, b: fx.Node) -> bool:
+    """True when both id tensors are views (None-indexing, unsqueeze, view) of one tensor: queries are keys."""
+    def base(node: fx.Node) -> fx.Node:
+        while node.target in (operator.getitem, "unsqueeze") and isinstance(node.args[0], fx.Node):
+            index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            if node.target is operator.getitem and not all(i is None or i == slice(None) for i in index):
+                break
+            node = node.args[0]
+        return node
+
+    return base(a) is base(b)
 
 
 def _broadcasts_into(shape: tuple, target: tuple) -> bool:
@@ -188,7 +262,7 @@ def _cost_shape(match: AttentionMatch, masks: MaskDecision, nq: int, nk: int) ->
     passes = sum(isinstance(desc, Scale | Cast | MaskedFill | AddBias) for desc in _chain_descs(match))
     return cost.AttentionShape(
         batch_heads=batch_heads, nq=nq, nk=nk, head_dim=concrete(match.q_shape[-1]), dtype=match.dtype,
-        causal=masks.causal_offset is not None, elementwise_passes=passes, mask_bytes_per_score=mask_bytes,
+        causal=masks.band is not None, elementwise_passes=passes, mask_bytes_per_score=mask_bytes,
         training=torch.is_grad_enabled() and any(v.requires_grad for v in values),
     )
 

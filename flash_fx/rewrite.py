@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from flash_fx.patterns.canonical import AddBias, MaskedFill, Operand
+from flash_fx.patterns.masks import Band, Literal
 from flash_fx.patterns.match import RSQRT_HEAD_DIM, AttentionMatch, ScoreTerm
 
 # Finite mask fills (finfo.min, -1e9, ...) become this bias: large enough to absorb any score, small
@@ -21,13 +22,18 @@ from flash_fx.patterns.match import RSQRT_HEAD_DIM, AttentionMatch, ScoreTerm
 FINITE_FILL = torch.finfo(torch.float32).min / 8
 
 
+UNBOUNDED = 2**31 - 1  # a window side without a limit
+
+
 @dataclass(frozen=True)
 class KernelCall:
-    """What the op is called with, apart from q, k, v: the scale, the causal offset, the bias terms."""
+    """What the op is called with, apart from q, k, v: the scale and the masks in kernel form."""
 
     scale: float
-    causal_offset: int | None
+    band: Band | None
     bias_terms: list[ScoreTerm]
+    key_valid: Literal | None = None
+    documents: tuple[fx.Node, fx.Node] | None = None
 
 
 def replace_attention(graph: fx.Graph, match: AttentionMatch, call: KernelCall) -> fx.Node:
@@ -46,8 +52,10 @@ def replace_attention(graph: fx.Graph, match: AttentionMatch, call: KernelCall) 
         v = _to_op_layout(graph, _operand(graph, match.v), len(match.v_shape), view)
         bias = _bias(graph, call.bias_terms)
         kwargs = {"kv_heads_tiled": True} if match.kv_heads_tiled else {}
+        kwargs.update(_structural_masks(graph, call, q))
+        causal_offset = call.band.right if call.band is not None else None
         result = graph.call_function(
-            torch.ops.flash_fx.attention.default, (q, k, v, bias, call.scale, call.causal_offset), kwargs
+            torch.ops.flash_fx.attention.default, (q, k, v, bias, call.scale, causal_offset), kwargs
         )
         out = graph.call_function(operator.getitem, (result, 0))
         if match.zero_dead_rows:
@@ -103,6 +111,34 @@ def _from_op_layout(graph: fx.Graph, out: fx.Node, match: AttentionMatch) -> fx.
     if original.dtype != match.dtype:
         out = graph.call_method("to", (out, original.dtype))
     return out
+
+
+def _structural_masks(graph: fx.Graph, call: KernelCall, q: fx.Node) -> dict:
+    """Keyword arguments of the op for a sliding window, key padding and document ids."""
+    kwargs: dict = {}
+    if call.key_valid is not None or call.documents is not None:
+        batch = graph.call_method("size", (q, 0))
+    if call.band is not None and call.band.left is not None:
+        right = call.band.right if call.band.right is not None else UNBOUNDED
+        kwargs["window"] = [call.band.left, right]
+    if call.key_valid is not None:
+        valid = _per_batch(graph, call.key_valid.node, key_axis=True, batch=batch)
+        kwargs["key_valid"] = graph.call_function(operator.invert, (valid,)) if call.key_valid.negated else valid
+    if call.documents is not None:
+        q_ids, k_ids = call.documents
+        kwargs["q_doc"] = _per_batch(graph, q_ids, key_axis=False, batch=batch)
+        kwargs["k_doc"] = _per_batch(graph, k_ids, key_axis=True, batch=batch)
+    return kwargs
+
+
+def _per_batch(graph: fx.Graph, node: fx.Node, key_axis: bool, batch: fx.Node) -> fx.Node:
+    """A [B?, 1, Nq, 1] or [B?, 1, 1, Nk] mask factor (any rank up to 4) as a [B, N] tensor."""
+    for _ in range(4 - node.meta["example_value"].dim()):
+        node = graph.call_method("unsqueeze", (node, 0))
+    full = slice(None, None, None)
+    index = (full, 0, 0, full) if key_axis else (full, 0, full, 0)
+    node = graph.call_function(operator.getitem, (node, index))
+    return graph.call_method("expand", (node, batch, -1))
 
 
 def _zero_dead_rows(graph: fx.Graph, out: fx.Node, lse: fx.Node) -> fx.Node:

@@ -1,14 +1,18 @@
-"""Mask analysis: the mask subgraph of a matched attention -> a typed MaskSpec, with its proof.
+"""Mask analysis: the mask subgraph of a matched attention -> typed mask parts, with their proofs.
 
-A boolean mask applied with masked_fill/where is recognized as causal only after a proof: the mask
-subgraph is cut out of the model graph (`MaskProgram`), evaluated on the example inputs, and compared
-with the dense form of `Causal(offset).materialize`. The same program is re-evaluated at run time for
-each new shape and each change of a buffer it reads (`MaskProof`), so a rewrite can never outlive the
-fact it rests on. Masks that are not recognized are passed to the kernel as a dense additive bias.
+A boolean visibility mask is split into the AND of its literals (through &, |, ~ by De Morgan, expand and
+casts). Literals computed without input data (from shapes, aranges, buffers) are cut out of the model graph
+(`MaskProgram`), evaluated on the example inputs and AND-ed; the result must equal the dense form of a
+`Band` (causal, causal with an offset, sliding window). The same programs are re-evaluated at run time for
+each new shape and each change of a buffer they read (`MaskProof`), so a rewrite can never outlive the fact
+it rests on. Literals that read input data are used as they are, when their shape says what they are: a
+[B, 1, 1, Nk] literal is key padding, `ids_q == ids_k` with [.., Nq, 1] and [.., 1, Nk] operands is a
+document mask. Anything else leaves the whole mask to the dense "bias" variant.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,20 +29,45 @@ class NoMask:
 
 
 @dataclass(frozen=True)
-class Causal:
-    """Key j is visible to query i iff j <= i + offset."""
+class Band:
+    """Key j is visible to query i iff i - left <= j <= i + right (None: unbounded on that side).
 
-    offset: int = 0
+    Band(None, 0) is causal, Band(None, c) causal with offset c, Band(w, 0) a causal sliding window.
+    """
+
+    left: int | None = None
+    right: int | None = 0
 
     def materialize(self, nq: int, nk: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """The dense [nq, nk] boolean visibility this spec stands for."""
-        return torch.ones(nq, nk, dtype=torch.bool, device=device).tril(self.offset)
+        i = torch.arange(nq, device=device)[:, None]
+        j = torch.arange(nk, device=device)[None, :]
+        visible = torch.ones(nq, nk, dtype=torch.bool, device=device)
+        if self.right is not None:
+            visible &= j <= i + self.right
+        if self.left is not None:
+            visible &= j >= i - self.left
+        return visible
+
+    @property
+    def variant(self) -> str:
+        return "causal" if self.left is None else "sliding_window"
 
     def describe(self) -> str:
-        return "causal" if self.offset == 0 else f"causal(offset={self.offset})"
+        if self.left is None:
+            return "causal" if self.right == 0 else f"causal(offset={self.right})"
+        return f"sliding_window(left={self.left}, right={self.right})"
 
 
-MaskSpec = NoMask | Causal
+@dataclass(frozen=True)
+class Literal:
+    """One factor of a visibility mask: `node` (a boolean tensor), negated or not."""
+
+    node: fx.Node
+    negated: bool
+
+
+MaskSpec = NoMask | Band
 
 _SIZE_QUERIES = {"size", "dim", "shape", torch.ops.aten.sym_size.int}
 
@@ -81,20 +110,18 @@ class MaskProgram:
 
 @dataclass
 class MaskProof:
-    """A recognized structural mask that must keep holding on the real inputs (checked per cache key)."""
+    """Static mask literals whose AND must keep equalling `spec` on the real inputs (checked per cache key)."""
 
-    program: MaskProgram
-    spec: Causal
-    inverted: bool
-    description: str
+    programs: list[tuple[MaskProgram, bool]]  # (program, negated)
+    spec: Band
     _proven: set = field(default_factory=set)  # cache keys already checked
 
     def holds(self, graph_args: list[Any]) -> bool:
-        """True if the mask equals the spec on these arguments (cached per shape and buffer version)."""
-        key = self.program.cache_key(graph_args)
+        """True if the literals equal the spec on these arguments (cached per shape and buffer version)."""
+        key = tuple(program.cache_key(graph_args) for program, _ in self.programs)
         if key in self._proven:
             return True
-        ok = _is_causal_with(self.program.evaluate(graph_args), self.inverted, self.spec.offset)
+        ok = _band_of(_and_of(self.programs, graph_args)) == self.spec
         if ok:
             self._proven.add(key)
         return ok
@@ -107,52 +134,153 @@ class Unrecognized:
     reason: str
 
 
-def analyze_boolean_mask(graph: fx.Graph, mask: fx.Node, inverted: bool, nq: int, nk: int,
-                         graph_args: list[Any]) -> MaskProof | Unrecognized:
-    """Try to prove that `mask` (True = hidden, or True = visible when inverted) is causal.
+@dataclass
+class MaskAnalysis:
+    """A visibility mask as kernel inputs: a proven band, key padding, document ids (each optional)."""
+
+    band: MaskProof | None
+    key_valid: Literal | None  # [B?, 1, 1, Nk]-shaped literal: True = key takes part (after negation)
+    documents: tuple[fx.Node, fx.Node] | None  # (ids of the queries [.., Nq, 1], ids of the keys [.., 1, Nk])
+
+    def describe(self) -> str:
+        parts = [self.band.spec.describe()] if self.band else []
+        parts += ["key_padding"] if self.key_valid else []
+        parts += ["document"] if self.documents else []
+        return " & ".join(parts) or "none"
+
+
+def analyze_visibility(graph: fx.Graph, visible: fx.Node, negated: bool, nq: int, nk: int,
+                       graph_args: list[Any]) -> MaskAnalysis | Unrecognized:
+    """Split the boolean mask `visible` (negated: True means hidden) into kernel-evaluable parts.
 
     nq, nk: the concrete score shape. graph_args: the example inputs of the graph.
     """
-    program = MaskProgram(graph, mask)
-    if program.data_inputs:
-        return Unrecognized(f"mask reads input data ({', '.join(program.data_inputs)})")
-    if program.has_get_attr:
-        return Unrecognized("mask reads module attributes the proof cannot track")
+    static: list[tuple[MaskProgram, bool]] = []
+    key_valid, documents = None, None
+    for literal in _literals(visible, negated):
+        value = literal.node.meta.get("example_value")
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.bool:
+            return Unrecognized(f"mask factor {literal.node.name} is not a boolean tensor")
+        program = MaskProgram(graph, literal.node)
+        if program.has_get_attr:
+            return Unrecognized("mask reads module attributes the proof cannot track")
+        if not program.data_inputs:
+            static.append((program, literal.negated))
+            continue
+        shape = _right_aligned(value.shape)
+        if key_valid is None and _is_one(shape[1]) and _is_one(shape[2]):
+            key_valid = literal
+            continue
+        ids = _document_ids(literal)
+        if documents is None and ids is not None:
+            documents = ids
+            continue
+        return Unrecognized(f"mask reads input data ({', '.join(program.data_inputs)}) in a form that is neither "
+                            "key padding nor document ids")
+    band = None
+    if static:
+        try:
+            dense = _and_of(static, graph_args)
+        except Exception as error:  # the proof must never break compilation
+            return Unrecognized(f"mask could not be evaluated for the proof ({type(error).__name__})")
+        if dense.dim() < 2 or tuple(dense.shape[-2:]) not in ((nq, nk), (1, nk), (nq, 1), (1, 1)):
+            return Unrecognized("static mask is not a [.., Nq, Nk] tensor")
+        spec = _band_of(dense.expand(*dense.shape[:-2], nq, nk))
+        if spec is None:
+            return Unrecognized("static mask is not a causal or sliding-window band (dense path)")
+        if spec != Band(None, None):
+            band = MaskProof(static, spec)
+    return MaskAnalysis(band, key_valid, documents)
+
+
+_AND = {operator.and_, operator.iand, torch.logical_and, torch.bitwise_and, "__and__", "logical_and", "bitwise_and"}
+_OR = {operator.or_, operator.ior, torch.logical_or, torch.bitwise_or, "__or__", "logical_or", "bitwise_or"}
+_NOT = {operator.invert, torch.logical_not, torch.bitwise_not, "__invert__", "logical_not", "bitwise_not"}
+_SAME_VALUES = {"expand", "contiguous", "bool", "to", torch.broadcast_to}
+
+
+def _literals(node: fx.Node, negated: bool) -> list[Literal]:
+    """The factors whose AND is `node` (or ~node when negated), looking through ~, &, | and value-preserving ops."""
+    target = node.target if node.op in ("call_function", "call_method") else None
+    inputs = [a for a in node.args if isinstance(a, fx.Node)]
+    if _is_in(target, _NOT) and len(inputs) == 1:
+        return _literals(inputs[0], not negated)
+    if _is_in(target, _AND if not negated else _OR) and len(inputs) == 2:
+        return _literals(inputs[0], negated) + _literals(inputs[1], negated)
+    if _is_in(target, _SAME_VALUES) and inputs and _is_bool(inputs[0]) and _is_bool(node):
+        return _literals(inputs[0], negated)
+    if target is torch.Tensor.new_ones or (target == "new_ones" and _is_bool(node)):
+        return []  # all True
+    return [Literal(node, negated)]
+
+
+def _is_in(target: Any, targets: set) -> bool:
     try:
-        value = program.evaluate(graph_args)
-    except Exception as error:  # the proof must never break compilation
-        return Unrecognized(f"mask could not be evaluated for the proof ({type(error).__name__})")
-    if value.dtype != torch.bool or value.dim() < 2 or tuple(value.shape[-2:]) != (nq, nk):
-        return Unrecognized("mask is not a boolean [.., Nq, Nk] tensor")
-    offset = _causal_offset(value, inverted)
-    if offset is None:
-        return Unrecognized("mask is not causal")
-    spec = Causal(offset)
-    return MaskProof(program, spec, inverted, spec.describe())
+        return target in targets
+    except TypeError:
+        return False
 
 
-def _causal_offset(value: torch.Tensor, inverted: bool) -> int | None:
-    """The offset c such that the mask is Causal(c), or None."""
-    visible = value if inverted else ~value
+def _is_bool(node: fx.Node) -> bool:
+    value = node.meta.get("example_value")
+    return isinstance(value, torch.Tensor) and value.dtype == torch.bool
+
+
+def _is_one(size: Any) -> bool:
+    return isinstance(size, int) and size == 1
+
+
+def _right_aligned(shape: torch.Size) -> tuple:
+    shape = tuple(shape)
+    return (1,) * (4 - len(shape)) + shape[-4:]
+
+
+def _document_ids(literal: Literal) -> tuple[fx.Node, fx.Node] | None:
+    """(query ids, key ids) if the literal is `ids_q == ids_k` shaped [.., Nq, 1] and [.., 1, Nk]."""
+    node = literal.node
+    if literal.negated or node.target not in (operator.eq, torch.eq, "eq", "__eq__") or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    shapes = [a.meta.get("example_value"), b.meta.get("example_value")]
+    if not all(isinstance(x, torch.Tensor) for x in shapes):
+        return None
+    (_, ha, qa, ka), (_, hb, qb, kb) = (_right_aligned(x.shape) for x in shapes)
+    if _is_one(ha) and _is_one(hb) and _is_one(ka) and _is_one(qb):
+        return a, b
+    if _is_one(ha) and _is_one(hb) and _is_one(kb) and _is_one(qa):
+        return b, a
+    return None
+
+
+def _and_of(programs: list[tuple[MaskProgram, bool]], graph_args: list[Any]) -> torch.Tensor:
+    """The AND of the static literals' values on these arguments."""
+    result = None
+    for program, negated in programs:
+        value = program.evaluate(graph_args).bool()
+        value = ~value if negated else value
+        result = value if result is None else result & value
+    return result
+
+
+def _band_of(visible: torch.Tensor) -> Band | None:
+    """The Band that `visible` [..., Nq, Nk] is (the same plane for every batch entry), or None."""
     plane = visible.reshape(-1, *visible.shape[-2:])
-    nq, nk = plane.shape[-2:]
     if not bool((plane == plane[:1]).all()):
         return None
-    counts = plane[0].sum(dim=-1)
-    rows_with_keys = torch.nonzero(counts).flatten()
-    if rows_with_keys.numel() == 0:
+    plane = plane[0]
+    nq, nk = plane.shape
+    has_key = plane.any(dim=1)
+    if not bool(has_key.any()):
         return None
-    first = int(rows_with_keys[0])
-    offset = int(counts[first]) - 1 - first
-    return offset if _is_causal_with(value, inverted, offset) else None
-
-
-def _is_causal_with(value: torch.Tensor, inverted: bool, offset: int) -> bool:
-    if value.dtype != torch.bool or value.dim() < 2:
-        return False
-    visible = value if inverted else ~value
-    expected = Causal(offset).materialize(*visible.shape[-2:], device=visible.device)
-    return bool((visible == expected).all())
+    rows, kept = torch.arange(nq)[has_key], plane[has_key].int()
+    last = nk - 1 - kept.flip(1).argmax(dim=1)
+    first = kept.argmax(dim=1)
+    right = None if bool((last == nk - 1).all()) else int((last - rows)[last < nk - 1].max())
+    left = None if bool((first == 0).all()) else int((rows - first)[first > 0].max())
+    spec = Band(left, right)
+    return spec if bool((spec.materialize(nq, nk) == plane).all()) else None
 
 
 def concrete(value: Any) -> Any:
@@ -203,3 +331,54 @@ def _reads_values(node: fx.Node, within: set[fx.Node]) -> bool:
             continue
         return True
     return False
+
+
+def mask_bias_condition(bias: fx.Node, largest_fill: float) -> tuple[fx.Node, bool, float] | None:
+    """(boolean mask, True if it marks hidden entries, fill) when an additive bias only encodes a mask.
+
+    Recognizes `where(visible, 0, fill)`, `where(hidden, fill, 0)` and `zeros.masked_fill(hidden, fill)`,
+    with fill -inf or at most `largest_fill` (transformers builds its masks this way).
+    """
+    if bias.op not in ("call_function", "call_method"):
+        return None
+    args = bias.args
+    if bias.target is torch.where and len(args) == 3 and isinstance(args[0], fx.Node) and _is_bool(args[0]):
+        a, b = _constant(args[1]), _constant(args[2])
+        if a == 0.0 and b is not None and _is_fill(b, largest_fill):
+            return args[0], False, b
+        if b == 0.0 and a is not None and _is_fill(a, largest_fill):
+            return args[0], True, a
+    if bias.target in ("masked_fill", torch.masked_fill) and len(args) == 3 and isinstance(args[1], fx.Node):
+        fill = _constant(args[2])
+        if _is_zeros(args[0]) and fill is not None and _is_fill(fill, largest_fill):
+            return args[1], True, fill
+    return None
+
+
+def _is_fill(value: float, largest_fill: float) -> bool:
+    return value == float("-inf") or value <= largest_fill
+
+
+def _constant(value: Any) -> float | None:
+    """A Python number, or a 0-d torch.zeros/torch.tensor/torch.full node's constant; else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, fx.Node) and value.op == "call_function":
+        if value.target in (torch.zeros, torch.zeros_like) and _is_scalar_node(value):
+            return 0.0
+        if value.target is torch.tensor and value.args and isinstance(value.args[0], int | float):
+            return float(value.args[0])
+        if value.target is torch.full and len(value.args) >= 2 and tuple(value.args[0]) == ():
+            return _constant(value.args[1])
+    return None
+
+
+def _is_scalar_node(node: fx.Node) -> bool:
+    value = node.meta.get("example_value")
+    return isinstance(value, torch.Tensor) and value.dim() == 0
+
+
+def _is_zeros(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in (torch.zeros, torch.zeros_like)

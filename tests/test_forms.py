@@ -667,7 +667,7 @@ def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_v_ : torch.Tensor)
 """)
 
     def test_views_between_products(self):
-        self.check(views_between_products, qkv(B * H, N, D), "bias", """\
+        self.check(views_between_products, qkv(B * H, N, D), "causal", """\
 def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor):
     l_q_ = L_q_
     l_k_ = L_k_
@@ -690,10 +690,6 @@ def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor)
     l_q_ = L_q_
     l_k_ = L_k_
     l_v_ = L_v_
-    zeros = torch.zeros(2, 1, 10, 10)
-    ones = torch.ones(10, 10, dtype = torch.bool)
-    triu = torch.triu(ones, 1)
-    mask = zeros.masked_fill(triu, -inf)
     size = l_q_.size(-2)
     size_1 = l_q_.size(-1)
     reshape = l_q_.reshape(2, 3, size, size_1)
@@ -703,7 +699,7 @@ def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor)
     size_4 = l_v_.size(-2)
     size_5 = l_v_.size(-1)
     reshape_2 = l_v_.reshape(2, 3, size_4, size_5)
-    attention_default = torch.ops.flash_fx.attention.default(reshape, reshape_1, reshape_2, mask, 0.3, None)
+    attention_default = torch.ops.flash_fx.attention.default(reshape, reshape_1, reshape_2, None, 0.3, 0)
     getitem = attention_default[0]
     flatten = getitem.flatten(0, 1)
     return (flatten,)
@@ -982,7 +978,7 @@ def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor)
 """)
 
     def test_sdpa_masks(self):
-        self.check(sdpa_masks, qkv(), ["causal", "bias"], """\
+        self.check(sdpa_masks, qkv(), ["causal", "causal"], """\
 def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor):
     l_q_ = L_q_
     l_k_ = L_k_
@@ -1001,18 +997,13 @@ def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor)
     l_q_ = L_q_
     l_k_ = L_k_
     l_v_ = L_v_
-    ones = torch.ones(10, 10, dtype = torch.bool)
-    keep = ones.tril()
-    zeros = torch.zeros(10, 10)
-    invert = ~keep
-    bias = zeros.masked_fill(invert, -3.4028234663852886e+38)
     attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.3535533905932738, 0)
     getitem = attention_default[0]
     getitem_1 = attention_default[1]
     unsqueeze = getitem_1.unsqueeze(-1)
     eq = unsqueeze == -inf
     where = torch.where(eq, 0.0, getitem)
-    attention_default_1 = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, bias, 0.3535533905932738, None)
+    attention_default_1 = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.3535533905932738, 0)
     getitem_2 = attention_default_1[0]
     getitem_3 = attention_default_1[1]
     unsqueeze_1 = getitem_3.unsqueeze(-1)
