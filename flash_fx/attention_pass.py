@@ -12,6 +12,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from flash_fx import cost
+from flash_fx.kernels import tile_density
 from flash_fx.mha import multi_head_attention
 from flash_fx.options import Options
 from flash_fx.patterns.canonical import AddBias, Cast, MaskedFill, Scale, canonicalize
@@ -28,7 +29,7 @@ from flash_fx.patterns.masks import (
 from flash_fx.patterns.match import RSQRT_HEAD_DIM, AttentionMatch, NearMiss, ScoreTerm, anchor_nodes, match_anchor
 from flash_fx.patterns.mha import MhaMatch, is_mha_call, match_mha
 from flash_fx.report import Report, RewriteRecord, SkipRecord
-from flash_fx.rewrite import KernelCall, replace_attention
+from flash_fx.rewrite import UNBOUNDED, KernelCall, replace_attention
 
 LARGEST_MASK_FILL = -1e4  # masked_fill values at or below this (or -inf) act as masks
 
@@ -122,7 +123,7 @@ def _plan_and_rewrite(graph: fx.Graph, match: AttentionMatch, example_inputs: li
         v_shape=_concrete_shape(match.v_shape), dtype=str(match.dtype).removeprefix("torch."),
         scale=scale, mask=masks.description, notes="; ".join([*match.notes, plan.reason]),
         hbm_before=plan.hbm_before, hbm_after=plan.hbm_after,
-        time_before=plan.time_before, time_after=plan.time_after,
+        time_before=plan.time_before, time_after=plan.time_after, tile_density=shape.density,
     )
     return record, masks.proofs
 
@@ -142,7 +143,7 @@ def _plan_and_rewrite_mha(match: MhaMatch | str, options: Options, apply: bool) 
         return SkipRecord(match.location, _not_allowed(variant, options))
     batch, heads, nq, nk, head_dim = (concrete(s) for s in match.shape)
     shape = cost.AttentionShape(batch_heads=batch * heads, nq=nq, nk=nk, head_dim=head_dim, dtype=match.dtype,
-                                causal=False, elementwise_passes=1, mask_bytes_per_score=4.0 * bool(masks),
+                                density=1.0, elementwise_passes=1, mask_bytes_per_score=4.0 * bool(masks),
                                 training=torch.is_grad_enabled())
     plan = cost.plan(shape, options.force)
     if not plan.rewrite:
@@ -262,9 +263,18 @@ def _cost_shape(match: AttentionMatch, masks: MaskDecision, nq: int, nk: int) ->
     passes = sum(isinstance(desc, Scale | Cast | MaskedFill | AddBias) for desc in _chain_descs(match))
     return cost.AttentionShape(
         batch_heads=batch_heads, nq=nq, nk=nk, head_dim=concrete(match.q_shape[-1]), dtype=match.dtype,
-        causal=masks.band is not None, elementwise_passes=passes, mask_bytes_per_score=mask_bytes,
+        density=_band_density(masks.band, nq, nk), elementwise_passes=passes, mask_bytes_per_score=mask_bytes,
         training=torch.is_grad_enabled() and any(v.requires_grad for v in values),
     )
+
+
+def _band_density(band: Band | None, nq: int, nk: int) -> float:
+    """Fraction of tiles the kernels visit for a band, at the forward's GPU tile sizes (data masks not counted)."""
+    if band is None:
+        return 1.0
+    window = None if band.left is None else (band.left, band.right if band.right is not None else UNBOUNDED)
+    return tile_density(nq, nk, causal_offset=band.right, window=window, block_m=cost.FORWARD_TILE_M,
+                        block_n=cost.BACKWARD_TILE_N)
 
 
 def _chain_descs(match: AttentionMatch) -> list:

@@ -30,7 +30,7 @@ class AttentionShape:
     nk: int
     head_dim: int
     dtype: torch.dtype
-    causal: bool
+    density: float  # fraction of (query tile, key tile) pairs the flash kernels visit (1.0 dense)
     elementwise_passes: int  # eager's passes over the scores: scale, masks, casts
     mask_bytes_per_score: float  # bytes of mask/bias read per score element by eager (after broadcasting)
     training: bool
@@ -69,7 +69,7 @@ def flash_bytes(s: AttentionShape, tile_m: int = FORWARD_TILE_M, tile_n: int = B
     """HBM bytes of the flash kernels for the same attention (+ backward when training)."""
     e = s.dtype.itemsize
     d = s.head_dim
-    visible = 0.5 if s.causal else 1.0  # fraction of tiles the causal loop bounds visit
+    visible = s.density  # fraction of tiles the loop bounds visit (causal ~0.5, windows less)
     q_tiles = math.ceil(s.nq / tile_m)
     k_tiles = math.ceil(s.nk / tile_n)
     mask = s.nq * s.nk * s.mask_bytes_per_score * visible
@@ -84,7 +84,7 @@ def flash_bytes(s: AttentionShape, tile_m: int = FORWARD_TILE_M, tile_n: int = B
 
 def flops(s: AttentionShape, recompute: bool) -> float:
     """Matrix FLOPs: 4*Nq*Nk*d forward, 2.5x that again for the backward (plus the flash recomputation)."""
-    forward = 4 * s.nq * s.nk * s.head_dim * (0.5 if s.causal and recompute else 1.0)
+    forward = 4 * s.nq * s.nk * s.head_dim * (s.density if recompute else 1.0)
     total = forward * (1 + (2.5 if recompute else 2.0)) if s.training else forward
     return s.batch_heads * total
 

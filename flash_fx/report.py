@@ -24,6 +24,7 @@ class RewriteRecord:
     hbm_after: float
     time_before: float
     time_after: float
+    tile_density: float = 1.0  # fraction of tiles the kernels visit (sparse variants < 1)
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,10 @@ class Report:
         lines = [f"flash_fx report for graph {self.graph_id}: "
                  f"{len(self.rewrites)} rewritten, {len(self.skipped)} skipped"]
         if self.rewrites:
-            header = ("variant", "location", "q", "k", "dtype", "scale", "mask", "HBM before -> after",
+            header = ("variant", "location", "q", "k", "dtype", "scale", "mask", "tiles", "HBM before -> after",
                       "time before -> after", "notes")
             rows = [(r.variant, r.location, _shape(r.q_shape), _shape(r.k_shape), r.dtype, r.scale, r.mask,
+                     f"{r.tile_density:.0%}",
                      f"{_bytes(r.hbm_before)} -> {_bytes(r.hbm_after)}",
                      f"{_seconds(r.time_before)} -> {_seconds(r.time_after)}", r.notes) for r in self.rewrites]
             lines += _table(header, rows)

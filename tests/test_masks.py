@@ -201,3 +201,13 @@ def test_not_a_band():
     visible = Band(None, 0).materialize(6, 6)
     visible[4, 1] = False
     assert _band_of(visible) is None
+
+
+def test_report_tile_density():
+    """The report gives the fraction of tiles the kernels visit (GPU tile sizes), and the cost uses it."""
+    q = torch.randn(1, 1, 1024, 16)
+    (window,) = capture(sliding_window_causal, q, q, q).reports[0].rewrites
+    (causal,) = capture(additive_causal, q, q, q).reports[0].rewrites
+    assert window.tile_density < 0.15 < causal.tile_density < 0.6
+    assert window.hbm_after < causal.hbm_after
+    assert "tiles" in str(capture(additive_causal, q, q, q).reports[0])
