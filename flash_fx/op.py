@@ -1,8 +1,8 @@
 """The `flash_fx::attention` custom op that rewritten graphs call.
 
 `torch.ops.flash_fx.attention(q, k, v, bias, scale, causal_offset, kv_heads_tiled=False, window=None,
-key_valid=None, q_doc=None, k_doc=None) -> (out, lse)` takes 4-d q [Bq, H, Nq, d], k [Bk, Hk, Nk, d] and
-v [Bv, Hv, Nk, d] (any strides), an optional additive bias broadcastable to [B, H, Nq, Nk] and the
+key_valid=None, q_doc=None, k_doc=None, dropout_p=0.0) -> (out, lse, seed)` takes 4-d q [Bq, H, Nq, d],
+k [Bk, Hk, Nk, d] and v [Bv, Hv, Nk, d] (any strides), an optional additive bias broadcastable to [B, H, Nq, Nk] and the
 optional structural masks of `flash_fx.kernels` (evaluated from indices: a `[left, right]` sliding
 window, bool key validity [B or 1, Nk], integer document ids [B or 1, Nq] and [B or 1, Nk]), which
 receive no gradient. Batch sizes of 1 broadcast to the others' B, and a k or
@@ -13,6 +13,14 @@ symbolic sizes welcome) and a registered autograd formula whose backward is the
 and the bias all receive gradients, summed back over whatever was broadcast. Device dispatch lives in
 flash_fx.kernels: Triton on CUDA (and on CPU under TRITON_INTERPRET=1), the tiled PyTorch
 implementation of the same algorithm otherwise.
+
+Dropout: with `dropout_p > 0` every call draws a fresh seed, `torch.randint(0, 2**31 - 1, (1,))` from
+torch's default CPU generator, at run time (inside the op, never baked into a graph), so results differ
+between calls and are reproducible under `torch.manual_seed`. The attention probabilities are dropped
+inside the kernels with the counter-based stream of `flash_fx.kernels.dropout` for that seed (offset 0);
+the third output, the seed as an int64 CPU tensor of shape [1] (0 without dropout), lets the backward
+regenerate the same mask (`flash_fx.kernels.dropout_keep_mask(seed, 0, B * H, Nq, Nk, dropout_p)` is
+that mask). The op is tagged `nondeterministic_seeded`, so graph passes neither merge nor recompute it.
 """
 
 from __future__ import annotations
@@ -31,7 +39,12 @@ def _broadcast_qkv(
     return q.expand(batch, -1, -1, -1), k.expand(batch, kv_heads, -1, -1), v.expand(batch, kv_heads, -1, -1)
 
 
-@torch.library.custom_op("flash_fx::attention", mutates_args=())
+def draw_seed() -> int:
+    """A dropout seed in [0, 2**31 - 1) from torch's default CPU generator."""
+    return int(torch.randint(0, 2**31 - 1, (1,), device="cpu"))
+
+
+@torch.library.custom_op("flash_fx::attention", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -44,14 +57,17 @@ def attention(
     key_valid: torch.Tensor | None = None,
     q_doc: torch.Tensor | None = None,
     k_doc: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q @ k^T * scale + bias, masks) @ v, and the row log-sum-exp (float32) for the backward."""
+    dropout_p: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dropout(softmax(q @ k^T * scale + bias, masks), dropout_p) @ v, the row log-sum-exp (float32) of the
+    undropped softmax, and the dropout seed (int64 [1] on the CPU; 0 without dropout) for the backward."""
     q, k, v = _broadcast_qkv(q, k, v)
+    seed = draw_seed() if dropout_p > 0 else 0
     out, lse = kernels.attention_forward(
         q, k, v, scale=scale, causal_offset=causal_offset, bias=bias, kv_heads_tiled=kv_heads_tiled,
-        window=_window(window), key_valid=key_valid, q_doc=q_doc, k_doc=k_doc,
+        window=_window(window), key_valid=key_valid, q_doc=q_doc, k_doc=k_doc, dropout_p=dropout_p, seed=seed,
     )
-    return out.contiguous(), lse.contiguous()
+    return out.contiguous(), lse.contiguous(), torch.tensor([seed], dtype=torch.int64)
 
 
 def _window(window: list[int] | None) -> tuple[int, int] | None:
@@ -65,11 +81,11 @@ def _window(window: list[int] | None) -> tuple[int, int] | None:
 
 @attention.register_fake
 def _attention_fake(q, k, v, bias, scale, causal_offset, kv_heads_tiled=False, window=None, key_valid=None,
-                    q_doc=None, k_doc=None):
+                    q_doc=None, k_doc=None, dropout_p=0.0):
     q, k, v = _broadcast_qkv(q, k, v)
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-    return out, lse
+    return out, lse, torch.empty(1, dtype=torch.int64, device="cpu")
 
 
 @torch.library.custom_op("flash_fx::attention_backward", mutates_args=())
@@ -89,9 +105,12 @@ def attention_backward(
     key_valid: torch.Tensor | None = None,
     q_doc: torch.Tensor | None = None,
     k_doc: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias) of `attention`, recomputed tile by tile from q, k, v and the saved lse.
 
+    `dropout_p` and `seed` (the forward's third output) regenerate the forward's dropout mask.
     dq, dk, dv have the broadcast shapes of `_broadcast_qkv`. dbias is the float32 gradient of the bias
     expanded to [B, H, Nq, Nk] if `bias_requires_grad`, else an empty tensor.
     """
@@ -99,7 +118,8 @@ def attention_backward(
     dq, dk, dv, dbias = kernels.attention_backward(
         grad_out, q, k, v, out, lse, scale=scale, causal_offset=causal_offset, bias=bias,
         bias_requires_grad=bias_requires_grad, kv_heads_tiled=kv_heads_tiled, window=_window(window),
-        key_valid=key_valid, q_doc=q_doc, k_doc=k_doc,
+        key_valid=key_valid, q_doc=q_doc, k_doc=k_doc, dropout_p=dropout_p,
+        seed=None if seed is None else int(seed.reshape(-1)[0]),
     )
     if dbias is None:
         dbias = q.new_empty(0)
@@ -109,7 +129,7 @@ def attention_backward(
 @attention_backward.register_fake
 def _attention_backward_fake(
     grad_out, q, k, v, out, lse, bias, scale, causal_offset, bias_requires_grad, kv_heads_tiled=False, window=None,
-    key_valid=None, q_doc=None, k_doc=None,
+    key_valid=None, q_doc=None, k_doc=None, dropout_p=0.0, seed=None,
 ):
     q, k, v = _broadcast_qkv(q, k, v)
     if bias_requires_grad:
@@ -120,25 +140,26 @@ def _attention_backward_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, scale, causal_offset, kv_heads_tiled, window, key_valid, q_doc, k_doc = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias, key_valid, q_doc, k_doc)
+    q, k, v, bias, scale, causal_offset, kv_heads_tiled, window, key_valid, q_doc, k_doc, dropout_p = inputs
+    out, lse, seed = output
+    ctx.save_for_backward(q, k, v, out, lse, bias, key_valid, q_doc, k_doc, seed)
     ctx.scale, ctx.causal_offset, ctx.kv_heads_tiled, ctx.window = scale, causal_offset, kv_heads_tiled, window
-    ctx.mark_non_differentiable(lse)
+    ctx.dropout_p = dropout_p
+    ctx.mark_non_differentiable(lse, seed)
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, bias, key_valid, q_doc, k_doc = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_lse, _grad_seed):
+    q, k, v, out, lse, bias, key_valid, q_doc, k_doc, seed = ctx.saved_tensors
     bias_requires_grad = ctx.needs_input_grad[3]
     dq, dk, dv, dbias = torch.ops.flash_fx.attention_backward(
         grad_out, q, k, v, out, lse, bias, ctx.scale, ctx.causal_offset, bias_requires_grad, ctx.kv_heads_tiled,
-        ctx.window, key_valid, q_doc, k_doc,
+        ctx.window, key_valid, q_doc, k_doc, ctx.dropout_p, seed,
     )
     # Inputs broadcast in the forward (batch or head dims of size 1) get their gradients summed back.
     dq, dk, dv = dq.sum_to_size(q.shape), dk.sum_to_size(k.shape), dv.sum_to_size(v.shape)
     dbias = dbias.sum_to_size(bias.shape).to(bias.dtype) if bias_requires_grad else None
-    # The masks (window, key_valid, q_doc, k_doc) receive no gradient.
-    return dq, dk, dv, dbias, None, None, None, None, None, None, None
+    # The masks (window, key_valid, q_doc, k_doc) and dropout_p receive no gradient.
+    return dq, dk, dv, dbias, None, None, None, None, None, None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

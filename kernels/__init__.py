@@ -16,6 +16,15 @@ the visible keys further (see :mod:`flash_fx.kernels.masks`): ``window = (left, 
 (integer [B, Nq] / [B, Nk]) keep keys of the query's document. Whole tiles that these masks hide are
 skipped; :func:`tile_density` gives the fraction of tile pairs the forward visits.
 
+Dropout (``dropout_p > 0``) drops attention probabilities inside the kernels, as FlashAttention does:
+``out = (softmax(scores) * keep / (1 - p)) @ v`` with the normalization of the undropped softmax (what
+eager ``F.dropout(F.softmax(s, -1), p) @ v`` computes). The keep mask is never stored: it is a pure
+function of ``(seed, offset, b * Hq + h, i, j)`` (a counter hash, see :mod:`flash_fx.kernels.dropout`),
+generated on chip in the forward and regenerated identically by the backward, which must get the same
+``dropout_p``, ``seed`` and ``offset``. The tiled PyTorch path uses the same generator, so both paths
+drop the same elements; :func:`dropout_keep_mask` materializes the mask. ``dropout_p == 0`` compiles
+kernels without any dropout code.
+
 Fully masked rows give a NaN output row and LSE -inf, as eager softmax does after a ``-inf`` fill;
 in the backward they contribute no gradient (their dq and dbias rows are 0).
 """
@@ -26,9 +35,10 @@ import os
 
 import torch
 from flash_fx.kernels import config, tiled_torch
+from flash_fx.kernels.dropout import Dropout, dropout_keep_mask
 from flash_fx.kernels.masks import Masks, tile_density
 
-__all__ = ["attention_backward", "attention_forward", "tile_density", "uses_triton"]
+__all__ = ["attention_backward", "attention_forward", "dropout_keep_mask", "tile_density", "uses_triton"]
 
 
 def uses_triton(t: torch.Tensor) -> bool:
@@ -81,16 +91,22 @@ def attention_forward(
     k_doc: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out [B,Hq,Nq,D] in q.dtype, lse [B,Hq,Nq] float32).
 
     ``block_m`` / ``block_n`` override the tile sizes (the tiled PyTorch path uses only ``block_n``).
+    ``dropout_p`` in [0, 1) drops probabilities with the stream of ``seed`` (in [0, 2**31), required when
+    ``dropout_p > 0``) and ``offset`` (>= 0); the LSE is that of the undropped softmax.
     With no keys (Nk == 0) the output is zeros and the LSE -inf, as eager ``softmax(...) @ v`` gives.
     """
     _check_inputs(q, k, v)
     bias = _expand_bias(bias, q, k)
     masks = Masks.build(q.shape[0], q.shape[2], k.shape[2], causal_offset=causal_offset, window=window,
                         key_valid=key_valid, q_doc=q_doc, k_doc=k_doc)
+    dropout = Dropout.build(dropout_p, seed, offset)
     n_k = k.shape[2]
     if q.numel() == 0 or n_k == 0:
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
@@ -98,6 +114,7 @@ def attention_forward(
     if not uses_triton(q):
         return tiled_torch.attention_forward(
             q, k, v, scale=scale, masks=masks, bias=bias, kv_heads_tiled=kv_heads_tiled, block_n=block_n or 256,
+            dropout=dropout,
         )
     _check_triton_head_dim(q)
     # Imported here: Triton decides at decoration time whether kernels run compiled or interpreted.
@@ -106,7 +123,7 @@ def attention_forward(
     block_m, block_n, num_warps, num_stages = _tiles(q, block_m, block_n, backward=False)
     return triton_forward.attention_forward(
         q, k, v, scale=scale, masks=masks, bias=bias, kv_heads_tiled=kv_heads_tiled, block_m=block_m,
-        block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+        block_n=block_n, num_warps=num_warps, num_stages=num_stages, dropout=dropout,
     )
 
 
@@ -129,10 +146,14 @@ def attention_backward(
     k_doc: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Returns (dq, dk, dv, dbias); dq, dk, dv have the shapes and dtypes of q, k, v.
 
-    ``out`` and ``lse`` are what :func:`attention_forward` returned for the same arguments. ``dbias``
+    ``out`` and ``lse`` are what :func:`attention_forward` returned for the same arguments (the same
+    ``dropout_p``, ``seed`` and ``offset`` included: the keep mask is regenerated from them). ``dbias``
     is None unless ``bias_requires_grad``; then it is the float32 [B, Hq, Nq, Nk] gradient of the
     expanded bias (``P * (dP - delta)``, zero where a key is masked and on fully masked rows).
     """
@@ -140,6 +161,7 @@ def attention_backward(
     bias = _expand_bias(bias, q, k)
     masks = Masks.build(q.shape[0], q.shape[2], k.shape[2], causal_offset=causal_offset, window=window,
                         key_valid=key_valid, q_doc=q_doc, k_doc=k_doc)
+    dropout = Dropout.build(dropout_p, seed, offset)
     if q.numel() == 0 or k.numel() == 0:
         dbias = None
         if bias_requires_grad:
@@ -149,6 +171,7 @@ def attention_backward(
         return tiled_torch.attention_backward(
             grad_out, q, k, v, out, lse, scale=scale, masks=masks, bias=bias,
             bias_requires_grad=bias_requires_grad, kv_heads_tiled=kv_heads_tiled, block_n=block_n or 256,
+            dropout=dropout,
         )
     _check_triton_head_dim(q)
     from flash_fx.kernels import triton_backward
@@ -157,5 +180,5 @@ def attention_backward(
     return triton_backward.attention_backward(
         grad_out, q, k, v, out, lse.contiguous(), scale=scale, masks=masks, bias=bias,
         bias_requires_grad=bias_requires_grad, kv_heads_tiled=kv_heads_tiled,
-        block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+        block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages, dropout=dropout,
     )

@@ -11,15 +11,18 @@ the tiled head mapping), so each KV head is read once and dK, dV come out summed
 request the backward also writes each tile's dS into the bias gradient (the one [Nq, Nk]-sized output,
 and only when asked for). Semantics match the Triton kernels, including fully masked rows (NaN output,
 LSE = -inf, no gradient contribution) and the structural masks of :mod:`masks`, which are materialized
-one [B, Nq, block_n] tile at a time.
+one [B, Nq, block_n] tile at a time. Dropout regenerates the keep mask of each tile from its counters
+with :func:`dropout.keep_tile`, the generator the Triton kernels implement bit for bit.
 """
 
 from __future__ import annotations
 
 import torch
+from flash_fx.kernels.dropout import Dropout, keep_tile
 from flash_fx.kernels.masks import Masks
 
 NO_MASKS = Masks()
+NO_DROPOUT = Dropout()
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,6 +58,17 @@ def _key_tiles(n_q: int, n_k: int, block_n: int, masks: Masks) -> list[int]:
     return [start for start in starts if masks.key_valid[:, start : start + block_n].any()]
 
 
+def _tile_keep(q: torch.Tensor, num_kv_heads: int, n_k: int, start: int, stop: int, dropout: Dropout,
+               kv_heads_tiled: bool) -> torch.Tensor:
+    """Bool keep mask [B, Hkv, group, Nq, stop - start] of key tile ``[start, stop)``; ``q`` is [B, Hq, Nq, D]."""
+    batch, num_heads, n_q = q.shape[:3]
+    bh = _grouped(torch.arange(batch * num_heads, device=q.device).view(batch, num_heads, 1, 1), num_kv_heads,
+                  kv_heads_tiled)
+    rows = torch.arange(n_q, device=q.device)[:, None]
+    cols = torch.arange(start, stop, device=q.device)[None, :]
+    return keep_tile(dropout.seed, dropout.offset, bh, rows, cols, n_q, n_k, dropout.p)
+
+
 def _tile_scores(
     q: torch.Tensor,
     k_tile: torch.Tensor,
@@ -86,12 +100,14 @@ def attention_forward(
     bias: torch.Tensor | None = None,
     kv_heads_tiled: bool = False,
     block_n: int = 256,
+    dropout: Dropout = NO_DROPOUT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiled forward: ``(out [B, Hq, Nq, D] in q.dtype, lse [B, Hq, Nq] float32)``.
 
     ``bias``, if given, is broadcastable to [B, Hq, Nq, Nk] and already expanded to that shape.
     ``masks`` are the structural masks (:meth:`Masks.build`); ``kv_heads_tiled`` selects the GQA head
-    mapping (see :func:`_grouped`).
+    mapping (see :func:`_grouped`). With ``dropout`` the output uses the dropped, rescaled
+    probabilities; the LSE is that of the undropped softmax.
     """
     dtype = _compute_dtype(q.dtype)
     num_kv_heads, n_k = k.shape[1], k.shape[2]
@@ -110,9 +126,13 @@ def attention_forward(
         p = torch.exp(s - safe_max[..., None])
         alpha = torch.exp(row_max - safe_max)
         row_sum = row_sum * alpha + p.sum(-1)
+        if dropout.enabled:
+            p = p * _tile_keep(q, num_kv_heads, n_k, start, start + k_tile.shape[2], dropout, kv_heads_tiled)
         acc = acc * alpha[..., None] + torch.matmul(p, v_tile)
         row_max = new_max
     out = acc / row_sum[..., None]
+    if dropout.enabled:
+        out = out * dropout.scale
     lse = row_max + torch.log(row_sum)
     return _ungrouped(out, kv_heads_tiled).to(q.dtype), _ungrouped(lse, kv_heads_tiled).to(torch.float32)
 
@@ -131,8 +151,11 @@ def attention_backward(
     bias_requires_grad: bool = False,
     kv_heads_tiled: bool = False,
     block_n: int = 256,
+    dropout: Dropout = NO_DROPOUT,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Tiled backward from the saved ``out`` and ``lse``: ``(dq, dk, dv, dbias)``.
+
+    ``dropout`` must be the forward's: its keep mask is regenerated per tile.
 
     dq, dk, dv have the dtypes of q, k, v. dbias is None unless ``bias_requires_grad``; then it is the
     float32 [B, Hq, Nq, Nk] gradient of the expanded bias, ``dS = P * (dP - delta)``.
@@ -164,8 +187,13 @@ def attention_backward(
         s = _tile_scores(qg, k_tile, start, scale=scale, masks=masks, bias=bias,
                          kv_heads_tiled=kv_heads_tiled)
         p = torch.exp(s - lse_g[..., None])
-        dv[:, :, start:stop] = torch.matmul(p.transpose(-1, -2), dog).sum(2)
-        ds = p * (torch.matmul(dog, v_tile.unsqueeze(2).transpose(-1, -2)) - delta[..., None])
+        dp = torch.matmul(dog, v_tile.unsqueeze(2).transpose(-1, -2))
+        p_kept = p
+        if dropout.enabled:
+            drop = _tile_keep(q, num_kv_heads, n_k, start, stop, dropout, kv_heads_tiled) * dropout.scale
+            p_kept, dp = p * drop, dp * drop
+        dv[:, :, start:stop] = torch.matmul(p_kept.transpose(-1, -2), dog).sum(2)
+        ds = p * (dp - delta[..., None])
         if dbias is not None:
             grouped(dbias)[..., start:stop] = ds
         dq += torch.matmul(ds, k_tile.unsqueeze(2)) * scale

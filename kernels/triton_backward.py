@@ -22,11 +22,14 @@ import torch
 import triton
 import triton.language as tl
 from flash_fx.kernels import config
+from flash_fx.kernels.dropout import Dropout
 from flash_fx.kernels.masks import Masks
 from flash_fx.kernels.triton_common import (
+    apply_dropout,
     band_visible,
     doc_range,
     dot,
+    dropout_keep,
     exp_units,
     kv_head,
     load_ids,
@@ -67,11 +70,16 @@ def _delta_kernel(
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base, q_doc_base,
                 query_start, query_end, offs_m, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod,
-                stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale, upper, lower, HEAD_DIM: tl.constexpr,
-                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr,
-                UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Accumulate the query tiles in ``[query_start, query_end)`` into dK, dV (transposed [keys, queries])."""
+                stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale, upper, lower, bh, seed, offset, threshold,
+                drop_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+                HAS_DOCS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr):
+    """Accumulate the query tiles in ``[query_start, query_end)`` into dK, dV (transposed [keys, queries]).
+
+    With ``DROPOUT`` the forward's keep mask of query head ``bh`` is regenerated: dV takes the dropped,
+    scaled probabilities and dS = P * (dropped, scaled dP - delta).
+    """
     for start_m in range(query_start, query_end, BLOCK_M):
         rows = start_m + offs_m
         q = load_rows(q_base, rows, offs_d, stride_qm, stride_qd, n_q, HEAD_DIM, True)
@@ -86,8 +94,13 @@ def _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_bas
         q_ids = load_ids(q_doc_base, rows, stride_qdm, n_q, HAS_DOCS)
         s_t = structural_mask(s_t, q_ids[None, :], k_ids[:, None], key_ok[:, None], HAS_DOCS, HAS_KEY_VALID)
         p_t = exp_units(s_t - lse[None, :], HAS_BIAS)
-        dv += dot(p_t.to(do.dtype), do, UPCAST_DOT, INPUT_PRECISION)
         dp_t = dot(v, tl.trans(do), UPCAST_DOT, INPUT_PRECISION)
+        p_kept = p_t
+        if DROPOUT:
+            keep = dropout_keep(seed, offset, bh, rows[None, :], offs_n[:, None], n_q, n_k, threshold)
+            p_kept = apply_dropout(p_t, keep, drop_scale)
+            dp_t = apply_dropout(dp_t, keep, drop_scale)
+        dv += dot(p_kept.to(do.dtype), do, UPCAST_DOT, INPUT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += dot(ds_t.to(q.dtype), q, UPCAST_DOT, INPUT_PRECISION)
     return dk, dv
@@ -104,11 +117,11 @@ def _dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower,
+    num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower, seed, offset, threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-    HAS_DOCS: tl.constexpr, SORTED_DOCS: tl.constexpr, KV_TILED: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    HAS_DOCS: tl.constexpr, SORTED_DOCS: tl.constexpr, KV_TILED: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Grid: (key tiles, batch * KV heads). dK, dV sum over the ``group_size`` query heads of the KV head.
 
@@ -148,23 +161,24 @@ def _dkdv_kernel(
             q_base = Q + b * stride_qb + h * stride_qh
             do_base = DOut + b * stride_dob + h * stride_doh
             bias_base = Bias + b * stride_bb + h * stride_bh
-            lse_base = Lse + (b * num_heads + h) * n_q
-            delta_base = Delta + (b * num_heads + h) * n_q
+            bh = b * num_heads + h
+            lse_base = Lse + bh * n_q
+            delta_base = Delta + bh * n_q
             dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
                                  q_doc_base, begin, full_begin, offs_m, offs_n, offs_d, stride_qm, stride_qd,
                                  stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale, upper,
-                                 lower, HEAD_DIM, BLOCK_M, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
-                                 HAS_DOCS, UPCAST_DOT, INPUT_PRECISION)
+                                 lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_M, True, HAS_UPPER,
+                                 HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
             dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
                                  q_doc_base, full_begin, full_end, offs_m, offs_n, offs_d, stride_qm, stride_qd,
                                  stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale, upper,
-                                 lower, HEAD_DIM, BLOCK_M, False, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
-                                 HAS_DOCS, UPCAST_DOT, INPUT_PRECISION)
+                                 lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_M, False, HAS_UPPER,
+                                 HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
             dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
                                  q_doc_base, full_end, end, offs_m, offs_n, offs_d, stride_qm, stride_qd,
                                  stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale, upper,
-                                 lower, HEAD_DIM, BLOCK_M, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
-                                 HAS_DOCS, UPCAST_DOT, INPUT_PRECISION)
+                                 lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_M, True, HAS_UPPER,
+                                 HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
     store_rows(DK + b * stride_dkb + h_kv * stride_dkh, dk * sm_scale, offs_n, offs_d, stride_dkn, stride_dkd, n_k,
                HEAD_DIM)
     store_rows(DV + b * stride_dvb + h_kv * stride_dvh, dv, offs_n, offs_d, stride_dvn, stride_dvd, n_k, HEAD_DIM)
@@ -173,13 +187,15 @@ def _dkdv_kernel(
 @triton.jit
 def _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
               key_start, key_end, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm,
-              stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper, lower,
-              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_UPPER: tl.constexpr,
-              HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr,
-              WRITE_DBIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+              stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper, lower, bh,
+              seed, offset, threshold, drop_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, WRITE_DBIAS: tl.constexpr,
+              DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Accumulate the key tiles in ``[key_start, key_end)`` into dQ (unscaled); store their dS if asked.
 
-    Key tiles without a valid key are skipped, as in the forward.
+    Key tiles without a valid key are skipped, as in the forward. With ``DROPOUT`` dP is dropped and
+    scaled with the forward's regenerated keep mask before ``dS = P * (dP - delta)``.
     """
     for start_n in range(key_start, key_end, BLOCK_N):
         cols = start_n + offs_n
@@ -200,6 +216,9 @@ def _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_bas
             s = structural_mask(s, q_ids[:, None], k_ids[None, :], key_ok[None, :], HAS_DOCS, HAS_KEY_VALID)
             p = exp_units(s - lse[:, None], HAS_BIAS)
             dp = dot(do, tl.trans(v), UPCAST_DOT, INPUT_PRECISION)
+            if DROPOUT:
+                keep = dropout_keep(seed, offset, bh, offs_m[:, None], cols[None, :], n_q, n_k, threshold)
+                dp = apply_dropout(dp, keep, drop_scale)
             ds = p * (dp - delta[:, None])
             if WRITE_DBIAS:
                 tl.store(dbias_base + offs_m[:, None] * stride_dbm + cols[None, :] * stride_dbn, ds,
@@ -219,11 +238,11 @@ def _dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_dbb, stride_dbh, stride_dbm, stride_dbn,
-    num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower,
+    num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower, seed, offset, threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
     HAS_DOCS: tl.constexpr, SORTED_DOCS: tl.constexpr, KV_TILED: tl.constexpr, WRITE_DBIAS: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Grid: (query tiles, batch * query heads); visits the key tiles the forward visits. With WRITE_DBIAS,
     DBias is a float32 [B, Hq, Nq, Nk] tensor that is zero wherever no key tile is stored (skipped tiles)."""
@@ -257,19 +276,19 @@ def _dq_kernel(
                                                    HAS_UPPER, HAS_LOWER)
     dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
                    begin, full_begin, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm,
-                   stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper, lower,
-                   HEAD_DIM, BLOCK_N, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS,
-                   UPCAST_DOT, INPUT_PRECISION)
+                   stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper, lower, bh,
+                   seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, True, HAS_UPPER, HAS_LOWER, HAS_BIAS,
+                   HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
     dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
-                   full_begin, full_end, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                   stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper,
-                   lower, HEAD_DIM, BLOCK_N, False, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS,
-                   WRITE_DBIAS, UPCAST_DOT, INPUT_PRECISION)
+                   full_begin, full_end, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm,
+                   stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper, lower, bh,
+                   seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, False, HAS_UPPER, HAS_LOWER, HAS_BIAS,
+                   HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
     dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
                    full_end, end, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm,
-                   stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper, lower,
-                   HEAD_DIM, BLOCK_N, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS,
-                   UPCAST_DOT, INPUT_PRECISION)
+                   stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper, lower, bh,
+                   seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, True, HAS_UPPER, HAS_LOWER, HAS_BIAS,
+                   HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
     store_rows(DQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, offs_m, offs_d, stride_dqm, stride_dqd, n_q,
                HEAD_DIM)
 
@@ -291,6 +310,7 @@ def attention_backward(
     block_n: int,
     num_warps: int,
     num_stages: int,
+    dropout: Dropout,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launch the three backward kernels on non-empty inputs; ``lse`` is contiguous [B, Hq, Nq].
 
@@ -313,7 +333,8 @@ def attention_backward(
     block_d = config.padded_head_dim(head_dim)
     flags = dict(
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HAS_BIAS=bias is not None,
-        KV_TILED=kv_heads_tiled, UPCAST_DOT=config.upcast_dot(q.dtype), INPUT_PRECISION=config.input_precision(q.dtype),
+        KV_TILED=kv_heads_tiled, DROPOUT=dropout.enabled, UPCAST_DOT=config.upcast_dot(q.dtype),
+        INPUT_PRECISION=config.input_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     group_size = num_heads // num_kv_heads
@@ -326,14 +347,14 @@ def attention_backward(
     _dkdv_kernel[(triton.cdiv(n_k, block_n), batch * num_kv_heads)](
         q, k, v, bias_ptr, *key_args.tensors, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *key_args.strides, *grad_out.stride(), *dk.stride(),
-        *dv.stride(), num_heads, num_kv_heads, group_size, n_q, n_k, scale, *key_args.offsets, **key_args.flags,
-        **flags,
+        *dv.stride(), num_heads, num_kv_heads, group_size, n_q, n_k, scale, *key_args.offsets, *dropout.arguments(),
+        **key_args.flags, **flags,
     )
     query_args = mask_arguments(masks, q, block_m, keys_own_tiles=False)
     _dq_kernel[(triton.cdiv(n_q, block_m), batch * num_heads)](
         q, k, v, bias_ptr, *query_args.tensors, grad_out, lse, delta, dq, dbias_ptr,
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *query_args.strides, *grad_out.stride(), *dq.stride(),
         *dbias_strides, num_heads, num_kv_heads, group_size, n_q, n_k, scale, *query_args.offsets,
-        WRITE_DBIAS=dbias is not None, **query_args.flags, **flags,
+        *dropout.arguments(), WRITE_DBIAS=dbias is not None, **query_args.flags, **flags,
     )
     return dq, dk, dv, dbias

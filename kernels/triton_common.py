@@ -172,3 +172,33 @@ def query_head(h_kv, r, num_kv_heads, group_size, KV_TILED: tl.constexpr):
     else:
         out = h_kv * group_size + r
     return out
+
+
+@triton.jit
+def _fmix32(h):
+    """MurmurHash3's 32-bit finalizer on uint32 tensors (wrapping arithmetic)."""
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def dropout_keep(seed, offset, bh, rows, cols, n_q, n_k, threshold):
+    """Keep mask of the (``rows``, ``cols``) elements of flattened (batch, query head) ``bh``: the
+    generator of :mod:`flash_fx.kernels.dropout` (int64 counter ``offset + (bh * Nq + i) * Nk + j``, two
+    ``fmix32`` rounds, keep iff the word is ``>= threshold``), bit for bit. ``rows``/``cols`` may be a
+    column and a row vector or the other way around."""
+    counter = offset + (bh * n_q + rows.to(tl.int64)) * n_k + cols.to(tl.int64)
+    lo = (counter & 0xFFFFFFFF).to(tl.uint32)
+    hi = (counter >> 32).to(tl.uint32)
+    key = _fmix32((seed.to(tl.uint32) ^ 0x9E3779B9) + _fmix32(hi))
+    word = _fmix32(_fmix32(lo ^ key) + 0x6A09E667)
+    return word.to(tl.int64) >= threshold
+
+
+@triton.jit
+def apply_dropout(x, keep, drop_scale):
+    """``x`` with dropped elements zeroed and kept ones scaled by ``drop_scale`` (``1 / (1 - p)``)."""
+    return tl.where(keep, x * drop_scale, 0.0)

@@ -18,12 +18,14 @@ import torch
 import triton
 import triton.language as tl
 from flash_fx.kernels import config
+from flash_fx.kernels.dropout import Dropout
 from flash_fx.kernels.masks import Masks, doc_bounds
 from flash_fx.kernels.triton_common import (
     LN2,
     band_visible,
     doc_range,
     dot,
+    dropout_keep,
     exp_units,
     kv_head,
     load_ids,
@@ -38,14 +40,16 @@ from flash_fx.kernels.triton_common import (
 @triton.jit
 def _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base, key_start,
                    key_end, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
-                   stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper, lower, HEAD_DIM: tl.constexpr,
-                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr,
-                   UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                   stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper, lower, bh, seed, offset, threshold,
+                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_UPPER: tl.constexpr,
+                   HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+                   HAS_DOCS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr):
     """Fold the key tiles in ``[key_start, key_end)`` into the running (acc, row sum, row max).
 
     ``MASKED`` applies the band and key-range mask; padding and document masks apply to every tile,
-    and a tile without a valid key is skipped.
+    and a tile without a valid key is skipped. With ``DROPOUT`` the row sum takes every probability but
+    the accumulator only the kept ones (unscaled; the caller scales by 1 / (1 - p)).
     """
     for start_n in range(key_start, key_end, BLOCK_N):
         cols = start_n + offs_n
@@ -70,6 +74,9 @@ def _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid
             p = exp_units(s - m_safe[:, None], HAS_BIAS)
             alpha = exp_units(m_i - m_safe, HAS_BIAS)
             l_i = l_i * alpha + tl.sum(p, 1)
+            if DROPOUT:
+                p = tl.where(dropout_keep(seed, offset, bh, offs_m[:, None], cols[None, :], n_q, n_k, threshold),
+                             p, 0.0)
             v = load_rows(v_base, cols, offs_d, stride_vn, stride_vd, n_k, HEAD_DIM, MASKED)
             acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST_DOT, INPUT_PRECISION)
             m_i = m_new
@@ -85,14 +92,18 @@ def _attention_forward_kernel(
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_kvb, stride_kvn, stride_qdb, stride_qdm, stride_kdb, stride_kdn,
     stride_ob, stride_oh, stride_om, stride_od,
-    num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower,
+    num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower, seed, offset, threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-    HAS_DOCS: tl.constexpr, SORTED_DOCS: tl.constexpr, KV_TILED: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    HAS_DOCS: tl.constexpr, SORTED_DOCS: tl.constexpr, KV_TILED: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Grid: (query tiles, batch * query heads). Lse is a contiguous [B, Hq, Nq] float32 tensor; DocBounds
-    the int32 [B, query tiles, 2] key ranges of :func:`masks.doc_bounds` (read only with SORTED_DOCS)."""
+    the int32 [B, query tiles, 2] key ranges of :func:`masks.doc_bounds` (read only with SORTED_DOCS).
+
+    With ``DROPOUT`` probabilities are dropped as :func:`triton_common.dropout_keep` says for (``seed``,
+    ``offset``, ``threshold``) and kept ones scaled by ``drop_scale``; the LSE stays that of the undropped
+    softmax."""
     tile = tl.program_id(0)
     start_m = tile * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
@@ -121,21 +132,23 @@ def _attention_forward_kernel(
     acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
                                    begin, full_begin, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                                    stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper,
-                                   lower, HEAD_DIM, BLOCK_N, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
-                                   HAS_DOCS, UPCAST_DOT, INPUT_PRECISION)
+                                   lower, bh, seed, offset, threshold, HEAD_DIM, BLOCK_N, True, HAS_UPPER, HAS_LOWER,
+                                   HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
     acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
                                    full_begin, full_end, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                                    stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper,
-                                   lower, HEAD_DIM, BLOCK_N, False, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
-                                   HAS_DOCS, UPCAST_DOT, INPUT_PRECISION)
+                                   lower, bh, seed, offset, threshold, HEAD_DIM, BLOCK_N, False, HAS_UPPER, HAS_LOWER,
+                                   HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
     acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
                                    full_end, end, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                                    stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper,
-                                   lower, HEAD_DIM, BLOCK_N, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
-                                   HAS_DOCS, UPCAST_DOT, INPUT_PRECISION)
+                                   lower, bh, seed, offset, threshold, HEAD_DIM, BLOCK_N, True, HAS_UPPER, HAS_LOWER,
+                                   HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
 
     # A fully masked row has l = 0 and acc = 0: 0 / 0 = NaN, as eager softmax gives; its LSE is -inf.
     out = acc / l_i[:, None]
+    if DROPOUT:
+        out = out * drop_scale
     if HAS_BIAS:
         lse = m_i + tl.log(l_i)
     else:
@@ -196,6 +209,7 @@ def attention_forward(
     block_n: int,
     num_warps: int,
     num_stages: int,
+    dropout: Dropout,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on non-empty inputs; ``bias`` is already expanded to [B, Hq, Nq, Nk]."""
     batch, num_heads, n_q, head_dim = q.shape
@@ -209,8 +223,9 @@ def attention_forward(
         q, k, v, bias_ptr, *mask_args.tensors, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *mask_args.strides, *out.stride(),
         num_heads, k.shape[1], num_heads // k.shape[1], n_q, n_k, scale, *mask_args.offsets,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config.padded_head_dim(head_dim),
-        HAS_BIAS=bias is not None, KV_TILED=kv_heads_tiled, UPCAST_DOT=config.upcast_dot(q.dtype),
+        *dropout.arguments(), HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=config.padded_head_dim(head_dim), HAS_BIAS=bias is not None, KV_TILED=kv_heads_tiled,
+        DROPOUT=dropout.enabled, UPCAST_DOT=config.upcast_dot(q.dtype),
         INPUT_PRECISION=config.input_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
         **mask_args.flags,
     )
