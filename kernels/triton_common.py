@@ -193,7 +193,7 @@ def dropout_keep(seed, offset, bh, rows, cols, n_q, n_k, threshold):
     counter = offset + (bh * n_q + rows.to(tl.int64)) * n_k + cols.to(tl.int64)
     lo = (counter & 0xFFFFFFFF).to(tl.uint32)
     hi = (counter >> 32).to(tl.uint32)
-    key = _fmix32((seed.to(tl.uint32) ^ 0x9E3779B9) + _fmix32(hi))
+    key = _fmix32((tl.cast(seed, tl.uint32) ^ 0x9E3779B9) + _fmix32(hi))
     word = _fmix32(_fmix32(lo ^ key) + 0x6A09E667)
     return word.to(tl.int64) >= threshold
 

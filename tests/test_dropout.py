@@ -78,12 +78,15 @@ def test_offset_shifts_the_stream():
 @pytest.mark.parametrize("triton", [True, False], ids=["triton", "tiled"])
 @pytest.mark.parametrize("kv_heads_tiled", [False, True], ids=["grouped", "kv_tiled"])
 def test_kernels_drop_the_materialized_mask(triton, kv_heads_tiled):
-    """With q = 0 every probability is 1/Nk, and with V = I the output row is the keep row, scaled."""
+    """With q = 0 every probability is 1/Nk, and with V = I the output row is the keep row, scaled.
+
+    The offset makes the 64-bit counters cross 2**32 inside the call, so both words of the counter matter.
+    """
     batch, heads, kv_heads, n_q, n = 2, 4, 2, 19, 32
     q = torch.zeros(batch, heads, n_q, n)
     k = torch.randn(batch, kv_heads, n, n, generator=torch.Generator().manual_seed(0))
     v = torch.eye(n).expand(batch, kv_heads, n, n)
-    p, seed, offset = 0.3, 99, 5
+    p, seed, offset = 0.3, 1, 2**32 - 1000
     out, _ = run_forward(q, k, v, triton=triton, kv_heads_tiled=kv_heads_tiled, dropout_p=p, seed=seed,
                          offset=offset)
     keep = dropout_keep_mask(seed, offset, batch * heads, n_q, n, p).view(batch, heads, n_q, n)
