@@ -121,7 +121,8 @@ def _plan_and_rewrite(graph: fx.Graph, match: AttentionMatch, example_inputs: li
         variant=variant, location=match.location,
         q_shape=_concrete_shape(match.q_shape), k_shape=_concrete_shape(match.k_shape),
         v_shape=_concrete_shape(match.v_shape), dtype=str(match.dtype).removeprefix("torch."),
-        scale=scale, mask=masks.description, notes="; ".join([*match.notes, plan.reason]),
+        scale=scale, mask=masks.description,
+        notes="; ".join([*match.notes, *_dropout_note(match.dropout_p), plan.reason]),
         hbm_before=plan.hbm_before, hbm_after=plan.hbm_after,
         time_before=plan.time_before, time_after=plan.time_after, tile_density=shape.density,
     )
@@ -148,17 +149,19 @@ def _plan_and_rewrite_mha(match: MhaMatch | str, options: Options, apply: bool) 
     plan = cost.plan(shape, options.force)
     if not plan.rewrite:
         return SkipRecord(match.location, plan.reason)
+    dropout_p = float(args["dropout_p"]) if args["training"] is not False else 0.0
     if apply:
         match.node.target = multi_head_attention
-        match.node.args = tuple(args[name] for name in (
-            "query", "key", "value", "num_heads", "in_proj_weight", "in_proj_bias", "out_proj_weight",
-            "out_proj_bias", "key_padding_mask", "attn_mask", "q_proj_weight", "k_proj_weight", "v_proj_weight"))
+        names = ("query", "key", "value", "num_heads", "in_proj_weight", "in_proj_bias", "out_proj_weight",
+                 "out_proj_bias", "key_padding_mask", "attn_mask", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+        match.node.args = (*(args[name] for name in names), dropout_p)
         match.node.kwargs = {}
     return RewriteRecord(
         variant=variant, location=match.location, q_shape=(batch, heads, nq, head_dim),
         k_shape=(batch, heads, nk, head_dim), v_shape=(batch, heads, nk, head_dim),
         dtype=str(match.dtype).removeprefix("torch."), scale=f"{head_dim ** -0.5:.4g}",
-        mask=" + ".join(masks) or "none", notes=f"nn.MultiheadAttention; {plan.reason}",
+        mask=" + ".join(masks) or "none",
+        notes="; ".join(["nn.MultiheadAttention", *_dropout_note(dropout_p), plan.reason]),
         hbm_before=plan.hbm_before, hbm_after=plan.hbm_after, time_before=plan.time_before,
         time_after=plan.time_after,
     )
@@ -266,6 +269,10 @@ def _cost_shape(match: AttentionMatch, masks: MaskDecision, nq: int, nk: int) ->
         density=_band_density(masks.band, nq, nk), elementwise_passes=passes, mask_bytes_per_score=mask_bytes,
         training=torch.is_grad_enabled() and any(v.requires_grad for v in values),
     )
+
+
+def _dropout_note(p: float) -> list[str]:
+    return [f"dropout p={p:g} fused (its own random stream, reproducible under torch.manual_seed)"] if p else []
 
 
 def _band_density(band: Band | None, nq: int, nk: int) -> float:

@@ -24,6 +24,7 @@ def multi_head_attention(
     q_proj_weight: torch.Tensor | None,
     k_proj_weight: torch.Tensor | None,
     v_proj_weight: torch.Tensor | None,
+    dropout_p: float = 0.0,
 ) -> tuple[torch.Tensor, None]:
     """(attention output [L, N, E], None) for sequence-first inputs, as F.multi_head_attention_forward."""
     length, batch, width = query.shape
@@ -37,7 +38,7 @@ def multi_head_attention(
 
     q, k, v = (heads(x, w, b) for x, w, b in zip((query, key, value), weights, biases, strict=True))
     bias = _mask_bias(attn_mask, key_padding_mask, batch, num_heads, query.dtype)
-    out, _ = torch.ops.flash_fx.attention(q, k, v, bias, head_dim**-0.5, None)
+    out = torch.ops.flash_fx.attention(q, k, v, bias, head_dim**-0.5, None, dropout_p=dropout_p)[0]
     out = out.permute(2, 0, 1, 3).reshape(length, batch, width)
     return F.linear(out, out_proj_weight, out_proj_bias), None
 

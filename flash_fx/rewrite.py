@@ -53,6 +53,8 @@ def replace_attention(graph: fx.Graph, match: AttentionMatch, call: KernelCall) 
         bias = _bias(graph, call.bias_terms)
         kwargs = {"kv_heads_tiled": True} if match.kv_heads_tiled else {}
         kwargs.update(_structural_masks(graph, call, q))
+        if match.dropout_p:
+            kwargs["dropout_p"] = match.dropout_p
         causal_offset = call.band.right if call.band is not None else None
         result = graph.call_function(
             torch.ops.flash_fx.attention.default, (q, k, v, bias, call.scale, causal_offset), kwargs

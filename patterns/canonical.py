@@ -422,12 +422,12 @@ def _identity(node: fx.Node) -> Identity | None:
 def _dropout(node: fx.Node) -> Identity | Dropout | None:
     x = _arg(node, 0, "input")
     p = _arg(node, 1, "p", 0.5)
-    training = _arg(node, 2, "training", True if node.op == "call_function" else True)
-    if not isinstance(x, fx.Node):
+    training = _arg(node, 2, "train" if node.target is torch.dropout else "training", True)
+    if not isinstance(x, fx.Node) or not isinstance(training, bool) or _arg(node, 3, "inplace", False):
         return None
     if training is False or (isinstance(p, int | float) and p == 0):
         return Identity(x)
-    return Dropout(x, p)
+    return Dropout(x, float(p) if isinstance(p, int | float) else p)
 
 
 def _masked_fill(node: fx.Node) -> MaskedFill | None:

@@ -77,6 +77,7 @@ class AttentionMatch:
     dtype: torch.dtype
     location: str
     zero_dead_rows: bool = False  # fully masked rows give 0 (SDPA) instead of NaN (softmax)
+    dropout_p: float = 0.0  # dropout on the probabilities in training, fused into the kernels
     notes: list[str] = field(default_factory=list)
 
 
@@ -166,6 +167,7 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
 
     # Walk forward from the softmax to the P @ V product.
     forward: list[fx.Node] = []
+    dropout_p = 0.0
     node = softmax
     while True:
         user = _only_user(node)
@@ -175,8 +177,11 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
         if isinstance(desc, MatMul):
             break
         if isinstance(desc, Dropout):
-            return f"dropout (p={desc.p}) in training mode on the probabilities: fused dropout is not available yet"
-        if not isinstance(desc, Cast | Identity | Reshape):
+            why = _fusable_dropout(desc.p, dropout_p)
+            if why is not None:
+                return why
+            dropout_p = desc.p
+        elif not isinstance(desc, Cast | Identity | Reshape):
             return f"probabilities go to {_op_name(user)}, not to a P @ V product"
         forward.append(user)
         node = user
@@ -204,7 +209,7 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
     return _finish(
         anchor=softmax, output=pv, nodes=[qk, *back, softmax, *forward, pv], q=qk_desc.a, k=qk_desc.b,
         k_is_transposed=True, v=pv_desc.b, scale=scale, dynamic_scales=dynamic_scales, terms=terms, causal=False,
-        batch_view=batch_view, out_perm=pv_desc.out_perm,
+        batch_view=batch_view, out_perm=pv_desc.out_perm, dropout_p=dropout_p,
     )
 
 
@@ -214,6 +219,17 @@ def _non_scalar_factor(node: fx.Node) -> tuple | None:
         return None
     shapes = [tuple(_value(a).shape) for a in node.args[:2] if _value(a) is not None]
     return min(shapes, key=len) if len(shapes) == 2 and all(shapes) else None
+
+
+def _fusable_dropout(p: object, earlier: float) -> str | None:
+    """None if dropout with probability p can run inside the kernels, else why not."""
+    if not isinstance(p, float):
+        return f"dropout probability {p} is not a constant"
+    if not 0.0 <= p < 1.0:
+        return f"dropout probability {p} is not in [0, 1)"
+    if earlier:
+        return "two dropouts on the probabilities"
+    return None
 
 
 def _fold_score_ops(score_ops: list, alpha: float) -> tuple[float, list, list[ScoreTerm]] | str:
@@ -254,8 +270,9 @@ def _batch_view(views: list[Reshape], terms: list[ScoreTerm], qk: MatMul, pv: Ma
 
 
 def _match_sdpa(node: fx.Node, desc: ScaledDotProductAttention) -> AttentionMatch | str:
-    if not (isinstance(desc.dropout_p, float) and desc.dropout_p == 0.0):
-        return f"scaled_dot_product_attention with dropout_p={desc.dropout_p}: fused dropout is not available yet"
+    why = _fusable_dropout(desc.dropout_p, 0.0)
+    if why is not None:
+        return why
     if desc.is_causal and desc.attn_mask is not None:
         return "scaled_dot_product_attention with both attn_mask and is_causal"
     q_shape = _shape(desc.q)
@@ -280,7 +297,7 @@ def _match_sdpa(node: fx.Node, desc: ScaledDotProductAttention) -> AttentionMatc
     return _finish(
         anchor=node, output=node, nodes=[node], q=Operand(desc.q), k=Operand(desc.k), k_is_transposed=False,
         v=Operand(desc.v), scale=scale, dynamic_scales=dynamic_scales, terms=terms, causal=desc.is_causal,
-        batch_view=None, out_perm=None, zero_dead_rows=True,
+        batch_view=None, out_perm=None, zero_dead_rows=True, dropout_p=desc.dropout_p,
     )
 
 

@@ -47,8 +47,8 @@ def match_mha(node: fx.Node) -> MhaMatch | str:
     unsupported = [name for name in ("bias_k", "bias_v", "static_k", "static_v") if args[name] is not None]
     if unsupported or args["add_zero_attn"]:
         return f"nn.MultiheadAttention with {unsupported or ['add_zero_attn']} is not supported"
-    if args["training"] is not False and args["dropout_p"] != 0.0:
-        return f"nn.MultiheadAttention dropout={args['dropout_p']} in training: fused dropout is not available yet"
+    if args["training"] is not False and not isinstance(args["dropout_p"], float | int):
+        return f"nn.MultiheadAttention dropout={args['dropout_p']} is not a constant"
     query, key = (n.meta.get("example_value") if isinstance(n, fx.Node) else None for n in (args["query"], args["key"]))
     if not isinstance(query, torch.Tensor) or not isinstance(key, torch.Tensor) or query.dim() != 3:
         return "unbatched nn.MultiheadAttention input"

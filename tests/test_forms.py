@@ -1161,3 +1161,51 @@ def forward(self, L_x_ : torch.Tensor, L_module_parameters_in_proj_bias_ : torch
         captured = capture(lambda x: module(x, x, x)[0], x)
         self.assertEqual(captured.variants, [])
         self.assertIn("need_weights=False", captured.skip_reasons[0])
+
+
+def dropout_training(q, k, v):
+    return F.dropout(F.softmax(q @ k.mT * 0.3, dim=-1), p=0.25, training=True) @ v
+
+
+def sdpa_dropout(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=True)
+
+
+class FusedDropoutTest(TestCase):
+    """Training-mode dropout on the probabilities runs inside the kernels with its own random stream: the
+    compiled result equals eager attention with the kernels' keep mask (regenerated from the seed the op
+    draws), reproducibly under torch.manual_seed."""
+
+    def check_against_mask(self, fn, scale, causal):
+        from flash_fx.kernels import dropout_keep_mask
+
+        q, k, v = qkv()
+        captured = capture(fn, q, k, v)
+        (rewrite,) = captured.reports[0].rewrites
+        self.assertIn("dropout p=0.25 fused", rewrite.notes)
+        self.assertIn("dropout_p = 0.25", captured.after)
+        compiled = torch.compile(fn, backend="flash_fx", options={"inner": "aot_eager", "report": False})
+        torch.manual_seed(123)
+        out = compiled(q, k, v)
+        torch.manual_seed(123)
+        self.assertTrue(torch.equal(compiled(q, k, v), out))  # reproducible under torch.manual_seed
+        torch.manual_seed(123)
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))  # what the op draws
+        keep = dropout_keep_mask(seed, 0, B * H, N, N, 0.25).view(B, H, N, N)
+        scores = q @ k.mT * scale
+        if causal:
+            scores = scores.masked_fill(~torch.ones(N, N, dtype=torch.bool).tril(), float("-inf"))
+        expected = (scores.softmax(-1) * keep / 0.75) @ v
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), grad)
+        want = torch.autograd.grad(expected, (q, k, v), grad)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+        torch._dynamo.reset()
+
+    def test_dropout_training(self):
+        self.check_against_mask(dropout_training, 0.3, causal=False)
+
+    def test_sdpa_dropout(self):
+        self.check_against_mask(sdpa_dropout, D**-0.5, causal=True)

@@ -73,11 +73,19 @@ def test_softmax_over_heads_positive_index():
     assert_unchanged(fn, "not the key axis")
 
 
-def test_training_dropout():
+def test_dropout_that_drops_everything():
     def fn(q, k, v):
-        return F.dropout(F.softmax(q @ k.transpose(-2, -1), dim=-1), p=0.2, training=True) @ v
+        return F.dropout(F.softmax(q @ k.transpose(-2, -1), dim=-1), p=1.0, training=True) @ v
 
-    assert_unchanged(fn, "dropout")
+    assert_unchanged(fn, "not in [0, 1)")
+
+
+def test_two_dropouts():
+    def fn(q, k, v):
+        probs = F.dropout(F.softmax(q @ k.transpose(-2, -1), dim=-1), p=0.1, training=True)
+        return F.dropout(probs, p=0.2, training=True) @ v
+
+    assert_unchanged(fn, "two dropouts")
 
 
 def test_softmax_without_matmul():
@@ -158,13 +166,6 @@ def test_attention_weights_returned_hint():
         return weights @ v, weights
 
     assert_unchanged(fn, "output_attentions=False")
-
-
-def test_sdpa_with_dropout():
-    def fn(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
-
-    assert_unchanged(fn, "dropout_p=0.1")
 
 
 def test_complex_operands():
