@@ -1149,7 +1149,7 @@ def forward(self, L_x_ : torch.Tensor, L_module_parameters_in_proj_bias_ : torch
     l_module_modules_out_proj_parameters_weight_ = L_module_modules_out_proj_parameters_weight_
     l_module_modules_out_proj_parameters_bias_ = L_module_modules_out_proj_parameters_bias_
     query = l_x_.transpose(1, 0)
-    multi_head_attention_forward = flash_fx_mha_multi_head_attention(query, query, query, 4, l_module_parameters_in_proj_weight_, l_module_parameters_in_proj_bias_, l_module_modules_out_proj_parameters_weight_, l_module_modules_out_proj_parameters_bias_, None, None, None, None, None)
+    multi_head_attention_forward = flash_fx_mha_multi_head_attention(query, query, query, 4, l_module_parameters_in_proj_weight_, l_module_parameters_in_proj_bias_, l_module_modules_out_proj_parameters_weight_, l_module_modules_out_proj_parameters_bias_, None, None, None, None, None, 0.0)
     attn_output = multi_head_attention_forward[0]
     attn_output_1 = attn_output.transpose(1, 0)
     return (attn_output_1,)
