@@ -64,11 +64,6 @@ def record(report: Report) -> None:
     _REPORTS.append(report)
 
 
-def next_graph_id() -> int:
-    """A fresh graph id for this process."""
-    return len(_REPORTS)
-
-
 def reports() -> list[Report]:
     """The reports of the graphs compiled so far in this process (oldest first)."""
     return list(_REPORTS)

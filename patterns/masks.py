@@ -21,14 +21,6 @@ from torch import fx
 
 
 @dataclass(frozen=True)
-class NoMask:
-    """Every key is visible to every query."""
-
-    def describe(self) -> str:
-        return "none"
-
-
-@dataclass(frozen=True)
 class Band:
     """Key j is visible to query i iff i - left <= j <= i + right (None: unbounded on that side).
 
@@ -67,8 +59,6 @@ class Literal:
     negated: bool
 
 
-MaskSpec = NoMask | Band
-
 _SIZE_QUERIES = {"size", "dim", "shape", torch.ops.aten.sym_size.int}
 
 
@@ -87,8 +77,6 @@ class MaskProgram:
         sub.output(env[mask])
         owner = mask.graph.owning_module
         self.module = fx.GraphModule(owner if owner is not None else torch.nn.Module(), sub)
-        self.buffer_positions = [p for n, p in zip(self.input_nodes, self.input_positions, strict=True)
-                                 if _is_module_state(n)]
         self.data_inputs = [n.name for n in self.input_nodes if _reads_values(n, nodes) and not _is_module_state(n)]
         self.has_get_attr = any(n.op == "get_attr" for n in nodes)
 
