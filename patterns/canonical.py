@@ -220,7 +220,7 @@ def _expand_ellipsis(sa: str, sb: str, out: str, shapes: list) -> tuple[str, str
 def _baddbmm(node: fx.Node) -> MatMul | None:
     """baddbmm(input, b1, b2, beta=, alpha=): an empty/zero input or beta=0 contributes nothing."""
     addend, a, b = (_arg(node, i, name) for i, name in enumerate(("input", "batch1", "batch2")))
-    beta, alpha = _constant_float(node.kwargs.get("beta", 1.0)), _constant_float(node.kwargs.get("alpha", 1.0))
+    beta, alpha = constant_float(node.kwargs.get("beta", 1.0)), constant_float(node.kwargs.get("alpha", 1.0))
     if not all(isinstance(x, fx.Node) for x in (addend, a, b)) or beta is None or alpha is None:
         return None
     if beta == 0 or (addend.op == "call_function" and addend.target in (torch.zeros, torch.zeros_like)):
@@ -432,7 +432,7 @@ def _dropout(node: fx.Node) -> Identity | Dropout | None:
 
 def _masked_fill(node: fx.Node) -> MaskedFill | None:
     x, mask, value = _arg(node, 0, "input"), _arg(node, 1, "mask"), _arg(node, 2, "value")
-    value = _constant_float(value)
+    value = constant_float(value)
     if not isinstance(x, fx.Node) or not isinstance(mask, fx.Node) or value is None:
         return None
     return MaskedFill(x, mask, value)
@@ -442,24 +442,27 @@ def _where(node: fx.Node) -> MaskedFill | None:
     cond, a, b = (_arg(node, i, name) for i, name in enumerate(("condition", "input", "other")))
     if not isinstance(cond, fx.Node):
         return None
-    if _is_tensor_node(a) and _constant_float(b) is not None:
-        return MaskedFill(a, cond, _constant_float(b), inverted=True)
-    if _is_tensor_node(b) and _constant_float(a) is not None:
-        return MaskedFill(b, cond, _constant_float(a))
+    if _is_tensor_node(a) and constant_float(b) is not None:
+        return MaskedFill(a, cond, constant_float(b), inverted=True)
+    if _is_tensor_node(b) and constant_float(a) is not None:
+        return MaskedFill(b, cond, constant_float(a))
     return None
 
 
-def _constant_float(value: Any) -> float | None:
-    """A Python number, or a `torch.tensor(c)` / `torch.full([], c)` node with a constant c; else None."""
+def constant_float(value: Any) -> float | None:
+    """A Python number, or a 0-d `torch.tensor(c)` / `torch.full([], c)` / `torch.zeros(())` node; else None."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
         return float(value)
     if isinstance(value, fx.Node) and value.op == "call_function":
         if value.target is torch.tensor and value.args and not isinstance(value.args[0], fx.Node):
-            return _constant_float(value.args[0])
+            return constant_float(value.args[0])
         if value.target is torch.full and len(value.args) >= 2 and tuple(value.args[0]) == ():
-            return _constant_float(value.args[1])
+            return constant_float(value.args[1])
+        example = value.meta.get("example_value")
+        if value.target in (torch.zeros, torch.zeros_like) and isinstance(example, torch.Tensor) and example.dim() == 0:
+            return 0.0
     return None
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from flash_fx.patterns.canonical import constant_float
 from torch import fx
 
 
@@ -331,13 +332,13 @@ def mask_bias_condition(bias: fx.Node, largest_fill: float) -> tuple[fx.Node, bo
         return None
     args = bias.args
     if bias.target is torch.where and len(args) == 3 and isinstance(args[0], fx.Node) and _is_bool(args[0]):
-        a, b = _constant(args[1]), _constant(args[2])
+        a, b = constant_float(args[1]), constant_float(args[2])
         if a == 0.0 and b is not None and _is_fill(b, largest_fill):
             return args[0], False, b
         if b == 0.0 and a is not None and _is_fill(a, largest_fill):
             return args[0], True, a
     if bias.target in ("masked_fill", torch.masked_fill) and len(args) == 3 and isinstance(args[1], fx.Node):
-        fill = _constant(args[2])
+        fill = constant_float(args[2])
         if _is_zeros(args[0]) and fill is not None and _is_fill(fill, largest_fill):
             return args[1], True, fill
     return None
@@ -345,27 +346,6 @@ def mask_bias_condition(bias: fx.Node, largest_fill: float) -> tuple[fx.Node, bo
 
 def _is_fill(value: float, largest_fill: float) -> bool:
     return value == float("-inf") or value <= largest_fill
-
-
-def _constant(value: Any) -> float | None:
-    """A Python number, or a 0-d torch.zeros/torch.tensor/torch.full node's constant; else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, fx.Node) and value.op == "call_function":
-        if value.target in (torch.zeros, torch.zeros_like) and _is_scalar_node(value):
-            return 0.0
-        if value.target is torch.tensor and value.args and isinstance(value.args[0], int | float):
-            return float(value.args[0])
-        if value.target is torch.full and len(value.args) >= 2 and tuple(value.args[0]) == ():
-            return _constant(value.args[1])
-    return None
-
-
-def _is_scalar_node(node: fx.Node) -> bool:
-    value = node.meta.get("example_value")
-    return isinstance(value, torch.Tensor) and value.dim() == 0
 
 
 def _is_zeros(node: Any) -> bool:
