@@ -26,7 +26,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
 from flash_fx.kernels.masks import Masks
 
 __all__ = ["EMPTY", "FULL", "PARTIAL", "BlockLayout", "bias_layout", "masked_threshold"]
