@@ -13,7 +13,8 @@ gradient, an output, when it is requested):
 
 Rows that were fully masked in the forward (LSE = -inf) contribute no gradient: their dQ and dbias
 rows are 0. Both loops visit exactly the tile pairs the forward visits (band, sorted documents, padding
-tiles; see :mod:`masks`).
+tiles; see :mod:`masks`), or, with a block-sparse layout of the bias (``LAYOUT``, built for the backward's
+own tile sizes), the non-empty tiles of its per-key-tile (dK/dV) and per-query-tile (dQ) lists.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import triton
 import triton.language as tl
 from flash_fx.kernels import config
 from flash_fx.kernels.dropout import Dropout
+from flash_fx.kernels.layout import BlockLayout
 from flash_fx.kernels.masks import Masks
 from flash_fx.kernels.triton_common import (
     apply_dropout,
@@ -32,6 +34,7 @@ from flash_fx.kernels.triton_common import (
     dropout_keep,
     exp_units,
     kv_head,
+    layout_list,
     load_ids,
     load_rows,
     lse_to_units,
@@ -41,7 +44,7 @@ from flash_fx.kernels.triton_common import (
     structural_mask,
     tile_stages,
 )
-from flash_fx.kernels.triton_forward import bias_arguments, mask_arguments
+from flash_fx.kernels.triton_forward import bias_arguments, layout_arguments, mask_arguments
 
 
 @triton.jit
@@ -69,25 +72,35 @@ def _delta_kernel(
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base, q_doc_base,
-                query_start, query_end, offs_m, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod,
-                stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale, upper, lower, bh, seed, offset, threshold,
-                drop_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-                HAS_DOCS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                INPUT_PRECISION: tl.constexpr):
-    """Accumulate the query tiles in ``[query_start, query_end)`` into dK, dV (transposed [keys, queries]).
+                query_start, query_end, tile_list, offs_m, offs_n, offs_d, stride_qm, stride_qd, stride_dom,
+                stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale, upper, lower, bh, seed, offset,
+                threshold, drop_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                INDEXED: tl.constexpr, LOAD_BIAS: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, DROPOUT: tl.constexpr,
+                UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Accumulate the query tiles in ``[query_start, query_end)`` into dK, dV (transposed [keys, queries]);
+    with ``INDEXED`` the query tiles numbered ``tile_list[query_start:query_end]`` (a block-sparse layout's list).
 
-    With ``DROPOUT`` the forward's keep mask of query head ``bh`` is regenerated: dV takes the dropped,
-    scaled probabilities and dS = P * (dropped, scaled dP - delta).
+    ``LOAD_BIAS`` false skips reading a bias known to be 0 there (see :func:`triton_common.scores`). With
+    ``DROPOUT`` the forward's keep mask of query head ``bh`` is regenerated: dV takes the dropped, scaled
+    probabilities and dS = P * (dropped, scaled dP - delta).
     """
-    for start_m in range(query_start, query_end, BLOCK_M):
+    if INDEXED:
+        step: tl.constexpr = 1
+    else:
+        step: tl.constexpr = BLOCK_M
+    for pos in range(query_start, query_end, step):
+        if INDEXED:
+            start_m = tl.load(tile_list + pos) * BLOCK_M
+        else:
+            start_m = pos
         rows = start_m + offs_m
         q = load_rows(q_base, rows, offs_d, stride_qm, stride_qd, n_q, HEAD_DIM, True)
         do = load_rows(do_base, rows, offs_d, stride_dom, stride_dod, n_q, HEAD_DIM, True)
         lse = lse_to_units(tl.load(lse_base + rows, mask=rows < n_q, other=0.0), HAS_BIAS)
         delta = tl.load(delta_base + rows, mask=rows < n_q, other=0.0)
         s_t = scores(dot(k, tl.trans(q), UPCAST_DOT, INPUT_PRECISION), bias_base, rows[None, :], offs_n[:, None],
-                     stride_bm, stride_bn, n_q, n_k, sm_scale, HAS_BIAS)
+                     stride_bm, stride_bn, n_q, n_k, sm_scale, HAS_BIAS, LOAD_BIAS)
         if MASKED:
             s_t = tl.where(band_visible(rows[None, :], offs_n[:, None], n_k, upper, lower, HAS_UPPER, HAS_LOWER),
                            s_t, float("-inf"))
@@ -108,12 +121,13 @@ def _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_bas
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, Bias, KeyValid, QDoc, KDoc, DocBounds, DOut, Lse, Delta, DK, DV,
+    Q, K, V, Bias, KeyValid, QDoc, KDoc, DocBounds, Counts, Indices, DOut, Lse, Delta, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_kvb, stride_kvn, stride_qdb, stride_qdm, stride_kdb, stride_kdn,
+    stride_cb, stride_ch, stride_ib, stride_ih,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
@@ -121,13 +135,15 @@ def _dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
     HAS_DOCS: tl.constexpr, SORTED_DOCS: tl.constexpr, KV_TILED: tl.constexpr, DROPOUT: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, LAYOUT: tl.constexpr,
 ):
     """Grid: (key tiles, batch * KV heads). dK, dV sum over the ``group_size`` query heads of the KV head.
 
     The band seen from a key j is ``j - upper <= i <= j + lower``, so :func:`tile_stages` gets its bounds
     swapped. A key tile without a valid key writes zeros. DocBounds holds the query ranges of the key
-    tiles (:func:`masks.doc_bounds` with k_doc first).
+    tiles (:func:`masks.doc_bounds` with k_doc first). With ``LAYOUT`` the query tiles of each query head
+    come from a block-sparse layout's per-key-tile lists (Counts int32 [LB, LH, key tiles, 2], Indices int32
+    [LB, LH, key tiles, query tiles]) instead of the band and document ranges.
     """
     tile = tl.program_id(0)
     start_n = tile * BLOCK_N
@@ -152,10 +168,13 @@ def _dkdv_kernel(
                       True)
         k_ids = load_ids(KDoc + b * stride_kdb, offs_n, stride_kdn, n_k, HAS_DOCS)
         q_doc_base = QDoc + b * stride_qdb
-        n_tiles = tl.num_programs(0)
-        lo, hi = doc_range(DocBounds + b * n_tiles * 2, tile, n_tiles, n_q, SORTED_DOCS)
-        begin, full_begin, full_end, end = tile_stages(start_n, n_k, n_q, lower, upper, lo, hi, BLOCK_N, BLOCK_M,
-                                                       HAS_LOWER, HAS_UPPER)
+        if LAYOUT:
+            n_query_tiles = tl.cdiv(n_q, BLOCK_M)
+        else:
+            n_tiles = tl.num_programs(0)
+            lo, hi = doc_range(DocBounds + b * n_tiles * 2, tile, n_tiles, n_q, SORTED_DOCS)
+            begin, full_begin, full_end, end = tile_stages(start_n, n_k, n_q, lower, upper, lo, hi, BLOCK_N, BLOCK_M,
+                                                           HAS_LOWER, HAS_UPPER)
         for r in range(group_size):
             h = query_head(h_kv, r, num_kv_heads, group_size, KV_TILED)
             q_base = Q + b * stride_qb + h * stride_qh
@@ -164,21 +183,41 @@ def _dkdv_kernel(
             bh = b * num_heads + h
             lse_base = Lse + bh * n_q
             delta_base = Delta + bh * n_q
-            dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
-                                 q_doc_base, begin, full_begin, offs_m, offs_n, offs_d, stride_qm, stride_qd,
-                                 stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale, upper,
-                                 lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_M, True, HAS_UPPER,
-                                 HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
-                                 q_doc_base, full_begin, full_end, offs_m, offs_n, offs_d, stride_qm, stride_qd,
-                                 stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale, upper,
-                                 lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_M, False, HAS_UPPER,
-                                 HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
-                                 q_doc_base, full_end, end, offs_m, offs_n, offs_d, stride_qm, stride_qd,
-                                 stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale, upper,
-                                 lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_M, True, HAS_UPPER,
-                                 HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
+            if LAYOUT:
+                # This key tile's partial query tiles (band mask, bias), then its full ones (neither).
+                tile_list, n_partial, n_full = layout_list(Counts, Indices, stride_cb, stride_ch, stride_ib,
+                                                           stride_ih, b, h, tile, n_query_tiles)
+                dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
+                                     q_doc_base, 0, n_partial, tile_list, offs_m, offs_n, offs_d, stride_qm, stride_qd,
+                                     stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale,
+                                     upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_M, True,
+                                     True, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT,
+                                     UPCAST_DOT, INPUT_PRECISION)
+                dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
+                                     q_doc_base, n_partial, n_partial + n_full, tile_list, offs_m, offs_n, offs_d,
+                                     stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm,
+                                     n_q, n_k, sm_scale, upper, lower, bh, seed, offset, threshold, drop_scale,
+                                     HEAD_DIM, BLOCK_M, False, True, False, HAS_UPPER, HAS_LOWER, HAS_BIAS,
+                                     HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
+            else:
+                dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
+                                     q_doc_base, begin, full_begin, Indices, offs_m, offs_n, offs_d, stride_qm,
+                                     stride_qd, stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k,
+                                     sm_scale, upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_M,
+                                     True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS,
+                                     DROPOUT, UPCAST_DOT, INPUT_PRECISION)
+                dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
+                                     q_doc_base, full_begin, full_end, Indices, offs_m, offs_n, offs_d, stride_qm,
+                                     stride_qd, stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k,
+                                     sm_scale, upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_M,
+                                     False, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS,
+                                     DROPOUT, UPCAST_DOT, INPUT_PRECISION)
+                dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
+                                     q_doc_base, full_end, end, Indices, offs_m, offs_n, offs_d, stride_qm, stride_qd,
+                                     stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale,
+                                     upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_M, True,
+                                     False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT,
+                                     UPCAST_DOT, INPUT_PRECISION)
     store_rows(DK + b * stride_dkb + h_kv * stride_dkh, dk * sm_scale, offs_n, offs_d, stride_dkn, stride_dkd, n_k,
                HEAD_DIM)
     store_rows(DV + b * stride_dvb + h_kv * stride_dvh, dv, offs_n, offs_d, stride_dvn, stride_dvd, n_k, HEAD_DIM)
@@ -186,18 +225,29 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
-              key_start, key_end, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm,
-              stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper, lower, bh,
-              seed, offset, threshold, drop_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr,
-              HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, WRITE_DBIAS: tl.constexpr,
-              DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Accumulate the key tiles in ``[key_start, key_end)`` into dQ (unscaled); store their dS if asked.
+              key_start, key_end, tile_list, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+              stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper, lower,
+              bh, seed, offset, threshold, drop_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr, INDEXED: tl.constexpr, LOAD_BIAS: tl.constexpr, HAS_UPPER: tl.constexpr,
+              HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr,
+              WRITE_DBIAS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr):
+    """Accumulate the key tiles in ``[key_start, key_end)`` into dQ (unscaled); store their dS if asked. With
+    ``INDEXED`` the key tiles numbered ``tile_list[key_start:key_end]`` (a block-sparse layout's list).
 
-    Key tiles without a valid key are skipped, as in the forward. With ``DROPOUT`` dP is dropped and
-    scaled with the forward's regenerated keep mask before ``dS = P * (dP - delta)``.
+    Key tiles without a valid key are skipped, as in the forward. ``LOAD_BIAS`` false skips reading a bias
+    known to be 0 there (see :func:`triton_common.scores`). With ``DROPOUT`` dP is dropped and scaled with
+    the forward's regenerated keep mask before ``dS = P * (dP - delta)``.
     """
-    for start_n in range(key_start, key_end, BLOCK_N):
+    if INDEXED:
+        step: tl.constexpr = 1
+    else:
+        step: tl.constexpr = BLOCK_N
+    for pos in range(key_start, key_end, step):
+        if INDEXED:
+            start_n = tl.load(tile_list + pos) * BLOCK_N
+        else:
+            start_n = pos
         cols = start_n + offs_n
         key_ok = load_ids(key_valid_base, cols, stride_kvn, n_k, HAS_KEY_VALID)
         if HAS_KEY_VALID:
@@ -208,7 +258,7 @@ def _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_bas
             k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM, MASKED)
             v = load_rows(v_base, cols, offs_d, stride_vn, stride_vd, n_k, HEAD_DIM, MASKED)
             s = scores(dot(q, tl.trans(k), UPCAST_DOT, INPUT_PRECISION), bias_base, offs_m[:, None], cols[None, :],
-                       stride_bm, stride_bn, n_q, n_k, sm_scale, HAS_BIAS)
+                       stride_bm, stride_bn, n_q, n_k, sm_scale, HAS_BIAS, LOAD_BIAS)
             if MASKED:
                 s = tl.where(band_visible(offs_m[:, None], cols[None, :], n_k, upper, lower, HAS_UPPER, HAS_LOWER),
                              s, float("-inf"))
@@ -229,12 +279,13 @@ def _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_bas
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, Bias, KeyValid, QDoc, KDoc, DocBounds, DOut, Lse, Delta, DQ, DBias,
+    Q, K, V, Bias, KeyValid, QDoc, KDoc, DocBounds, Counts, Indices, DOut, Lse, Delta, DQ, DBias,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_kvb, stride_kvn, stride_qdb, stride_qdm, stride_kdb, stride_kdn,
+    stride_cb, stride_ch, stride_ib, stride_ih,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_dbb, stride_dbh, stride_dbm, stride_dbn,
@@ -242,10 +293,11 @@ def _dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
     HAS_DOCS: tl.constexpr, SORTED_DOCS: tl.constexpr, KV_TILED: tl.constexpr, WRITE_DBIAS: tl.constexpr,
-    DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, LAYOUT: tl.constexpr,
 ):
-    """Grid: (query tiles, batch * query heads); visits the key tiles the forward visits. With WRITE_DBIAS,
-    DBias is a float32 [B, Hq, Nq, Nk] tensor that is zero wherever no key tile is stored (skipped tiles)."""
+    """Grid: (query tiles, batch * query heads); visits the key tiles the forward visits (with ``LAYOUT``, those
+    of the block-sparse layout's per-query-tile lists). With WRITE_DBIAS, DBias is a float32 [B, Hq, Nq, Nk]
+    tensor that is zero wherever no key tile is stored (skipped tiles)."""
     tile = tl.program_id(0)
     start_m = tile * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
@@ -270,25 +322,42 @@ def _dq_kernel(
     k_doc_base = KDoc + b * stride_kdb
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_tiles = tl.num_programs(0)
-    lo, hi = doc_range(DocBounds + b * n_tiles * 2, tile, n_tiles, n_k, SORTED_DOCS)
-    begin, full_begin, full_end, end = tile_stages(start_m, n_q, n_k, upper, lower, lo, hi, BLOCK_M, BLOCK_N,
-                                                   HAS_UPPER, HAS_LOWER)
-    dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
-                   begin, full_begin, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm,
-                   stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper, lower, bh,
-                   seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, True, HAS_UPPER, HAS_LOWER, HAS_BIAS,
-                   HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
-    dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
-                   full_begin, full_end, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm,
-                   stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper, lower, bh,
-                   seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, False, HAS_UPPER, HAS_LOWER, HAS_BIAS,
-                   HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
-    dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
-                   full_end, end, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm,
-                   stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper, lower, bh,
-                   seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, True, HAS_UPPER, HAS_LOWER, HAS_BIAS,
-                   HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
+    if LAYOUT:
+        # Block-sparse layout: partial key tiles (band mask, bias), then full ones (neither).
+        tile_list, n_partial, n_full = layout_list(Counts, Indices, stride_cb, stride_ch, stride_ib, stride_ih, b, h,
+                                                   tile, tl.cdiv(n_k, BLOCK_N))
+        dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
+                       0, n_partial, tile_list, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                       stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper,
+                       lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, True, True, True, HAS_UPPER,
+                       HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
+        dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
+                       n_partial, n_partial + n_full, tile_list, offs_m, offs_n, offs_d, stride_kn, stride_kd,
+                       stride_vn, stride_vd, stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q,
+                       n_k, sm_scale, upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, False,
+                       True, False, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT,
+                       UPCAST_DOT, INPUT_PRECISION)
+    else:
+        n_tiles = tl.num_programs(0)
+        lo, hi = doc_range(DocBounds + b * n_tiles * 2, tile, n_tiles, n_k, SORTED_DOCS)
+        begin, full_begin, full_end, end = tile_stages(start_m, n_q, n_k, upper, lower, lo, hi, BLOCK_M, BLOCK_N,
+                                                       HAS_UPPER, HAS_LOWER)
+        dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
+                       begin, full_begin, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                       stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper,
+                       lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, True, False, True, HAS_UPPER,
+                       HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
+        dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
+                       full_begin, full_end, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                       stride_vd, stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k,
+                       sm_scale, upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, False, False,
+                       True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT,
+                       INPUT_PRECISION)
+        dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
+                       full_end, end, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                       stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper,
+                       lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, True, False, True, HAS_UPPER,
+                       HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
     store_rows(DQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, offs_m, offs_d, stride_dqm, stride_dqd, n_q,
                HEAD_DIM)
 
@@ -311,9 +380,12 @@ def attention_backward(
     num_warps: int,
     num_stages: int,
     dropout: Dropout,
+    layout: BlockLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launch the three backward kernels on non-empty inputs; ``lse`` is contiguous [B, Hq, Nq].
 
+    With a ``layout`` (of ``bias`` for these ``block_m`` x ``block_n`` tiles) the dK/dV kernel visits the
+    query tiles of its per-key-tile lists and the dQ kernel the key tiles of its per-query-tile lists.
     Returns ``(dq, dk, dv, dbias)``; dbias is a float32 [B, Hq, Nq, Nk] tensor if ``bias_requires_grad``,
     else None.
     """
@@ -325,7 +397,8 @@ def attention_backward(
     dbias = None
     if bias_requires_grad:
         # Skipped key tiles are never stored: start from zeros there.
-        alloc = torch.zeros if masks.causal_offset is not None or masks.may_skip else torch.empty
+        skips = masks.causal_offset is not None or masks.may_skip or layout is not None
+        alloc = torch.zeros if skips else torch.empty
         dbias = alloc((batch, num_heads, n_q, n_k), dtype=torch.float32, device=q.device)
     delta = torch.empty_like(lse)
     bias_ptr, bias_strides = bias_arguments(bias, q)
@@ -344,17 +417,20 @@ def attention_backward(
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
     )
     key_args = mask_arguments(masks, q, block_n, keys_own_tiles=True)
+    key_lists = layout_arguments(layout, q, by_keys=True)
     _dkdv_kernel[(triton.cdiv(n_k, block_n), batch * num_kv_heads)](
-        q, k, v, bias_ptr, *key_args.tensors, grad_out, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *key_args.strides, *grad_out.stride(), *dk.stride(),
-        *dv.stride(), num_heads, num_kv_heads, group_size, n_q, n_k, scale, *key_args.offsets, *dropout.arguments(),
-        **key_args.flags, **flags,
+        q, k, v, bias_ptr, *key_args.tensors, *key_lists.tensors, grad_out, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *key_args.strides, *key_lists.strides,
+        *grad_out.stride(), *dk.stride(), *dv.stride(), num_heads, num_kv_heads, group_size, n_q, n_k, scale,
+        *key_args.offsets, *dropout.arguments(), LAYOUT=key_lists.enabled, **key_args.flags, **flags,
     )
     query_args = mask_arguments(masks, q, block_m, keys_own_tiles=False)
+    query_lists = layout_arguments(layout, q, by_keys=False)
     _dq_kernel[(triton.cdiv(n_q, block_m), batch * num_heads)](
-        q, k, v, bias_ptr, *query_args.tensors, grad_out, lse, delta, dq, dbias_ptr,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *query_args.strides, *grad_out.stride(), *dq.stride(),
-        *dbias_strides, num_heads, num_kv_heads, group_size, n_q, n_k, scale, *query_args.offsets,
-        *dropout.arguments(), WRITE_DBIAS=dbias is not None, **query_args.flags, **flags,
+        q, k, v, bias_ptr, *query_args.tensors, *query_lists.tensors, grad_out, lse, delta, dq, dbias_ptr,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *query_args.strides, *query_lists.strides,
+        *grad_out.stride(), *dq.stride(), *dbias_strides, num_heads, num_kv_heads, group_size, n_q, n_k, scale,
+        *query_args.offsets, *dropout.arguments(), WRITE_DBIAS=dbias is not None, LAYOUT=query_lists.enabled,
+        **query_args.flags, **flags,
     )
     return dq, dk, dv, dbias

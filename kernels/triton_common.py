@@ -42,16 +42,21 @@ def store_rows(base, tile, rows, offs_d, stride_row, stride_d, n_rows, HEAD_DIM:
 
 @triton.jit
 def scores(qk, bias_base, rows, cols, stride_bias_row, stride_bias_col, n_rows, n_cols, sm_scale,
-           HAS_BIAS: tl.constexpr):
+           HAS_BIAS: tl.constexpr, LOAD_BIAS: tl.constexpr):
     """Scaled (and biased) scores of a tile in exponent units; ``rows`` index q, ``cols`` index k.
 
     ``rows``/``cols`` may be given as a column and a row vector or the other way around, so the same
-    helper serves the transposed tiles of the dK/dV kernel. Out-of-range bias entries read 0.
+    helper serves the transposed tiles of the dK/dV kernel. Out-of-range bias entries read 0. With a bias
+    but ``LOAD_BIAS`` false, the tile's bias is known to be 0 (a full tile of a block-sparse layout): it is
+    not read, and the scores keep the natural units of biased scores, like the rest of the row.
     """
     if HAS_BIAS:
-        ptrs = bias_base + rows * stride_bias_row + cols * stride_bias_col
-        bias = tl.load(ptrs, mask=(rows < n_rows) & (cols < n_cols), other=0.0)
-        s = qk * sm_scale + bias.to(tl.float32)
+        if LOAD_BIAS:
+            ptrs = bias_base + rows * stride_bias_row + cols * stride_bias_col
+            bias = tl.load(ptrs, mask=(rows < n_rows) & (cols < n_cols), other=0.0)
+            s = qk * sm_scale + bias.to(tl.float32)
+        else:
+            s = qk * sm_scale
     else:
         s = qk * (sm_scale * LOG2E)
     return s
@@ -130,6 +135,18 @@ def doc_range(bounds, tile, n_tiles, n_other, SORTED_DOCS: tl.constexpr):
         lo = 0
         hi = n_other
     return lo, hi
+
+
+@triton.jit
+def layout_list(Counts, Indices, stride_cb, stride_ch, stride_ib, stride_ih, b, h, tile, n_other_tiles):
+    """The block-sparse layout's list of ``tile`` (:meth:`layout.BlockLayout.by_query_tile` /
+    :meth:`~layout.BlockLayout.by_key_tile`) for batch row ``b`` and query head ``h``: ``(entries, n_partial,
+    n_full)``, a pointer to its other-axis tile numbers (partial ones first, then full ones) and the two
+    counts. The strides are 0 along the dims the layout broadcasts over."""
+    counts = Counts + b * stride_cb + h * stride_ch + tile * 2
+    n_partial = tl.load(counts)
+    n_full = tl.load(counts + 1)
+    return Indices + b * stride_ib + h * stride_ih + tile * n_other_tiles, n_partial, n_full
 
 
 @triton.jit

@@ -8,6 +8,8 @@ the output (input dtype) and the natural-log log-sum-exp of every row (float32) 
 Structural masks (:mod:`masks`) come from indices: the causal/window band and sorted document ranges
 bound the loop over key tiles (:func:`triton_common.tile_stages`), padding tiles without a valid key
 are skipped, and only tiles crossing the band's edges (or the ragged last tile) pay for the band mask.
+With a block-sparse layout of the bias (:mod:`layout`, ``LAYOUT``) the loop runs over the query tile's list
+of non-empty key tiles instead: partial ones with the band mask and the bias, full ones with neither.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import triton
 import triton.language as tl
 from flash_fx.kernels import config
 from flash_fx.kernels.dropout import Dropout
+from flash_fx.kernels.layout import BlockLayout
 from flash_fx.kernels.masks import Masks, doc_bounds
 from flash_fx.kernels.triton_common import (
     LN2,
@@ -28,6 +31,7 @@ from flash_fx.kernels.triton_common import (
     dropout_keep,
     exp_units,
     kv_head,
+    layout_list,
     load_ids,
     load_rows,
     scores,
@@ -39,19 +43,29 @@ from flash_fx.kernels.triton_common import (
 
 @triton.jit
 def _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base, key_start,
-                   key_end, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
-                   stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper, lower, bh, seed, offset, threshold,
-                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_UPPER: tl.constexpr,
-                   HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-                   HAS_DOCS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr):
-    """Fold the key tiles in ``[key_start, key_end)`` into the running (acc, row sum, row max).
+                   key_end, tile_list, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm,
+                   stride_bn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper, lower, bh, seed, offset, threshold,
+                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, INDEXED: tl.constexpr,
+                   LOAD_BIAS: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, DROPOUT: tl.constexpr,
+                   UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Fold the key tiles in ``[key_start, key_end)`` into the running (acc, row sum, row max); with
+    ``INDEXED`` the key tiles numbered ``tile_list[key_start:key_end]`` instead (a block-sparse layout's list).
 
     ``MASKED`` applies the band and key-range mask; padding and document masks apply to every tile,
-    and a tile without a valid key is skipped. With ``DROPOUT`` the row sum takes every probability but
+    and a tile without a valid key is skipped. ``LOAD_BIAS`` false skips reading a bias known to be 0
+    there (see :func:`triton_common.scores`). With ``DROPOUT`` the row sum takes every probability but
     the accumulator only the kept ones (unscaled; the caller scales by 1 / (1 - p)).
     """
-    for start_n in range(key_start, key_end, BLOCK_N):
+    if INDEXED:
+        step: tl.constexpr = 1
+    else:
+        step: tl.constexpr = BLOCK_N
+    for pos in range(key_start, key_end, step):
+        if INDEXED:
+            start_n = tl.load(tile_list + pos) * BLOCK_N
+        else:
+            start_n = pos
         cols = start_n + offs_n
         key_ok = load_ids(key_valid_base, cols, stride_kvn, n_k, HAS_KEY_VALID)
         if HAS_KEY_VALID:
@@ -62,7 +76,7 @@ def _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid
             k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM, MASKED)
             qk = dot(q, tl.trans(k), UPCAST_DOT, INPUT_PRECISION)
             s = scores(qk, bias_base, offs_m[:, None], cols[None, :], stride_bm, stride_bn, n_q, n_k, sm_scale,
-                       HAS_BIAS)
+                       HAS_BIAS, LOAD_BIAS)
             if MASKED:
                 s = tl.where(band_visible(offs_m[:, None], cols[None, :], n_k, upper, lower, HAS_UPPER, HAS_LOWER),
                              s, float("-inf"))
@@ -85,25 +99,30 @@ def _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid
 
 @triton.jit
 def _attention_forward_kernel(
-    Q, K, V, Bias, KeyValid, QDoc, KDoc, DocBounds, Out, Lse,
+    Q, K, V, Bias, KeyValid, QDoc, KDoc, DocBounds, Counts, Indices, Out, Lse,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_kvb, stride_kvn, stride_qdb, stride_qdm, stride_kdb, stride_kdn,
+    stride_cb, stride_ch, stride_ib, stride_ih,
     stride_ob, stride_oh, stride_om, stride_od,
     num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower, seed, offset, threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
     HAS_DOCS: tl.constexpr, SORTED_DOCS: tl.constexpr, KV_TILED: tl.constexpr, DROPOUT: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, LAYOUT: tl.constexpr,
 ):
     """Grid: (query tiles, batch * query heads). Lse is a contiguous [B, Hq, Nq] float32 tensor; DocBounds
     the int32 [B, query tiles, 2] key ranges of :func:`masks.doc_bounds` (read only with SORTED_DOCS).
 
     With ``DROPOUT`` probabilities are dropped as :func:`triton_common.dropout_keep` says for (``seed``,
     ``offset``, ``threshold``) and kept ones scaled by ``drop_scale``; the LSE stays that of the undropped
-    softmax."""
+    softmax.
+
+    With ``LAYOUT`` the key tiles come from a block-sparse layout's per-query-tile lists (Counts int32
+    [LB, LH, query tiles, 2], Indices int32 [LB, LH, query tiles, key tiles], see :func:`layout_arguments`)
+    instead of the band and document ranges."""
     tile = tl.program_id(0)
     start_m = tile * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
@@ -125,25 +144,46 @@ def _attention_forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    n_tiles = tl.num_programs(0)
-    lo, hi = doc_range(DocBounds + b * n_tiles * 2, tile, n_tiles, n_k, SORTED_DOCS)
-    begin, full_begin, full_end, end = tile_stages(start_m, n_q, n_k, upper, lower, lo, hi, BLOCK_M, BLOCK_N,
-                                                   HAS_UPPER, HAS_LOWER)
-    acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
-                                   begin, full_begin, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
-                                   stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper,
-                                   lower, bh, seed, offset, threshold, HEAD_DIM, BLOCK_N, True, HAS_UPPER, HAS_LOWER,
-                                   HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
-    acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
-                                   full_begin, full_end, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
-                                   stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper,
-                                   lower, bh, seed, offset, threshold, HEAD_DIM, BLOCK_N, False, HAS_UPPER, HAS_LOWER,
-                                   HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
-    acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
-                                   full_end, end, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
-                                   stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper,
-                                   lower, bh, seed, offset, threshold, HEAD_DIM, BLOCK_N, True, HAS_UPPER, HAS_LOWER,
-                                   HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
+    if LAYOUT:
+        # Block-sparse layout: the partial key tiles of this query tile with the band mask and the bias, then
+        # its full ones with neither; empty tiles are not in the list.
+        tile_list, n_partial, n_full = layout_list(Counts, Indices, stride_cb, stride_ch, stride_ib, stride_ih, b, h,
+                                                   tile, tl.cdiv(n_k, BLOCK_N))
+        acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base,
+                                       k_doc_base, 0, n_partial, tile_list, offs_m, offs_n, offs_d, stride_kn,
+                                       stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn,
+                                       n_q, n_k, sm_scale, upper, lower, bh, seed, offset, threshold, HEAD_DIM,
+                                       BLOCK_N, True, True, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
+                                       HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
+        acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base,
+                                       k_doc_base, n_partial, n_partial + n_full, tile_list, offs_m, offs_n, offs_d,
+                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_kvn,
+                                       stride_kdn, n_q, n_k, sm_scale, upper, lower, bh, seed, offset, threshold,
+                                       HEAD_DIM, BLOCK_N, False, True, False, HAS_UPPER, HAS_LOWER, HAS_BIAS,
+                                       HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
+    else:
+        n_tiles = tl.num_programs(0)
+        lo, hi = doc_range(DocBounds + b * n_tiles * 2, tile, n_tiles, n_k, SORTED_DOCS)
+        begin, full_begin, full_end, end = tile_stages(start_m, n_q, n_k, upper, lower, lo, hi, BLOCK_M, BLOCK_N,
+                                                       HAS_UPPER, HAS_LOWER)
+        acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base,
+                                       k_doc_base, begin, full_begin, Indices, offs_m, offs_n, offs_d, stride_kn,
+                                       stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn,
+                                       n_q, n_k, sm_scale, upper, lower, bh, seed, offset, threshold, HEAD_DIM, BLOCK_N,
+                                       True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS,
+                                       DROPOUT, UPCAST_DOT, INPUT_PRECISION)
+        acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base,
+                                       k_doc_base, full_begin, full_end, Indices, offs_m, offs_n, offs_d, stride_kn,
+                                       stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn,
+                                       n_q, n_k, sm_scale, upper, lower, bh, seed, offset, threshold, HEAD_DIM, BLOCK_N,
+                                       False, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS,
+                                       DROPOUT, UPCAST_DOT, INPUT_PRECISION)
+        acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base,
+                                       k_doc_base, full_end, end, Indices, offs_m, offs_n, offs_d, stride_kn,
+                                       stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn,
+                                       n_q, n_k, sm_scale, upper, lower, bh, seed, offset, threshold, HEAD_DIM, BLOCK_N,
+                                       True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS,
+                                       DROPOUT, UPCAST_DOT, INPUT_PRECISION)
 
     # A fully masked row has l = 0 and acc = 0: 0 / 0 = NaN, as eager softmax gives; its LSE is -inf.
     out = acc / l_i[:, None]
@@ -196,6 +236,29 @@ def mask_arguments(masks: Masks, fallback: torch.Tensor, block: int, *, keys_own
     )
 
 
+class LayoutArguments(NamedTuple):
+    """What the kernels receive for a block-sparse layout (see :func:`layout_arguments`)."""
+
+    tensors: tuple[torch.Tensor, torch.Tensor]
+    strides: tuple[int, int, int, int]
+    enabled: bool
+
+
+def layout_arguments(layout: BlockLayout | None, fallback: torch.Tensor, *, by_keys: bool) -> LayoutArguments:
+    """Kernel arguments of a block-sparse layout: its tile lists (per query tile, or per key tile if
+    ``by_keys``) and their batch and head strides, 0 along the dims the layout broadcasts over (so the kernels
+    index them with the real batch row and query head); without a layout, dummy pointers and zero strides."""
+    if layout is None:
+        return LayoutArguments((fallback, fallback), (0, 0, 0, 0), False)
+    counts, indices = layout.by_key_tile() if by_keys else layout.by_query_tile()
+    counts, indices = counts.to(fallback.device), indices.to(fallback.device)
+
+    def strides(t: torch.Tensor) -> tuple[int, int]:
+        return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0)
+
+    return LayoutArguments((counts, indices), (*strides(counts), *strides(indices)), True)
+
+
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -210,22 +273,28 @@ def attention_forward(
     num_warps: int,
     num_stages: int,
     dropout: Dropout,
+    layout: BlockLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel on non-empty inputs; ``bias`` is already expanded to [B, Hq, Nq, Nk]."""
+    """Launch the forward kernel on non-empty inputs; ``bias`` is already expanded to [B, Hq, Nq, Nk].
+
+    With a ``layout`` (of ``bias`` for these ``block_m`` x ``block_n`` tiles) only its non-empty tiles are
+    visited."""
     batch, num_heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, num_heads, n_q), dtype=torch.float32, device=q.device)
     bias_ptr, bias_strides = bias_arguments(bias, q)
     mask_args = mask_arguments(masks, q, block_m, keys_own_tiles=False)
+    layout_args = layout_arguments(layout, q, by_keys=False)
     grid = (triton.cdiv(n_q, block_m), batch * num_heads)
     _attention_forward_kernel[grid](
-        q, k, v, bias_ptr, *mask_args.tensors, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *mask_args.strides, *out.stride(),
+        q, k, v, bias_ptr, *mask_args.tensors, *layout_args.tensors, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *mask_args.strides, *layout_args.strides,
+        *out.stride(),
         num_heads, k.shape[1], num_heads // k.shape[1], n_q, n_k, scale, *mask_args.offsets,
         *dropout.arguments(), HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=config.padded_head_dim(head_dim), HAS_BIAS=bias is not None, KV_TILED=kv_heads_tiled,
-        DROPOUT=dropout.enabled, UPCAST_DOT=config.upcast_dot(q.dtype),
+        DROPOUT=dropout.enabled, LAYOUT=layout_args.enabled, UPCAST_DOT=config.upcast_dot(q.dtype),
         INPUT_PRECISION=config.input_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
         **mask_args.flags,
     )
