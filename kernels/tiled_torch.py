@@ -13,12 +13,22 @@ and only when asked for). Semantics match the Triton kernels, including fully ma
 LSE = -inf, no gradient contribution) and the structural masks of :mod:`masks`, which are materialized
 one [B, Nq, block_n] tile at a time. Dropout regenerates the keep mask of each tile from its counters
 with :func:`dropout.keep_tile`, the generator the Triton kernels implement bit for bit.
+
+With a block-sparse layout (:mod:`layout`, ``sparse_bias``) both passes walk (query tile, key tile) pairs
+instead: each query tile of ``layout.block_m`` rows runs its online softmax (forward) or accumulates its
+dQ (backward) over the key tiles that are non-empty for at least one (batch, head) of the bias, adding the
+bias and the band mask only where the tile is not full for every (batch, head), so the work follows the
+layout's density.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 from flash_fx.kernels.dropout import Dropout, keep_tile
+from flash_fx.kernels.layout import EMPTY, FULL, BlockLayout
 from flash_fx.kernels.masks import Masks
 
 NO_MASKS = Masks()
@@ -58,36 +68,143 @@ def _key_tiles(n_q: int, n_k: int, block_n: int, masks: Masks) -> list[int]:
     return [start for start in starts if masks.key_valid[:, start : start + block_n].any()]
 
 
-def _tile_keep(q: torch.Tensor, num_kv_heads: int, n_k: int, start: int, stop: int, dropout: Dropout,
-               kv_heads_tiled: bool) -> torch.Tensor:
-    """Bool keep mask [B, Hkv, group, Nq, stop - start] of key tile ``[start, stop)``; ``q`` is [B, Hq, Nq, D]."""
+Columns = slice | torch.Tensor  # key indices of a tile: a range, or gathered (an int64 index tensor)
+
+
+def _positions(index: Columns, device: torch.device) -> torch.Tensor:
+    """The positions ``index`` (a range with explicit bounds, or an index tensor) as an index tensor."""
+    if isinstance(index, torch.Tensor):
+        return index
+    return torch.arange(index.start, index.stop, device=device)
+
+
+def _take(x: torch.Tensor, dim: int, index: Columns) -> torch.Tensor:
+    """``x`` restricted to ``index`` along ``dim``: a view for a range, a gathered copy for an index tensor."""
+    if isinstance(index, torch.Tensor):
+        return x.index_select(dim, index)
+    return x[(slice(None),) * (dim % x.dim()) + (index,)]
+
+
+def _tile_keep(q: torch.Tensor, num_kv_heads: int, n_k: int, cols: Columns, dropout: Dropout,
+               kv_heads_tiled: bool, rows: slice | None = None) -> torch.Tensor:
+    """Bool keep mask [B, Hkv, group, rows, cols] of the key columns ``cols`` and query ``rows`` (all if
+    None); ``q`` is [B, Hq, Nq, D]."""
     batch, num_heads, n_q = q.shape[:3]
     bh = _grouped(torch.arange(batch * num_heads, device=q.device).view(batch, num_heads, 1, 1), num_kv_heads,
                   kv_heads_tiled)
-    rows = torch.arange(n_q, device=q.device)[:, None]
-    cols = torch.arange(start, stop, device=q.device)[None, :]
-    return keep_tile(dropout.seed, dropout.offset, bh, rows, cols, n_q, n_k, dropout.p)
+    row_index = _positions(slice(0, n_q) if rows is None else rows, q.device)[:, None]
+    col_index = _positions(cols, q.device)[None, :]
+    return keep_tile(dropout.seed, dropout.offset, bh, row_index, col_index, n_q, n_k, dropout.p)
 
 
 def _tile_scores(
     q: torch.Tensor,
     k_tile: torch.Tensor,
-    start: int,
+    cols: Columns,
     *,
     scale: float,
     masks: Masks,
     bias: torch.Tensor | None,
     kv_heads_tiled: bool,
+    rows: slice | None = None,
 ) -> torch.Tensor:
-    """Scaled, biased and masked scores [B, Hkv, group, Nq, n] of one key tile."""
-    stop = start + k_tile.shape[-2]
+    """Scaled, biased and masked scores [B, Hkv, group, rows, cols] of the key columns ``cols`` (a range with
+    explicit bounds or an index tensor; ``k_tile`` holds their keys); ``q`` holds the query ``rows`` (a range
+    with explicit bounds; all if None)."""
+    rows = slice(0, q.shape[-2]) if rows is None else rows
     s = torch.matmul(q, k_tile.unsqueeze(2).transpose(-1, -2)) * scale
     if bias is not None:
-        s = s + _grouped(bias[..., start:stop], k_tile.shape[1], kv_heads_tiled).to(s.dtype)
-    visible = masks.visible(torch.arange(q.shape[-2], device=q.device), torch.arange(start, stop, device=q.device))
+        s = s + _grouped(_take(bias[..., rows, :], -1, cols), k_tile.shape[1], kv_heads_tiled).to(s.dtype)
+    visible = masks.visible(_positions(rows, q.device), _positions(cols, q.device))
     if visible is not None:
         s = s.masked_fill(~visible[:, None, None], float("-inf"))
     return s
+
+
+def _without_band(masks: Masks) -> Masks:
+    """``masks`` less the causal/window band (for tiles a layout proves inside it)."""
+    return dataclasses.replace(masks, causal_offset=None, window=None)
+
+
+#: At most this many keys (gathered from the visited key tiles) make one step of the sparse passes.
+_MAX_CHUNK = 512
+
+
+def _sparse_plan(layout: BlockLayout, n_q: int, n_k: int, masks: Masks) -> list[tuple[slice, list]]:
+    """The tile pairs the sparse passes visit: per query tile (its rows, a range of ``layout.block_m``), the
+    key tiles that are non-empty for some (batch, head) and hold a valid key, gathered into chunks of at most
+    ``_MAX_CHUNK`` keys (a range where the tiles are adjacent, else an index tensor), each with whether it
+    reads the bias and the band mask: False for tiles full for every (batch, head) (their bias is 0 and the
+    band covers them), which form their own chunks."""
+    block_m, block_n = layout.block_m, layout.block_n
+    classes = layout.classes.flatten(0, 1).cpu()
+    visited = (classes != EMPTY).any(0)
+    plain = (classes == FULL).all(0)
+    if masks.key_valid is not None:
+        padded = torch.nn.functional.pad(masks.key_valid.cpu(), (0, math.ceil(n_k / block_n) * block_n - n_k))
+        visited &= padded.unflatten(1, (-1, block_n)).any(-1).any(0)[None, :]
+    per_chunk = max(1, _MAX_CHUNK // block_n)
+    plan = []
+    for tile in range(visited.shape[0]):
+        chunks: list[tuple[Columns, bool]] = []
+        for reads_bias, tiles in ((True, visited[tile] & ~plain[tile]), (False, visited[tile] & plain[tile])):
+            numbers = tiles.nonzero().flatten().tolist()
+            for first in range(0, len(numbers), per_chunk):
+                group = numbers[first : first + per_chunk]
+                if group[-1] - group[0] == len(group) - 1:
+                    cols: Columns = slice(group[0] * block_n, min((group[-1] + 1) * block_n, n_k))
+                else:
+                    cols = torch.cat([torch.arange(j * block_n, min((j + 1) * block_n, n_k)) for j in group])
+                    cols = cols.to(layout.classes.device)
+                chunks.append((cols, reads_bias))
+        plan.append((slice(tile * block_m, min((tile + 1) * block_m, n_q)), chunks))
+    return plan
+
+
+def _add_at(x: torch.Tensor, dim: int, index: Columns, values: torch.Tensor) -> None:
+    """``x[index along dim] += values`` in place."""
+    if isinstance(index, torch.Tensor):
+        x.index_add_(dim, index, values)
+    else:
+        _take(x, dim, index).add_(values)
+
+
+def _softmax_step(
+    row_max: torch.Tensor, row_sum: torch.Tensor, acc: torch.Tensor, s: torch.Tensor, v_tile: torch.Tensor,
+    keep: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fold one score tile ``s`` (with its values [B, Hkv, 1, n, D] and dropout ``keep`` mask) into the
+    running row max, row sum and accumulator; the row sum takes every probability, the accumulator the kept
+    ones."""
+    new_max = torch.maximum(row_max, s.amax(-1))
+    # Rows with no visible key so far keep max = -inf; subtract 0 there instead of -inf - -inf = NaN.
+    safe_max = new_max.masked_fill(new_max == float("-inf"), 0.0)
+    p = torch.exp(s - safe_max[..., None])
+    alpha = torch.exp(row_max - safe_max)
+    row_sum = row_sum * alpha + p.sum(-1)
+    if keep is not None:
+        p = p * keep
+    acc = acc * alpha[..., None] + torch.matmul(p, v_tile)
+    return new_max, row_sum, acc
+
+
+def _tile_grads(
+    s: torch.Tensor, lse: torch.Tensor, do: torch.Tensor, delta: torch.Tensor, q: torch.Tensor,
+    k_tile: torch.Tensor, v_tile: torch.Tensor, drop: torch.Tensor | None, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dS, dQ, dK, dV)`` of one score tile ``s`` [B, Hkv, group, rows, n] from the (grouped) rows' LSE,
+    dO, delta and Q and the tile's K, V [B, Hkv, n, D]; ``drop`` is the dropout keep mask times 1 / (1 - p).
+    dK, dV are summed over the group."""
+    p = torch.exp(s - lse[..., None])
+    dp = torch.matmul(do, v_tile.unsqueeze(2).transpose(-1, -2))
+    p_kept = p
+    if drop is not None:
+        p_kept, dp = p * drop, dp * drop
+    dv = torch.matmul(p_kept.transpose(-1, -2), do).sum(2)
+    ds = p * (dp - delta[..., None])
+    dq = torch.matmul(ds, k_tile.unsqueeze(2)) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), q).sum(2) * scale
+    return ds, dq, dk, dv
 
 
 def attention_forward(
@@ -101,14 +218,19 @@ def attention_forward(
     kv_heads_tiled: bool = False,
     block_n: int = 256,
     dropout: Dropout = NO_DROPOUT,
+    layout: BlockLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiled forward: ``(out [B, Hq, Nq, D] in q.dtype, lse [B, Hq, Nq] float32)``.
 
     ``bias``, if given, is broadcastable to [B, Hq, Nq, Nk] and already expanded to that shape.
     ``masks`` are the structural masks (:meth:`Masks.build`); ``kv_heads_tiled`` selects the GQA head
     mapping (see :func:`_grouped`). With ``dropout`` the output uses the dropped, rescaled
-    probabilities; the LSE is that of the undropped softmax.
+    probabilities; the LSE is that of the undropped softmax. With a ``layout`` (of ``bias``) the pass
+    walks its non-empty tile pairs (its own tile sizes; ``block_n`` is ignored).
     """
+    if layout is not None:
+        return _sparse_forward(q, k, v, scale=scale, masks=masks, bias=bias, kv_heads_tiled=kv_heads_tiled,
+                               dropout=dropout, layout=layout)
     dtype = _compute_dtype(q.dtype)
     num_kv_heads, n_k = k.shape[1], k.shape[2]
     qg = _grouped(q.to(dtype), num_kv_heads, kv_heads_tiled)
@@ -118,22 +240,57 @@ def attention_forward(
     for start in _key_tiles(q.shape[2], n_k, block_n, masks):
         k_tile = k[:, :, start : start + block_n].to(dtype)
         v_tile = v[:, :, start : start + block_n].to(dtype).unsqueeze(2)
-        s = _tile_scores(qg, k_tile, start, scale=scale, masks=masks, bias=bias,
-                         kv_heads_tiled=kv_heads_tiled)
-        new_max = torch.maximum(row_max, s.amax(-1))
-        # Rows with no visible key so far keep max = -inf; subtract 0 there instead of -inf - -inf = NaN.
-        safe_max = new_max.masked_fill(new_max == float("-inf"), 0.0)
-        p = torch.exp(s - safe_max[..., None])
-        alpha = torch.exp(row_max - safe_max)
-        row_sum = row_sum * alpha + p.sum(-1)
+        cols = slice(start, start + k_tile.shape[2])
+        s = _tile_scores(qg, k_tile, cols, scale=scale, masks=masks, bias=bias, kv_heads_tiled=kv_heads_tiled)
+        keep = None
         if dropout.enabled:
-            p = p * _tile_keep(q, num_kv_heads, n_k, start, start + k_tile.shape[2], dropout, kv_heads_tiled)
-        acc = acc * alpha[..., None] + torch.matmul(p, v_tile)
-        row_max = new_max
+            keep = _tile_keep(q, num_kv_heads, n_k, cols, dropout, kv_heads_tiled)
+        row_max, row_sum, acc = _softmax_step(row_max, row_sum, acc, s, v_tile, keep)
     out = acc / row_sum[..., None]
     if dropout.enabled:
         out = out * dropout.scale
     lse = row_max + torch.log(row_sum)
+    return _ungrouped(out, kv_heads_tiled).to(q.dtype), _ungrouped(lse, kv_heads_tiled).to(torch.float32)
+
+
+def _sparse_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    masks: Masks,
+    bias: torch.Tensor | None,
+    kv_heads_tiled: bool,
+    dropout: Dropout,
+    layout: BlockLayout,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_forward` over the non-empty tile pairs of ``layout``, one query tile at a time."""
+    dtype = _compute_dtype(q.dtype)
+    num_kv_heads, n_k = k.shape[1], k.shape[2]
+    qg = _grouped(q.to(dtype), num_kv_heads, kv_heads_tiled)
+    out = qg.new_empty(qg.shape[:-1] + v.shape[-1:])
+    lse = qg.new_empty(qg.shape[:-1])
+    plain_masks = _without_band(masks)
+    for rows, chunks in _sparse_plan(layout, q.shape[2], n_k, masks):
+        q_tile = qg[..., rows, :]
+        row_max = q_tile.new_full(q_tile.shape[:-1], float("-inf"))
+        row_sum = q_tile.new_zeros(q_tile.shape[:-1])
+        acc = q_tile.new_zeros(q_tile.shape[:-1] + v.shape[-1:])
+        for cols, reads_bias in chunks:
+            k_tile = _take(k, 2, cols).to(dtype)
+            v_tile = _take(v, 2, cols).to(dtype).unsqueeze(2)
+            s = _tile_scores(q_tile, k_tile, cols, scale=scale, masks=masks if reads_bias else plain_masks,
+                             bias=bias if reads_bias else None, kv_heads_tiled=kv_heads_tiled, rows=rows)
+            keep = None
+            if dropout.enabled:
+                keep = _tile_keep(q, num_kv_heads, n_k, cols, dropout, kv_heads_tiled, rows)
+            row_max, row_sum, acc = _softmax_step(row_max, row_sum, acc, s, v_tile, keep)
+        # No visited tile (or no visible key): 0 / 0 = NaN and LSE -inf, as in the dense pass.
+        out[..., rows, :] = acc / row_sum[..., None]
+        lse[..., rows] = row_max + torch.log(row_sum)
+    if dropout.enabled:
+        out = out * dropout.scale
     return _ungrouped(out, kv_heads_tiled).to(q.dtype), _ungrouped(lse, kv_heads_tiled).to(torch.float32)
 
 
@@ -152,10 +309,12 @@ def attention_backward(
     kv_heads_tiled: bool = False,
     block_n: int = 256,
     dropout: Dropout = NO_DROPOUT,
+    layout: BlockLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Tiled backward from the saved ``out`` and ``lse``: ``(dq, dk, dv, dbias)``.
 
-    ``dropout`` must be the forward's: its keep mask is regenerated per tile.
+    ``dropout`` must be the forward's: its keep mask is regenerated per tile. With a ``layout`` (of ``bias``,
+    for the backward's tiles) only its non-empty tile pairs are visited, one query tile at a time.
 
     dq, dk, dv have the dtypes of q, k, v. dbias is None unless ``bias_requires_grad``; then it is the
     float32 [B, Hq, Nq, Nk] gradient of the expanded bias, ``dS = P * (dP - delta)``.
@@ -180,22 +339,39 @@ def attention_backward(
     if bias_requires_grad:
         # Zeros stay in the skipped key tiles.
         dbias = q.new_zeros((*q.shape[:3], n_k), dtype=torch.float32)
-    for start in _key_tiles(q.shape[2], n_k, block_n, masks):
-        stop = min(start + block_n, n_k)
-        k_tile = k[:, :, start:stop].to(dtype)
-        v_tile = v[:, :, start:stop].to(dtype)
-        s = _tile_scores(qg, k_tile, start, scale=scale, masks=masks, bias=bias,
-                         kv_heads_tiled=kv_heads_tiled)
-        p = torch.exp(s - lse_g[..., None])
-        dp = torch.matmul(dog, v_tile.unsqueeze(2).transpose(-1, -2))
-        p_kept = p
-        if dropout.enabled:
-            drop = _tile_keep(q, num_kv_heads, n_k, start, stop, dropout, kv_heads_tiled) * dropout.scale
-            p_kept, dp = p * drop, dp * drop
-        dv[:, :, start:stop] = torch.matmul(p_kept.transpose(-1, -2), dog).sum(2)
-        ds = p * (dp - delta[..., None])
-        if dbias is not None:
-            grouped(dbias)[..., start:stop] = ds
-        dq += torch.matmul(ds, k_tile.unsqueeze(2)) * scale
-        dk[:, :, start:stop] = torch.matmul(ds.transpose(-1, -2), qg).sum(2) * scale
+
+    def keep(cols: Columns, rows: slice | None = None) -> torch.Tensor | None:
+        if not dropout.enabled:
+            return None
+        return _tile_keep(q, num_kv_heads, n_k, cols, dropout, kv_heads_tiled, rows) * dropout.scale
+
+    if layout is None:
+        for start in _key_tiles(q.shape[2], n_k, block_n, masks):
+            stop = min(start + block_n, n_k)
+            k_tile = k[:, :, start:stop].to(dtype)
+            v_tile = v[:, :, start:stop].to(dtype)
+            s = _tile_scores(qg, k_tile, slice(start, stop), scale=scale, masks=masks, bias=bias,
+                             kv_heads_tiled=kv_heads_tiled)
+            ds, dq_tile, dk[:, :, start:stop], dv[:, :, start:stop] = _tile_grads(
+                s, lse_g, dog, delta, qg, k_tile, v_tile, keep(slice(start, stop)), scale)
+            if dbias is not None:
+                grouped(dbias)[..., start:stop] = ds
+            dq += dq_tile
+        return _ungrouped(dq, kv_heads_tiled).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
+
+    plain_masks = _without_band(masks)
+    for rows, chunks in _sparse_plan(layout, q.shape[2], n_k, masks):
+        q_tile, do_tile = qg[..., rows, :], dog[..., rows, :]
+        for cols, reads_bias in chunks:
+            k_tile = _take(k, 2, cols).to(dtype)
+            v_tile = _take(v, 2, cols).to(dtype)
+            s = _tile_scores(q_tile, k_tile, cols, scale=scale, masks=masks if reads_bias else plain_masks,
+                             bias=bias if reads_bias else None, kv_heads_tiled=kv_heads_tiled, rows=rows)
+            ds, dq_tile, dk_tile, dv_tile = _tile_grads(s, lse_g[..., rows], do_tile, delta[..., rows], q_tile,
+                                                        k_tile, v_tile, keep(cols, rows), scale)
+            if dbias is not None:
+                _add_at(grouped(dbias)[..., rows, :], -1, cols, ds)  # each entry is written once: += 0 is =
+            dq[..., rows, :] += dq_tile
+            _add_at(dk, 2, cols, dk_tile)
+            _add_at(dv, 2, cols, dv_tile)
     return _ungrouped(dq, kv_heads_tiled).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
