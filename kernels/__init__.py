@@ -25,6 +25,17 @@ generated on chip in the forward and regenerated identically by the backward, wh
 drop the same elements; :func:`dropout_keep_mask` materializes the mask. ``dropout_p == 0`` compiles
 kernels without any dropout code.
 
+Block-sparse bias (``sparse_bias=True``): the bias comes from a mask, 0 where a key is visible and ``-inf``
+or a huge negative fill (such as ``finfo.min``) where it is hidden. The kernels then sort the tiles they
+use (forward tiles in the forward, backward tiles in the backward) into empty, partial and full ones with
+:func:`flash_fx.kernels.layout.bias_layout` (the causal/window band folded in) and visit only the
+non-empty ones: partial tiles with the bias and the band mask, full ones with neither (no bias read). Key
+padding, documents and dropout still apply in every visited tile. The results equal those of the dense
+path to rounding, fully masked rows included; the work falls with the layout's density. It needs a
+``bias`` (a ValueError otherwise). The tiled PyTorch path then walks (query tile, key tile) pairs of
+``block_m`` x ``block_n`` (128 x 128 unless given; ``block_m`` defaults to ``block_n``) instead of whole
+key columns.
+
 Fully masked rows give a NaN output row and LSE -inf, as eager softmax does after a ``-inf`` fill;
 in the backward they contribute no gradient (their dq and dbias rows are 0).
 """
@@ -36,6 +47,7 @@ import os
 import torch
 from flash_fx.kernels import config, tiled_torch
 from flash_fx.kernels.dropout import Dropout, dropout_keep_mask
+from flash_fx.kernels.layout import bias_layout
 from flash_fx.kernels.masks import Masks, tile_density
 
 __all__ = ["attention_backward", "attention_forward", "dropout_keep_mask", "tile_density", "uses_triton"]
@@ -71,6 +83,19 @@ def _tiles(
     return block_m or default_m, block_n or default_n, num_warps, num_stages
 
 
+def _check_sparse_bias(sparse_bias: bool, bias: torch.Tensor | None) -> None:
+    if sparse_bias and bias is None:
+        raise ValueError("sparse_bias=True needs a bias (the mask whose empty tiles are skipped)")
+
+
+def _tiled_blocks(block_m: int | None, block_n: int | None, sparse_bias: bool) -> tuple[int, int]:
+    """Tile sizes of the tiled PyTorch path: key columns of 256, or 128 x 128 tile pairs with a sparse bias."""
+    if not sparse_bias:
+        return block_m or 0, block_n or 256
+    block_n = block_n or 128
+    return block_m or block_n, block_n
+
+
 def _check_triton_head_dim(q: torch.Tensor) -> None:
     if q.shape[-1] > config.MAX_HEAD_DIM:
         raise ValueError(f"the Triton kernels support head dims up to {config.MAX_HEAD_DIM}, got {q.shape[-1]}")
@@ -94,15 +119,19 @@ def attention_forward(
     dropout_p: float = 0.0,
     seed: int | None = None,
     offset: int = 0,
+    sparse_bias: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out [B,Hq,Nq,D] in q.dtype, lse [B,Hq,Nq] float32).
 
-    ``block_m`` / ``block_n`` override the tile sizes (the tiled PyTorch path uses only ``block_n``).
+    ``block_m`` / ``block_n`` override the tile sizes (the tiled PyTorch path uses only ``block_n``, and
+    ``block_m`` too with ``sparse_bias``). ``sparse_bias`` skips the tiles a mask-like ``bias`` hides
+    entirely (see the module docstring).
     ``dropout_p`` in [0, 1) drops probabilities with the stream of ``seed`` (in [0, 2**31), required when
     ``dropout_p > 0``) and ``offset`` (>= 0); the LSE is that of the undropped softmax.
     With no keys (Nk == 0) the output is zeros and the LSE -inf, as eager ``softmax(...) @ v`` gives.
     """
     _check_inputs(q, k, v)
+    _check_sparse_bias(sparse_bias, bias)
     bias = _expand_bias(bias, q, k)
     masks = Masks.build(q.shape[0], q.shape[2], k.shape[2], causal_offset=causal_offset, window=window,
                         key_valid=key_valid, q_doc=q_doc, k_doc=k_doc)
@@ -112,18 +141,21 @@ def attention_forward(
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         return out, torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
     if not uses_triton(q):
+        block_m, block_n = _tiled_blocks(block_m, block_n, sparse_bias)
+        layout = bias_layout(bias, masks, block_m, block_n) if sparse_bias else None
         return tiled_torch.attention_forward(
-            q, k, v, scale=scale, masks=masks, bias=bias, kv_heads_tiled=kv_heads_tiled, block_n=block_n or 256,
-            dropout=dropout,
+            q, k, v, scale=scale, masks=masks, bias=bias, kv_heads_tiled=kv_heads_tiled, block_n=block_n,
+            dropout=dropout, layout=layout,
         )
     _check_triton_head_dim(q)
     # Imported here: Triton decides at decoration time whether kernels run compiled or interpreted.
     from flash_fx.kernels import triton_forward
 
     block_m, block_n, num_warps, num_stages = _tiles(q, block_m, block_n, backward=False)
+    layout = bias_layout(bias, masks, block_m, block_n) if sparse_bias else None
     return triton_forward.attention_forward(
         q, k, v, scale=scale, masks=masks, bias=bias, kv_heads_tiled=kv_heads_tiled, block_m=block_m,
-        block_n=block_n, num_warps=num_warps, num_stages=num_stages, dropout=dropout,
+        block_n=block_n, num_warps=num_warps, num_stages=num_stages, dropout=dropout, layout=layout,
     )
 
 
@@ -149,15 +181,19 @@ def attention_backward(
     dropout_p: float = 0.0,
     seed: int | None = None,
     offset: int = 0,
+    sparse_bias: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Returns (dq, dk, dv, dbias); dq, dk, dv have the shapes and dtypes of q, k, v.
 
     ``out`` and ``lse`` are what :func:`attention_forward` returned for the same arguments (the same
-    ``dropout_p``, ``seed`` and ``offset`` included: the keep mask is regenerated from them). ``dbias``
+    ``dropout_p``, ``seed`` and ``offset`` included: the keep mask is regenerated from them). With
+    ``sparse_bias`` the backward builds the layout of its own tiles and skips their empty ones (dbias is 0
+    there). ``dbias``
     is None unless ``bias_requires_grad``; then it is the float32 [B, Hq, Nq, Nk] gradient of the
     expanded bias (``P * (dP - delta)``, zero where a key is masked and on fully masked rows).
     """
     _check_inputs(q, k, v)
+    _check_sparse_bias(sparse_bias, bias)
     bias = _expand_bias(bias, q, k)
     masks = Masks.build(q.shape[0], q.shape[2], k.shape[2], causal_offset=causal_offset, window=window,
                         key_valid=key_valid, q_doc=q_doc, k_doc=k_doc)
@@ -168,17 +204,21 @@ def attention_backward(
             dbias = torch.zeros((*q.shape[:3], k.shape[2]), dtype=torch.float32, device=q.device)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
     if not uses_triton(q):
+        block_m, block_n = _tiled_blocks(block_m, block_n, sparse_bias)
+        layout = bias_layout(bias, masks, block_m, block_n) if sparse_bias else None
         return tiled_torch.attention_backward(
             grad_out, q, k, v, out, lse, scale=scale, masks=masks, bias=bias,
-            bias_requires_grad=bias_requires_grad, kv_heads_tiled=kv_heads_tiled, block_n=block_n or 256,
-            dropout=dropout,
+            bias_requires_grad=bias_requires_grad, kv_heads_tiled=kv_heads_tiled, block_n=block_n,
+            dropout=dropout, layout=layout,
         )
     _check_triton_head_dim(q)
     from flash_fx.kernels import triton_backward
 
     block_m, block_n, num_warps, num_stages = _tiles(q, block_m, block_n, backward=True)
+    layout = bias_layout(bias, masks, block_m, block_n) if sparse_bias else None
     return triton_backward.attention_backward(
         grad_out, q, k, v, out, lse.contiguous(), scale=scale, masks=masks, bias=bias,
         bias_requires_grad=bias_requires_grad, kv_heads_tiled=kv_heads_tiled,
         block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages, dropout=dropout,
+        layout=layout,
     )
