@@ -15,10 +15,13 @@ from flash_fx.kernels import (  # noqa: E402
     attention_backward,
     attention_forward,
     config,
+    dropout_keep_mask,
     tile_density,
     tiled_torch,
     uses_triton,
 )
+from flash_fx.kernels.dropout import Dropout  # noqa: E402
+from flash_fx.kernels.layout import EMPTY, FULL, PARTIAL, bias_layout  # noqa: E402
 from flash_fx.kernels.masks import Masks  # noqa: E402
 
 # The interpreter evaluates 0/0 and log(0) of fully masked rows with numpy, which warns.
@@ -26,6 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NEG_INF = float("-inf")
+DROPOUT_SEED = 2024
 
 
 def repeat_kv(x, group, kv_heads_tiled=False):
@@ -34,9 +38,10 @@ def repeat_kv(x, group, kv_heads_tiled=False):
 
 
 def eager_attention(q, k, v, scale, causal_offset=None, bias=None, drop_masked_rows=False, kv_heads_tiled=False,
-                    visible=None):
+                    visible=None, dropout=None):
     """softmax(q k^T * scale + bias, causal and ``visible`` -inf fill) v in the inputs' dtype, with GQA by
-    repetition; ``visible`` is a dense bool [B, Nq, Nk] mask.
+    repetition; ``visible`` is a dense bool [B, Nq, Nk] mask. ``dropout = (keep, p)`` multiplies the
+    probabilities by the bool [B, Hq, Nq, Nk] ``keep`` mask and 1 / (1 - p), as the kernels' dropout does.
 
     With ``drop_masked_rows`` fully masked rows output 0 and pass no gradient, the convention the
     kernels' backward follows (plain eager gives NaN there).
@@ -52,9 +57,16 @@ def eager_attention(q, k, v, scale, causal_offset=None, bias=None, drop_masked_r
     if visible is not None:
         s = s.masked_fill(~visible[:, None], NEG_INF)
     if not drop_masked_rows:
-        return s.softmax(-1) @ v
+        return _dropped(s.softmax(-1), dropout) @ v
     dead = (s == NEG_INF).all(-1, keepdim=True)
-    return s.masked_fill(dead, 0.0).softmax(-1).masked_fill(dead, 0.0) @ v
+    return _dropped(s.masked_fill(dead, 0.0).softmax(-1).masked_fill(dead, 0.0), dropout) @ v
+
+
+def _dropped(p, dropout):
+    if dropout is None:
+        return p
+    keep, drop_p = dropout
+    return p * keep / (1 - drop_p)
 
 
 def rel_err(x, ref):
@@ -90,28 +102,42 @@ def dense_mask(n_q, n_k, window=None, key_valid=None, q_doc=None, k_doc=None):
 
 
 def check_attention(q, k, v, dtype, *, causal_offset=None, bias=None, triton=True, grad_out=None,
-                    bias_grad=False, kv_heads_tiled=False, masks=None, **blocks):
+                    bias_grad=False, kv_heads_tiled=False, masks=None, sparse=False, dropout_p=0.0, **blocks):
     """Run forward + backward of the kernels on (q, k, v) cast to ``dtype`` and check both against float64.
 
     q, k, v are float64 tensors of any layout; the casts keep their strides. With ``bias_grad`` the
     backward also returns dbias, checked against the float64 gradient of a full-shape ``bias``.
     ``masks`` holds the structural mask keywords (window, key_valid, q_doc, k_doc), which the
-    references apply as a dense mask. Returns the output and the backward's (dq, dk, dv, dbias).
+    references apply as a dense mask. ``sparse`` runs the block-sparse path (``sparse_bias``; the tiled
+    path gets the layout of ``block_m`` x ``block_n`` tiles, ``block_m`` defaulting to ``block_n``).
+    ``dropout_p`` drops with seed ``DROPOUT_SEED``; the references apply the materialized keep mask.
+    Returns the output and the backward's (dq, dk, dv, dbias).
     """
     masks = masks or {}
     options = dict(causal_offset=causal_offset, kv_heads_tiled=kv_heads_tiled)
-    kernel_options = dict(options, **masks)
-    forward = attention_forward if triton else tiled_torch.attention_forward
-    backward = attention_backward if triton else tiled_torch.attention_backward
-    if not triton:
-        bias = None if bias is None else bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        kernel_options = dict(kv_heads_tiled=kv_heads_tiled, masks=Masks.build(
-            q.shape[0], q.shape[2], k.shape[2], causal_offset=causal_offset, **masks))
-    if masks:
-        options["visible"] = dense_mask(q.shape[2], k.shape[2], **masks)
     scale = q.shape[-1] ** -0.5
     qx, kx, vx = (t.to(dtype) for t in (q, k, v))
     bias_x = None if bias is None else bias.to(dtype)
+    seed = DROPOUT_SEED if dropout_p else None
+    if triton:
+        forward, backward = attention_forward, attention_backward
+        kernel_options = dict(options, **masks, sparse_bias=sparse, dropout_p=dropout_p, seed=seed)
+    else:
+        forward, backward = tiled_torch.attention_forward, tiled_torch.attention_backward
+        bias_x = None if bias_x is None else bias_x.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        structural = Masks.build(q.shape[0], q.shape[2], k.shape[2], causal_offset=causal_offset, **masks)
+        kernel_options = dict(kv_heads_tiled=kv_heads_tiled, masks=structural,
+                              dropout=Dropout.build(dropout_p, seed, 0))
+        block_m = blocks.pop("block_m", None)
+        if sparse:
+            block_n = blocks.get("block_n", 16)
+            kernel_options["layout"] = bias_layout(bias_x, structural, block_m or block_n, block_n)
+    if masks:
+        options["visible"] = dense_mask(q.shape[2], k.shape[2], **masks)
+    if dropout_p:
+        batch, heads, n_q, n_k = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        keep = dropout_keep_mask(seed, 0, batch * heads, n_q, n_k, dropout_p).view(batch, heads, n_q, n_k)
+        options["dropout"] = (keep, dropout_p)
     out, lse = forward(qx, kx, vx, scale=scale, bias=bias_x, **kernel_options, **blocks)
     assert out.shape == q.shape and out.dtype == dtype
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
@@ -132,8 +158,11 @@ def check_attention(q, k, v, dtype, *, causal_offset=None, bias=None, triton=Tru
         assert grad.shape == t.shape and grad.dtype == dtype
     names, inputs = ["dq", "dk", "dv"], [qx, kx, vx]
     if bias_grad:
-        assert grads[3].shape == ref.shape[:3] + k.shape[2:3] and grads[3].dtype == torch.float32
+        full = ref.shape[:3] + k.shape[2:3]
+        assert grads[3].shape == full and grads[3].dtype == torch.float32
         names.append("dbias")
+        # The kernels return the gradient of the expanded bias.
+        bias, bias_x = bias.expand(full), bias_x.expand(full)
         inputs.append(bias_x)
     else:
         assert grads[3] is None
@@ -595,3 +624,194 @@ def test_skipped_tiles_are_not_read(masks):
                                        **masks)
     assert out.isfinite().all() and dq.isfinite().all()
     assert (dk[:, :, 32:] == 0).all() and (dv[:, :, 32:] == 0).all()
+
+
+# ------------------------------------------------------------- block-sparse bias layouts (sparse_bias)
+
+
+def block_mask_bias(shape, seed, fill=NEG_INF, noise=True):
+    """A mask-like float64 bias of ``shape`` [b, h, Nq, Nk]: 0 where visible, ``fill`` where hidden, in random
+    8 x 8 blocks whose visibility rate is drawn per 16 x 16 tile from {0, 1/2, 1}, so that the kernels'
+    16 x 16 tiles come out empty, full and partial (Nq, Nk need not be multiples of 16). With ``noise``
+    the visible entries of the rate-1/2 tiles carry a random bias (partial tiles need not be 0 / fill)."""
+    gen = torch.Generator().manual_seed(seed)
+    *lead, n_q, n_k = shape
+    tiles = (*lead, -(-n_q // 16), -(-n_k // 16))
+    rate = torch.tensor([0.0, 0.5, 1.0])[torch.randint(0, 3, tiles, generator=gen)]
+    rate = rate.repeat_interleave(2, -1).repeat_interleave(2, -2)
+    visible = torch.rand(rate.shape, generator=gen) < rate
+    visible = visible.repeat_interleave(8, -1).repeat_interleave(8, -2)[..., :n_q, :n_k]
+    bias = torch.zeros(shape, dtype=torch.float64)
+    if noise:
+        half = (rate == 0.5).repeat_interleave(8, -1).repeat_interleave(8, -2)[..., :n_q, :n_k]
+        bias = torch.where(half, torch.randn(shape, generator=gen, dtype=torch.float64), bias)
+    return bias.masked_fill(~visible, fill)
+
+
+FINFO_MIN = torch.finfo(torch.float32).min
+
+
+def finite_fill_case():
+    """A finfo(float32).min-filled block bias with row 7 entirely masked by that finite fill (eager averages
+    it uniformly; its query tile keeps every key tile) and grad_out zero on that row, where the kernels'
+    backward does not follow eager (its LSE of about finfo.min cannot hold the log of the row sum)."""
+    q, k, v = random_inputs((1, 2, 45, 16), (1, 2, 61, 16), seed=38)
+    bias = block_mask_bias((1, 1, 45, 61), 39, fill=FINFO_MIN)
+    bias[..., 7, :] = FINFO_MIN
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grad_out[:, :, 7] = 0
+    return (q, k, v), dict(bias=bias, bias_grad=True, grad_out=grad_out)
+
+
+def dead_row_case():
+    """Ragged Nq = 45, Nk = 61, a bias shared by batch and heads, row 9 fully masked with -inf."""
+    q, k, v = random_inputs((2, 2, 45, 16), (2, 2, 61, 16), seed=30)
+    bias = block_mask_bias((1, 1, 45, 61), seed=31)
+    bias[..., 9, :] = NEG_INF
+    return (q, k, v), dict(bias=bias, bias_grad=True)
+
+
+SPARSE_CASES = {
+    "ragged_dead_row": dead_row_case,
+    "per_head_causal_fp16": lambda: (random_inputs((2, 2, 50, 16), (2, 2, 50, 16), seed=32),
+                                     dict(bias=block_mask_bias((2, 2, 50, 50), 33), causal_offset=0,
+                                          bias_grad=True, dtype=torch.float16)),
+    "gqa_batch_bias": lambda: (random_inputs((2, 4, 40, 32), (2, 2, 57, 32), seed=34),
+                               dict(bias=block_mask_bias((2, 1, 40, 57), 35), bias_grad=True)),
+    "gqa_kv_tiled": lambda: (random_inputs((1, 4, 40, 32), (1, 2, 57, 32), seed=34),
+                             dict(bias=block_mask_bias((1, 4, 40, 57), 35), kv_heads_tiled=True, causal_offset=16)),
+    "key_padding": lambda: (random_inputs((3, 2, SEQ, 16), (3, 2, SEQ, 16), seed=36),
+                            dict(bias=block_mask_bias((1, 2, SEQ, SEQ), 37), masks=dict(key_valid=padding_mask()),
+                                 bias_grad=True)),
+    "docs_window": lambda: (random_inputs((2, 2, SEQ, 16), (2, 2, SEQ, 16), seed=41),
+                            dict(bias=block_mask_bias((1, 1, SEQ, SEQ), 42),
+                                 masks=dict(window=(20, 4), q_doc=sorted_docs(), k_doc=sorted_docs()))),
+    "finite_fill": finite_fill_case,
+    "dropout": lambda: (random_inputs((1, 2, 45, 16), (1, 2, 61, 16), seed=43),
+                        dict(bias=block_mask_bias((1, 2, 45, 61), 40), causal_offset=10, dropout_p=0.3)),
+}
+
+
+@pytest.mark.parametrize("triton", [True, False], ids=["triton", "tiled"])
+@pytest.mark.parametrize("case", list(SPARSE_CASES))
+def test_sparse_bias(case, triton):
+    """sparse_bias: the kernels visit only the non-empty 16 x 16 tiles of a random block mask (empty, full
+    and partial tiles, ragged edges) and match the float64 reference, forward and backward."""
+    (q, k, v), options = SPARSE_CASES[case]()
+    dtype = options.pop("dtype", torch.float32)
+    bias = options["bias"]
+    full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    classes = bias_layout(bias.expand(full), Masks(), 16, 16).classes
+    assert {EMPTY, PARTIAL, FULL} <= set(classes.unique().tolist())
+    check_attention(q, k, v, dtype, triton=triton, sparse=True, block_n=16, **options)
+
+
+def handcrafted_bias():
+    """Bias [1, 1, 4, 7] for 2 x 3 tiles (the last key tile ragged, 1 key wide)."""
+    return torch.tensor([
+        [0.0, 0.0, 0.0, NEG_INF, NEG_INF, NEG_INF, 0.0],
+        [0.0, 0.0, 0.0, NEG_INF, NEG_INF, NEG_INF, 0.0],
+        [0.0, NEG_INF, 0.0, 0.0, 0.0, 0.0, NEG_INF],
+        [0.5, 0.0, 0.0, 0.0, 0.0, 0.0, NEG_INF],
+    ])[None, None]
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        # Zeros: full; all -inf: empty; the ragged last key tile is never full; a 0.5 or -inf makes it partial.
+        ("plain", [[FULL, EMPTY, PARTIAL], [PARTIAL, FULL, EMPTY]]),
+        # The causal band folded in: tiles it cuts are partial, tiles above it empty.
+        ("causal", [[PARTIAL, EMPTY, EMPTY], [PARTIAL, PARTIAL, EMPTY]]),
+        # Row 1 masked with a finite fill: eager averages it over every key, so its query tile skips nothing.
+        ("finite_dead_row", [[PARTIAL, PARTIAL, PARTIAL], [PARTIAL, FULL, EMPTY]]),
+        # A float16 bias: float16's most negative value counts as masked.
+        ("float16", [[FULL, EMPTY, PARTIAL], [PARTIAL, FULL, EMPTY]]),
+    ],
+)
+def test_bias_layout_classes(case, expected):
+    bias, masks = handcrafted_bias(), Masks()
+    if case == "causal":
+        masks = Masks(causal_offset=0)
+    elif case == "finite_dead_row":
+        bias[0, 0, 1] = FINFO_MIN
+    elif case == "float16":
+        bias = bias.clamp(min=torch.finfo(torch.float16).min).half()
+    layout = bias_layout(bias.expand(3, 2, 4, 7), masks, 2, 3)
+    assert layout.classes.dtype == torch.int8 and (layout.block_m, layout.block_n) == (2, 3)
+    assert torch.equal(layout.classes, torch.tensor(expected, dtype=torch.int8)[None, None])
+
+
+def test_bias_layout_lists_and_density():
+    """Per query tile and per key tile: (#partial, #full) and the tile numbers, partial first, then full,
+    then the empty rest; the batch / head dims are the bias's own (1 where it broadcasts)."""
+    per_head = torch.cat([handcrafted_bias(), torch.zeros(1, 1, 4, 7)], dim=1)
+    layout = bias_layout(per_head.expand(3, 2, 4, 7), Masks(), 2, 3)
+    assert layout.classes.shape == (1, 2, 2, 3)
+    counts, indices = layout.by_query_tile()
+    assert counts.dtype == indices.dtype == torch.int32
+    assert counts[0, 0].tolist() == [[1, 1], [1, 1]] and indices[0, 0].tolist() == [[2, 0, 1], [0, 1, 2]]
+    assert counts[0, 1].tolist() == [[1, 2], [1, 2]] and indices[0, 1].tolist() == [[2, 0, 1], [2, 0, 1]]
+    counts, indices = layout.by_key_tile()
+    assert counts.shape == (1, 2, 3, 2) and indices.shape == (1, 2, 3, 2)
+    assert counts[0, 0].tolist() == [[1, 1], [0, 1], [1, 0]] and indices[0, 0].tolist() == [[1, 0], [1, 0], [0, 1]]
+    assert layout.density == pytest.approx((4 + 6) / 12)
+    assert bias_layout(torch.zeros(1, 1, 0, 5), Masks(), 2, 3).density == 0.0
+
+
+@pytest.mark.parametrize("causal_offset", [None, 0])
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (16, 8), (32, 16)])
+def test_bias_layout_density_counts_visible_tiles(block_m, block_n, causal_offset):
+    """The density is the fraction of tile pairs holding a visible entry (-inf masks, no finite-fill rows)."""
+    bias = block_mask_bias((1, 1, 70, 45), seed=44, noise=False)
+    visible = bias[0] == 0
+    masks = Masks()
+    if causal_offset is not None:
+        visible = visible & torch.ones(70, 45, dtype=torch.bool).tril(causal_offset)
+        masks = Masks(causal_offset=causal_offset)
+    density = bias_layout(bias, masks, block_m, block_n).density
+    assert density == pytest.approx(visited_tiles_brute_force(visible, block_m, block_n))
+    assert 0 < density < 1
+
+
+@pytest.mark.parametrize("triton", [True, False], ids=["triton", "tiled"])
+def test_sparse_bias_skips_empty_tiles(triton, monkeypatch):
+    """K and V are NaN in keys 32..63, which only empty tiles cover: with sparse_bias the kernels never read
+    them (a visited tile would spread NaN through ``0 * NaN``); those keys get zero dK, dV and dbias."""
+    if not triton:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = (t.float() for t in random_inputs((1, 2, 40, 16), (1, 2, 64, 16), seed=45))
+    bias = block_mask_bias((1, 1, 40, 64), seed=46).float()
+    bias[..., 32:] = NEG_INF
+    k[:, :, 32:], v[:, :, 32:] = float("nan"), float("nan")
+    blocks = dict(block_m=16, block_n=16)
+    out, lse = attention_forward(q, k, v, scale=0.25, bias=bias, sparse_bias=True, **blocks)
+    dq, dk, dv, dbias = attention_backward(torch.ones_like(out), q, k, v, out, lse, scale=0.25, bias=bias,
+                                           bias_requires_grad=True, sparse_bias=True, **blocks)
+    dead = (bias[0, 0] == NEG_INF).all(-1)
+    assert out[:, :, ~dead].isfinite().all() and out[:, :, dead].isnan().all() and dq.isfinite().all()
+    assert (dk[:, :, 32:] == 0).all() and (dv[:, :, 32:] == 0).all() and (dbias[..., 32:] == 0).all()
+    assert dk[:, :, :32].isfinite().all() and dbias.isfinite().all()
+
+
+def test_sparse_bias_api(monkeypatch):
+    """sparse_bias needs a bias; on the tiled path (128 x 128 tile pairs by default) it equals the dense pass."""
+    q, k, v = (t.float() for t in random_inputs((1, 2, 300, 16), (1, 2, 290, 16), seed=47))
+    with pytest.raises(ValueError, match="sparse_bias"):
+        attention_forward(q, k, v, scale=0.25, sparse_bias=True)
+    with pytest.raises(ValueError, match="sparse_bias"):
+        attention_backward(q, q, k, v, q, q[..., 0], scale=0.25, sparse_bias=True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    visible = torch.rand(3, 3, generator=torch.Generator().manual_seed(48)) < 0.5
+    visible[:, 0] = True
+    bias = torch.zeros(300, 290).masked_fill(~visible.repeat_interleave(100, 0).repeat_interleave(100, 1)[:300, :290],
+                                             NEG_INF)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(49))
+    results = []
+    for sparse in (False, True):
+        out, lse = attention_forward(q, k, v, scale=0.25, bias=bias, causal_offset=40, sparse_bias=sparse)
+        grads = attention_backward(grad_out, q, k, v, out, lse, scale=0.25, bias=bias, causal_offset=40,
+                                   bias_requires_grad=True, sparse_bias=sparse)
+        results.append((out, lse, *grads))
+    for dense, sparse in zip(*results, strict=True):
+        torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5, equal_nan=True)
