@@ -16,6 +16,12 @@ the visible keys further (see :mod:`flash_fx.kernels.masks`): ``window = (left, 
 (integer [B, Nq] / [B, Nk]) keep keys of the query's document. Whole tiles that these masks hide are
 skipped; :func:`tile_density` gives the fraction of tile pairs the forward visits.
 
+ALiBi (``alibi_slopes``, float [B or 1, Hq or 1]) adds ``slope[b, h] * (j - i)`` to the scores of query i
+and key j (0-based), or ``slope[b, h] * -|j - i|`` with ``alibi_symmetric=True``, computed from indices inside
+the kernels (no N x N tensor; see :class:`flash_fx.kernels.masks.Alibi`). It combines with the bias, the
+masks, dropout, ``sparse_bias`` and both GQA mappings; the slopes get no gradient, and ``dbias`` stays the
+gradient of the bias alone. The backward must get the forward's slopes.
+
 Dropout (``dropout_p > 0``) drops attention probabilities inside the kernels, as FlashAttention does:
 ``out = (softmax(scores) * keep / (1 - p)) @ v`` with the normalization of the undropped softmax (what
 eager ``F.dropout(F.softmax(s, -1), p) @ v`` computes). The keep mask is never stored: it is a pure
@@ -48,7 +54,7 @@ import torch
 from flash_fx.kernels import config, tiled_torch
 from flash_fx.kernels.dropout import Dropout, dropout_keep_mask
 from flash_fx.kernels.layout import bias_layout
-from flash_fx.kernels.masks import Masks, tile_density
+from flash_fx.kernels.masks import Alibi, Masks, tile_density
 
 __all__ = ["attention_backward", "attention_forward", "dropout_keep_mask", "tile_density", "uses_triton"]
 
@@ -120,6 +126,8 @@ def attention_forward(
     seed: int | None = None,
     offset: int = 0,
     sparse_bias: bool = False,
+    alibi_slopes: torch.Tensor | None = None,
+    alibi_symmetric: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out [B,Hq,Nq,D] in q.dtype, lse [B,Hq,Nq] float32).
 
@@ -128,6 +136,8 @@ def attention_forward(
     entirely (see the module docstring).
     ``dropout_p`` in [0, 1) drops probabilities with the stream of ``seed`` (in [0, 2**31), required when
     ``dropout_p > 0``) and ``offset`` (>= 0); the LSE is that of the undropped softmax.
+    ``alibi_slopes`` (float [B or 1, Hq or 1], a ValueError otherwise) adds ``slope * (j - i)`` to the scores,
+    ``slope * -|j - i|`` with ``alibi_symmetric`` (ignored without slopes).
     With no keys (Nk == 0) the output is zeros and the LSE -inf, as eager ``softmax(...) @ v`` gives.
     """
     _check_inputs(q, k, v)
@@ -136,6 +146,7 @@ def attention_forward(
     masks = Masks.build(q.shape[0], q.shape[2], k.shape[2], causal_offset=causal_offset, window=window,
                         key_valid=key_valid, q_doc=q_doc, k_doc=k_doc)
     dropout = Dropout.build(dropout_p, seed, offset)
+    alibi = Alibi.build(alibi_slopes, alibi_symmetric, q.shape[0], q.shape[1], q.device)
     n_k = k.shape[2]
     if q.numel() == 0 or n_k == 0:
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
@@ -145,7 +156,7 @@ def attention_forward(
         layout = bias_layout(bias, masks, block_m, block_n) if sparse_bias else None
         return tiled_torch.attention_forward(
             q, k, v, scale=scale, masks=masks, bias=bias, kv_heads_tiled=kv_heads_tiled, block_n=block_n,
-            dropout=dropout, layout=layout,
+            dropout=dropout, layout=layout, alibi=alibi,
         )
     _check_triton_head_dim(q)
     # Imported here: Triton decides at decoration time whether kernels run compiled or interpreted.
@@ -155,7 +166,7 @@ def attention_forward(
     layout = bias_layout(bias, masks, block_m, block_n) if sparse_bias else None
     return triton_forward.attention_forward(
         q, k, v, scale=scale, masks=masks, bias=bias, kv_heads_tiled=kv_heads_tiled, block_m=block_m,
-        block_n=block_n, num_warps=num_warps, num_stages=num_stages, dropout=dropout, layout=layout,
+        block_n=block_n, num_warps=num_warps, num_stages=num_stages, dropout=dropout, layout=layout, alibi=alibi,
     )
 
 
@@ -182,13 +193,15 @@ def attention_backward(
     seed: int | None = None,
     offset: int = 0,
     sparse_bias: bool = False,
+    alibi_slopes: torch.Tensor | None = None,
+    alibi_symmetric: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Returns (dq, dk, dv, dbias); dq, dk, dv have the shapes and dtypes of q, k, v.
 
     ``out`` and ``lse`` are what :func:`attention_forward` returned for the same arguments (the same
     ``dropout_p``, ``seed`` and ``offset`` included: the keep mask is regenerated from them). With
     ``sparse_bias`` the backward builds the layout of its own tiles and skips their empty ones (dbias is 0
-    there). ``dbias``
+    there). ``alibi_slopes`` and ``alibi_symmetric`` must be the forward's. ``dbias``
     is None unless ``bias_requires_grad``; then it is the float32 [B, Hq, Nq, Nk] gradient of the
     expanded bias (``P * (dP - delta)``, zero where a key is masked and on fully masked rows).
     """
@@ -198,6 +211,7 @@ def attention_backward(
     masks = Masks.build(q.shape[0], q.shape[2], k.shape[2], causal_offset=causal_offset, window=window,
                         key_valid=key_valid, q_doc=q_doc, k_doc=k_doc)
     dropout = Dropout.build(dropout_p, seed, offset)
+    alibi = Alibi.build(alibi_slopes, alibi_symmetric, q.shape[0], q.shape[1], q.device)
     if q.numel() == 0 or k.numel() == 0:
         dbias = None
         if bias_requires_grad:
@@ -209,7 +223,7 @@ def attention_backward(
         return tiled_torch.attention_backward(
             grad_out, q, k, v, out, lse, scale=scale, masks=masks, bias=bias,
             bias_requires_grad=bias_requires_grad, kv_heads_tiled=kv_heads_tiled, block_n=block_n,
-            dropout=dropout, layout=layout,
+            dropout=dropout, layout=layout, alibi=alibi,
         )
     _check_triton_head_dim(q)
     from flash_fx.kernels import triton_backward
@@ -220,5 +234,5 @@ def attention_backward(
         grad_out, q, k, v, out, lse.contiguous(), scale=scale, masks=masks, bias=bias,
         bias_requires_grad=bias_requires_grad, kv_heads_tiled=kv_heads_tiled,
         block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages, dropout=dropout,
-        layout=layout,
+        layout=layout, alibi=alibi,
     )

@@ -12,6 +12,10 @@ that bounds the loops over tiles. Document ids that are non-decreasing along bot
 (:attr:`Masks.docs_sorted`) bound them further (:func:`doc_bounds`); a key tile without a valid key is
 skipped inside the loops. Nothing of size Nq x Nk is ever read. :func:`tile_density` reports the
 fraction of (query tile, key tile) pairs the forward kernel visits under these rules.
+
+:class:`Alibi` is the other thing the kernels compute from indices: the ALiBi position bias
+``slope[b, h] * (j - i)`` (or ``-slope[b, h] * |j - i|``), added to the scores; it hides no key and
+bounds no loop.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Masks", "doc_bounds", "tile_density"]
+__all__ = ["Alibi", "Masks", "doc_bounds", "tile_density"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,39 @@ class Masks:
         if self.q_doc is not None and self.k_doc is not None:
             ok = _and(ok, self.q_doc[:, rows, None] == self.k_doc[:, None, cols])
         return ok
+
+
+@dataclass(frozen=True)
+class Alibi:
+    """The ALiBi bias of one attention call: ``slopes[b, h] * (j - i)`` for query i and key j (0-based), or
+    ``slopes[b, h] * -|j - i|`` if ``symmetric``. ``slopes`` is float32 [B, Hq] (zero strides where it
+    broadcasts); the slopes receive no gradient."""
+
+    slopes: torch.Tensor
+    symmetric: bool = False
+
+    @staticmethod
+    def build(slopes: torch.Tensor | None, symmetric: bool, batch: int, heads: int,
+              device: torch.device) -> Alibi | None:
+        """Validate ``slopes`` (a float tensor [B or 1, Hq or 1] on ``device``; None: no ALiBi, and
+        ``symmetric`` is ignored), expand it to [B, Hq] and make it float32."""
+        if slopes is None:
+            return None
+        if not isinstance(slopes, torch.Tensor):
+            raise ValueError(f"alibi_slopes must be a float tensor, got {type(slopes).__name__}")
+        if not slopes.dtype.is_floating_point:
+            raise ValueError(f"alibi_slopes must be a float tensor, got {slopes.dtype}")
+        if slopes.dim() != 2 or slopes.shape[0] not in (1, batch) or slopes.shape[1] not in (1, heads):
+            raise ValueError(f"alibi_slopes must have shape [{batch} or 1, {heads} or 1], got {tuple(slopes.shape)}")
+        if slopes.device != device:
+            raise ValueError(f"alibi_slopes must be on {device}, like q, got {slopes.device}")
+        return Alibi(slopes.detach().to(torch.float32).expand(batch, heads), bool(symmetric))
+
+    def positions(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The position term [len(rows), len(cols)] (int64) that the slopes multiply: ``j - i`` or ``-|j - i|``
+        for query ``rows`` i and key ``cols`` j (1-d index tensors)."""
+        pos = cols[None, :] - rows[:, None]
+        return -pos.abs() if self.symmetric else pos
 
 
 def _and(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:

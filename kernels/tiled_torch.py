@@ -19,6 +19,9 @@ instead: each query tile of ``layout.block_m`` rows runs its online softmax (for
 dQ (backward) over the key tiles that are non-empty for at least one (batch, head) of the bias, adding the
 bias and the band mask only where the tile is not full for every (batch, head), so the work follows the
 layout's density.
+
+The ALiBi bias (:class:`masks.Alibi`) is added to every score tile from its row and column indices (in full
+tiles of a layout too, which only skip the bias).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import math
 import torch
 from flash_fx.kernels.dropout import Dropout, keep_tile
 from flash_fx.kernels.layout import EMPTY, FULL, BlockLayout
-from flash_fx.kernels.masks import Masks
+from flash_fx.kernels.masks import Alibi, Masks
 
 NO_MASKS = Masks()
 NO_DROPOUT = Dropout()
@@ -107,15 +110,20 @@ def _tile_scores(
     bias: torch.Tensor | None,
     kv_heads_tiled: bool,
     rows: slice | None = None,
+    alibi: Alibi | None = None,
 ) -> torch.Tensor:
     """Scaled, biased and masked scores [B, Hkv, group, rows, cols] of the key columns ``cols`` (a range with
     explicit bounds or an index tensor; ``k_tile`` holds their keys); ``q`` holds the query ``rows`` (a range
-    with explicit bounds; all if None)."""
+    with explicit bounds; all if None). ``alibi`` adds its position term."""
     rows = slice(0, q.shape[-2]) if rows is None else rows
     s = torch.matmul(q, k_tile.unsqueeze(2).transpose(-1, -2)) * scale
     if bias is not None:
         s = s + _grouped(_take(bias[..., rows, :], -1, cols), k_tile.shape[1], kv_heads_tiled).to(s.dtype)
-    visible = masks.visible(_positions(rows, q.device), _positions(cols, q.device))
+    row_index, col_index = _positions(rows, q.device), _positions(cols, q.device)
+    if alibi is not None:
+        slopes = _grouped(alibi.slopes[:, :, None, None], k_tile.shape[1], kv_heads_tiled).to(s.dtype)
+        s = s + slopes * alibi.positions(row_index, col_index).to(s.dtype)
+    visible = masks.visible(row_index, col_index)
     if visible is not None:
         s = s.masked_fill(~visible[:, None, None], float("-inf"))
     return s
@@ -219,6 +227,7 @@ def attention_forward(
     block_n: int = 256,
     dropout: Dropout = NO_DROPOUT,
     layout: BlockLayout | None = None,
+    alibi: Alibi | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiled forward: ``(out [B, Hq, Nq, D] in q.dtype, lse [B, Hq, Nq] float32)``.
 
@@ -226,11 +235,12 @@ def attention_forward(
     ``masks`` are the structural masks (:meth:`Masks.build`); ``kv_heads_tiled`` selects the GQA head
     mapping (see :func:`_grouped`). With ``dropout`` the output uses the dropped, rescaled
     probabilities; the LSE is that of the undropped softmax. With a ``layout`` (of ``bias``) the pass
-    walks its non-empty tile pairs (its own tile sizes; ``block_n`` is ignored).
+    walks its non-empty tile pairs (its own tile sizes; ``block_n`` is ignored). ``alibi`` adds the ALiBi
+    bias to the scores.
     """
     if layout is not None:
         return _sparse_forward(q, k, v, scale=scale, masks=masks, bias=bias, kv_heads_tiled=kv_heads_tiled,
-                               dropout=dropout, layout=layout)
+                               dropout=dropout, layout=layout, alibi=alibi)
     dtype = _compute_dtype(q.dtype)
     num_kv_heads, n_k = k.shape[1], k.shape[2]
     qg = _grouped(q.to(dtype), num_kv_heads, kv_heads_tiled)
@@ -241,7 +251,8 @@ def attention_forward(
         k_tile = k[:, :, start : start + block_n].to(dtype)
         v_tile = v[:, :, start : start + block_n].to(dtype).unsqueeze(2)
         cols = slice(start, start + k_tile.shape[2])
-        s = _tile_scores(qg, k_tile, cols, scale=scale, masks=masks, bias=bias, kv_heads_tiled=kv_heads_tiled)
+        s = _tile_scores(qg, k_tile, cols, scale=scale, masks=masks, bias=bias, kv_heads_tiled=kv_heads_tiled,
+                         alibi=alibi)
         keep = None
         if dropout.enabled:
             keep = _tile_keep(q, num_kv_heads, n_k, cols, dropout, kv_heads_tiled)
@@ -264,6 +275,7 @@ def _sparse_forward(
     kv_heads_tiled: bool,
     dropout: Dropout,
     layout: BlockLayout,
+    alibi: Alibi | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`attention_forward` over the non-empty tile pairs of ``layout``, one query tile at a time."""
     dtype = _compute_dtype(q.dtype)
@@ -281,7 +293,8 @@ def _sparse_forward(
             k_tile = _take(k, 2, cols).to(dtype)
             v_tile = _take(v, 2, cols).to(dtype).unsqueeze(2)
             s = _tile_scores(q_tile, k_tile, cols, scale=scale, masks=masks if reads_bias else plain_masks,
-                             bias=bias if reads_bias else None, kv_heads_tiled=kv_heads_tiled, rows=rows)
+                             bias=bias if reads_bias else None, kv_heads_tiled=kv_heads_tiled, rows=rows,
+                             alibi=alibi)
             keep = None
             if dropout.enabled:
                 keep = _tile_keep(q, num_kv_heads, n_k, cols, dropout, kv_heads_tiled, rows)
@@ -310,11 +323,12 @@ def attention_backward(
     block_n: int = 256,
     dropout: Dropout = NO_DROPOUT,
     layout: BlockLayout | None = None,
+    alibi: Alibi | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Tiled backward from the saved ``out`` and ``lse``: ``(dq, dk, dv, dbias)``.
 
-    ``dropout`` must be the forward's: its keep mask is regenerated per tile. With a ``layout`` (of ``bias``,
-    for the backward's tiles) only its non-empty tile pairs are visited, one query tile at a time.
+    ``dropout`` and ``alibi`` must be the forward's (the keep mask is regenerated per tile). With a ``layout``
+    (of ``bias``, for the backward's tiles) only its non-empty tile pairs are visited, one query tile at a time.
 
     dq, dk, dv have the dtypes of q, k, v. dbias is None unless ``bias_requires_grad``; then it is the
     float32 [B, Hq, Nq, Nk] gradient of the expanded bias, ``dS = P * (dP - delta)``.
@@ -351,7 +365,7 @@ def attention_backward(
             k_tile = k[:, :, start:stop].to(dtype)
             v_tile = v[:, :, start:stop].to(dtype)
             s = _tile_scores(qg, k_tile, slice(start, stop), scale=scale, masks=masks, bias=bias,
-                             kv_heads_tiled=kv_heads_tiled)
+                             kv_heads_tiled=kv_heads_tiled, alibi=alibi)
             ds, dq_tile, dk[:, :, start:stop], dv[:, :, start:stop] = _tile_grads(
                 s, lse_g, dog, delta, qg, k_tile, v_tile, keep(slice(start, stop)), scale)
             if dbias is not None:
@@ -366,7 +380,8 @@ def attention_backward(
             k_tile = _take(k, 2, cols).to(dtype)
             v_tile = _take(v, 2, cols).to(dtype)
             s = _tile_scores(q_tile, k_tile, cols, scale=scale, masks=masks if reads_bias else plain_masks,
-                             bias=bias if reads_bias else None, kv_heads_tiled=kv_heads_tiled, rows=rows)
+                             bias=bias if reads_bias else None, kv_heads_tiled=kv_heads_tiled, rows=rows,
+                             alibi=alibi)
             ds, dq_tile, dk_tile, dv_tile = _tile_grads(s, lse_g[..., rows], do_tile, delta[..., rows], q_tile,
                                                         k_tile, v_tile, keep(cols, rows), scale)
             if dbias is not None:

@@ -15,6 +15,8 @@ Rows that were fully masked in the forward (LSE = -inf) contribute no gradient: 
 rows are 0. Both loops visit exactly the tile pairs the forward visits (band, sorted documents, padding
 tiles; see :mod:`masks`), or, with a block-sparse layout of the bias (``LAYOUT``, built for the backward's
 own tile sizes), the non-empty tiles of its per-key-tile (dK/dV) and per-query-tile (dQ) lists.
+With ALiBi (``HAS_ALIBI``) both recompute the forward's scores with the ALiBi term (the dK/dV kernel with the
+slope of each query head of its group); dS, hence dbias, is unchanged in form.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import triton.language as tl
 from flash_fx.kernels import config
 from flash_fx.kernels.dropout import Dropout
 from flash_fx.kernels.layout import BlockLayout
-from flash_fx.kernels.masks import Masks
+from flash_fx.kernels.masks import Alibi, Masks
 from flash_fx.kernels.triton_common import (
+    alibi_slope,
     apply_dropout,
     band_visible,
     doc_range,
@@ -44,7 +47,7 @@ from flash_fx.kernels.triton_common import (
     structural_mask,
     tile_stages,
 )
-from flash_fx.kernels.triton_forward import bias_arguments, layout_arguments, mask_arguments
+from flash_fx.kernels.triton_forward import alibi_arguments, bias_arguments, layout_arguments, mask_arguments
 
 
 @triton.jit
@@ -73,17 +76,19 @@ def _delta_kernel(
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base, q_doc_base,
                 query_start, query_end, tile_list, offs_m, offs_n, offs_d, stride_qm, stride_qd, stride_dom,
-                stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale, upper, lower, bh, seed, offset,
-                threshold, drop_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale, slope, upper, lower, bh, seed,
+                offset, threshold, drop_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                 INDEXED: tl.constexpr, LOAD_BIAS: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, DROPOUT: tl.constexpr,
-                UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                ALIBI_SYMMETRIC: tl.constexpr):
     """Accumulate the query tiles in ``[query_start, query_end)`` into dK, dV (transposed [keys, queries]);
     with ``INDEXED`` the query tiles numbered ``tile_list[query_start:query_end]`` (a block-sparse layout's list).
 
     ``LOAD_BIAS`` false skips reading a bias known to be 0 there (see :func:`triton_common.scores`). With
     ``DROPOUT`` the forward's keep mask of query head ``bh`` is regenerated: dV takes the dropped, scaled
-    probabilities and dS = P * (dropped, scaled dP - delta).
+    probabilities and dS = P * (dropped, scaled dP - delta). With ``HAS_ALIBI`` the recomputed scores get
+    the ALiBi term of ``slope`` (query head ``bh``'s).
     """
     if INDEXED:
         step: tl.constexpr = 1
@@ -100,7 +105,7 @@ def _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_bas
         lse = lse_to_units(tl.load(lse_base + rows, mask=rows < n_q, other=0.0), HAS_BIAS)
         delta = tl.load(delta_base + rows, mask=rows < n_q, other=0.0)
         s_t = scores(dot(k, tl.trans(q), UPCAST_DOT, INPUT_PRECISION), bias_base, rows[None, :], offs_n[:, None],
-                     stride_bm, stride_bn, n_q, n_k, sm_scale, HAS_BIAS, LOAD_BIAS)
+                     stride_bm, stride_bn, n_q, n_k, sm_scale, slope, HAS_BIAS, LOAD_BIAS, HAS_ALIBI, ALIBI_SYMMETRIC)
         if MASKED:
             s_t = tl.where(band_visible(rows[None, :], offs_n[:, None], n_k, upper, lower, HAS_UPPER, HAS_LOWER),
                            s_t, float("-inf"))
@@ -121,11 +126,11 @@ def _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_bas
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, Bias, KeyValid, QDoc, KDoc, DocBounds, Counts, Indices, DOut, Lse, Delta, DK, DV,
+    Q, K, V, Bias, Slopes, KeyValid, QDoc, KDoc, DocBounds, Counts, Indices, DOut, Lse, Delta, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_sb, stride_sh,
     stride_kvb, stride_kvn, stride_qdb, stride_qdm, stride_kdb, stride_kdn,
     stride_cb, stride_ch, stride_ib, stride_ih,
     stride_dob, stride_doh, stride_dom, stride_dod,
@@ -135,7 +140,8 @@ def _dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
     HAS_DOCS: tl.constexpr, SORTED_DOCS: tl.constexpr, KV_TILED: tl.constexpr, DROPOUT: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, LAYOUT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, LAYOUT: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    ALIBI_SYMMETRIC: tl.constexpr,
 ):
     """Grid: (key tiles, batch * KV heads). dK, dV sum over the ``group_size`` query heads of the KV head.
 
@@ -143,7 +149,8 @@ def _dkdv_kernel(
     swapped. A key tile without a valid key writes zeros. DocBounds holds the query ranges of the key
     tiles (:func:`masks.doc_bounds` with k_doc first). With ``LAYOUT`` the query tiles of each query head
     come from a block-sparse layout's per-key-tile lists (Counts int32 [LB, LH, key tiles, 2], Indices int32
-    [LB, LH, key tiles, query tiles]) instead of the band and document ranges.
+    [LB, LH, key tiles, query tiles]) instead of the band and document ranges. With ``HAS_ALIBI`` each query
+    head of the group recomputes its scores with its own slope ``Slopes[b, h]``.
     """
     tile = tl.program_id(0)
     start_n = tile * BLOCK_N
@@ -180,6 +187,7 @@ def _dkdv_kernel(
             q_base = Q + b * stride_qb + h * stride_qh
             do_base = DOut + b * stride_dob + h * stride_doh
             bias_base = Bias + b * stride_bb + h * stride_bh
+            slope = alibi_slope(Slopes, b, h, stride_sb, stride_sh, HAS_ALIBI)
             bh = b * num_heads + h
             lse_base = Lse + bh * n_q
             delta_base = Delta + bh * n_q
@@ -190,34 +198,35 @@ def _dkdv_kernel(
                 dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
                                      q_doc_base, 0, n_partial, tile_list, offs_m, offs_n, offs_d, stride_qm, stride_qd,
                                      stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale,
-                                     upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_M, True,
-                                     True, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT,
-                                     UPCAST_DOT, INPUT_PRECISION)
+                                     slope, upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_M,
+                                     True, True, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT,
+                                     UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
                 dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
                                      q_doc_base, n_partial, n_partial + n_full, tile_list, offs_m, offs_n, offs_d,
                                      stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm,
-                                     n_q, n_k, sm_scale, upper, lower, bh, seed, offset, threshold, drop_scale,
+                                     n_q, n_k, sm_scale, slope, upper, lower, bh, seed, offset, threshold, drop_scale,
                                      HEAD_DIM, BLOCK_M, False, True, False, HAS_UPPER, HAS_LOWER, HAS_BIAS,
-                                     HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
+                                     HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
+                                     ALIBI_SYMMETRIC)
             else:
                 dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
                                      q_doc_base, begin, full_begin, Indices, offs_m, offs_n, offs_d, stride_qm,
                                      stride_qd, stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k,
-                                     sm_scale, upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_M,
-                                     True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS,
-                                     DROPOUT, UPCAST_DOT, INPUT_PRECISION)
+                                     sm_scale, slope, upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM,
+                                     BLOCK_M, True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
+                                     HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
                 dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
                                      q_doc_base, full_begin, full_end, Indices, offs_m, offs_n, offs_d, stride_qm,
                                      stride_qd, stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k,
-                                     sm_scale, upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_M,
-                                     False, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS,
-                                     DROPOUT, UPCAST_DOT, INPUT_PRECISION)
+                                     sm_scale, slope, upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM,
+                                     BLOCK_M, False, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
+                                     HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
                 dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
                                      q_doc_base, full_end, end, Indices, offs_m, offs_n, offs_d, stride_qm, stride_qd,
                                      stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale,
-                                     upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_M, True,
-                                     False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT,
-                                     UPCAST_DOT, INPUT_PRECISION)
+                                     slope, upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_M,
+                                     True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS,
+                                     DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
     store_rows(DK + b * stride_dkb + h_kv * stride_dkh, dk * sm_scale, offs_n, offs_d, stride_dkn, stride_dkd, n_k,
                HEAD_DIM)
     store_rows(DV + b * stride_dvb + h_kv * stride_dvh, dv, offs_n, offs_d, stride_dvn, stride_dvd, n_k, HEAD_DIM)
@@ -226,18 +235,19 @@ def _dkdv_kernel(
 @triton.jit
 def _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
               key_start, key_end, tile_list, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
-              stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper, lower,
-              bh, seed, offset, threshold, drop_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+              stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope, upper,
+              lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
               MASKED: tl.constexpr, INDEXED: tl.constexpr, LOAD_BIAS: tl.constexpr, HAS_UPPER: tl.constexpr,
               HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr,
               WRITE_DBIAS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr):
+              INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_SYMMETRIC: tl.constexpr):
     """Accumulate the key tiles in ``[key_start, key_end)`` into dQ (unscaled); store their dS if asked. With
     ``INDEXED`` the key tiles numbered ``tile_list[key_start:key_end]`` (a block-sparse layout's list).
 
     Key tiles without a valid key are skipped, as in the forward. ``LOAD_BIAS`` false skips reading a bias
     known to be 0 there (see :func:`triton_common.scores`). With ``DROPOUT`` dP is dropped and scaled with
-    the forward's regenerated keep mask before ``dS = P * (dP - delta)``.
+    the forward's regenerated keep mask before ``dS = P * (dP - delta)``. With ``HAS_ALIBI`` the recomputed
+    scores get the ALiBi term of ``slope``; dS stays the bias gradient (the ALiBi term is no input).
     """
     if INDEXED:
         step: tl.constexpr = 1
@@ -258,7 +268,8 @@ def _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_bas
             k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM, MASKED)
             v = load_rows(v_base, cols, offs_d, stride_vn, stride_vd, n_k, HEAD_DIM, MASKED)
             s = scores(dot(q, tl.trans(k), UPCAST_DOT, INPUT_PRECISION), bias_base, offs_m[:, None], cols[None, :],
-                       stride_bm, stride_bn, n_q, n_k, sm_scale, HAS_BIAS, LOAD_BIAS)
+                       stride_bm, stride_bn, n_q, n_k, sm_scale, slope, HAS_BIAS, LOAD_BIAS, HAS_ALIBI,
+                       ALIBI_SYMMETRIC)
             if MASKED:
                 s = tl.where(band_visible(offs_m[:, None], cols[None, :], n_k, upper, lower, HAS_UPPER, HAS_LOWER),
                              s, float("-inf"))
@@ -279,11 +290,11 @@ def _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_bas
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, Bias, KeyValid, QDoc, KDoc, DocBounds, Counts, Indices, DOut, Lse, Delta, DQ, DBias,
+    Q, K, V, Bias, Slopes, KeyValid, QDoc, KDoc, DocBounds, Counts, Indices, DOut, Lse, Delta, DQ, DBias,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_sb, stride_sh,
     stride_kvb, stride_kvn, stride_qdb, stride_qdm, stride_kdb, stride_kdn,
     stride_cb, stride_ch, stride_ib, stride_ih,
     stride_dob, stride_doh, stride_dom, stride_dod,
@@ -294,6 +305,7 @@ def _dq_kernel(
     HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
     HAS_DOCS: tl.constexpr, SORTED_DOCS: tl.constexpr, KV_TILED: tl.constexpr, WRITE_DBIAS: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, LAYOUT: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, ALIBI_SYMMETRIC: tl.constexpr,
 ):
     """Grid: (query tiles, batch * query heads); visits the key tiles the forward visits (with ``LAYOUT``, those
     of the block-sparse layout's per-query-tile lists). With WRITE_DBIAS, DBias is a float32 [B, Hq, Nq, Nk]
@@ -320,6 +332,7 @@ def _dq_kernel(
     dbias_base = DBias + b * stride_dbb + h * stride_dbh
     key_valid_base = KeyValid + b * stride_kvb
     k_doc_base = KDoc + b * stride_kdb
+    slope = alibi_slope(Slopes, b, h, stride_sb, stride_sh, HAS_ALIBI)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if LAYOUT:
@@ -328,15 +341,16 @@ def _dq_kernel(
                                                    tile, tl.cdiv(n_k, BLOCK_N))
         dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
                        0, n_partial, tile_list, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                       stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper,
-                       lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, True, True, True, HAS_UPPER,
-                       HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
+                       stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope,
+                       upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, True, True, True,
+                       HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT,
+                       INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
         dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
                        n_partial, n_partial + n_full, tile_list, offs_m, offs_n, offs_d, stride_kn, stride_kd,
                        stride_vn, stride_vd, stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q,
-                       n_k, sm_scale, upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, False,
-                       True, False, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT,
-                       UPCAST_DOT, INPUT_PRECISION)
+                       n_k, sm_scale, slope, upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N,
+                       False, True, False, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS,
+                       DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
     else:
         n_tiles = tl.num_programs(0)
         lo, hi = doc_range(DocBounds + b * n_tiles * 2, tile, n_tiles, n_k, SORTED_DOCS)
@@ -344,20 +358,22 @@ def _dq_kernel(
                                                        HAS_UPPER, HAS_LOWER)
         dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
                        begin, full_begin, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                       stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper,
-                       lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, True, False, True, HAS_UPPER,
-                       HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
+                       stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope,
+                       upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, True, False, True,
+                       HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT,
+                       INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
         dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
                        full_begin, full_end, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                        stride_vd, stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k,
-                       sm_scale, upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, False, False,
-                       True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT,
-                       INPUT_PRECISION)
+                       sm_scale, slope, upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, False,
+                       False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT,
+                       UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
         dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
                        full_end, end, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                       stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper,
-                       lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, True, False, True, HAS_UPPER,
-                       HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
+                       stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope,
+                       upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, True, False, True,
+                       HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT,
+                       INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
     store_rows(DQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, offs_m, offs_d, stride_dqm, stride_dqd, n_q,
                HEAD_DIM)
 
@@ -381,13 +397,14 @@ def attention_backward(
     num_stages: int,
     dropout: Dropout,
     layout: BlockLayout | None = None,
+    alibi: Alibi | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launch the three backward kernels on non-empty inputs; ``lse`` is contiguous [B, Hq, Nq].
 
     With a ``layout`` (of ``bias`` for these ``block_m`` x ``block_n`` tiles) the dK/dV kernel visits the
     query tiles of its per-key-tile lists and the dQ kernel the key tiles of its per-query-tile lists.
-    Returns ``(dq, dk, dv, dbias)``; dbias is a float32 [B, Hq, Nq, Nk] tensor if ``bias_requires_grad``,
-    else None.
+    ``alibi`` must be the forward's. Returns ``(dq, dk, dv, dbias)``; dbias is a float32 [B, Hq, Nq, Nk] tensor
+    if ``bias_requires_grad``, else None.
     """
     batch, num_heads, n_q, head_dim = q.shape
     num_kv_heads, n_k = k.shape[1], k.shape[2]
@@ -403,12 +420,13 @@ def attention_backward(
     delta = torch.empty_like(lse)
     bias_ptr, bias_strides = bias_arguments(bias, q)
     dbias_ptr, dbias_strides = bias_arguments(dbias, q)
+    alibi_args = alibi_arguments(alibi, q)
     block_d = config.padded_head_dim(head_dim)
     flags = dict(
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HAS_BIAS=bias is not None,
         KV_TILED=kv_heads_tiled, DROPOUT=dropout.enabled, UPCAST_DOT=config.upcast_dot(q.dtype),
         INPUT_PRECISION=config.input_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **alibi_args.flags,
     )
     group_size = num_heads // num_kv_heads
 
@@ -419,16 +437,18 @@ def attention_backward(
     key_args = mask_arguments(masks, q, block_n, keys_own_tiles=True)
     key_lists = layout_arguments(layout, q, by_keys=True)
     _dkdv_kernel[(triton.cdiv(n_k, block_n), batch * num_kv_heads)](
-        q, k, v, bias_ptr, *key_args.tensors, *key_lists.tensors, grad_out, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *key_args.strides, *key_lists.strides,
+        q, k, v, bias_ptr, alibi_args.slopes, *key_args.tensors, *key_lists.tensors, grad_out, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *alibi_args.strides, *key_args.strides,
+        *key_lists.strides,
         *grad_out.stride(), *dk.stride(), *dv.stride(), num_heads, num_kv_heads, group_size, n_q, n_k, scale,
         *key_args.offsets, *dropout.arguments(), LAYOUT=key_lists.enabled, **key_args.flags, **flags,
     )
     query_args = mask_arguments(masks, q, block_m, keys_own_tiles=False)
     query_lists = layout_arguments(layout, q, by_keys=False)
     _dq_kernel[(triton.cdiv(n_q, block_m), batch * num_heads)](
-        q, k, v, bias_ptr, *query_args.tensors, *query_lists.tensors, grad_out, lse, delta, dq, dbias_ptr,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *query_args.strides, *query_lists.strides,
+        q, k, v, bias_ptr, alibi_args.slopes, *query_args.tensors, *query_lists.tensors, grad_out, lse, delta, dq,
+        dbias_ptr, *q.stride(), *k.stride(), *v.stride(), *bias_strides, *alibi_args.strides, *query_args.strides,
+        *query_lists.strides,
         *grad_out.stride(), *dq.stride(), *dbias_strides, num_heads, num_kv_heads, group_size, n_q, n_k, scale,
         *query_args.offsets, *dropout.arguments(), WRITE_DBIAS=dbias is not None, LAYOUT=query_lists.enabled,
         **query_args.flags, **flags,

@@ -41,14 +41,18 @@ def store_rows(base, tile, rows, offs_d, stride_row, stride_d, n_rows, HEAD_DIM:
 
 
 @triton.jit
-def scores(qk, bias_base, rows, cols, stride_bias_row, stride_bias_col, n_rows, n_cols, sm_scale,
-           HAS_BIAS: tl.constexpr, LOAD_BIAS: tl.constexpr):
+def scores(qk, bias_base, rows, cols, stride_bias_row, stride_bias_col, n_rows, n_cols, sm_scale, slope,
+           HAS_BIAS: tl.constexpr, LOAD_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_SYMMETRIC: tl.constexpr):
     """Scaled (and biased) scores of a tile in exponent units; ``rows`` index q, ``cols`` index k.
 
     ``rows``/``cols`` may be given as a column and a row vector or the other way around, so the same
     helper serves the transposed tiles of the dK/dV kernel. Out-of-range bias entries read 0. With a bias
     but ``LOAD_BIAS`` false, the tile's bias is known to be 0 (a full tile of a block-sparse layout): it is
     not read, and the scores keep the natural units of biased scores, like the rest of the row.
+
+    With ``HAS_ALIBI`` the ALiBi term ``slope * (col - row)`` (``slope * -|col - row|`` if
+    ``ALIBI_SYMMETRIC``; natural units, converted with the rest) is added; like the bias it is 0 out of
+    range, so padded rows and columns never see a huge term.
     """
     if HAS_BIAS:
         if LOAD_BIAS:
@@ -57,9 +61,36 @@ def scores(qk, bias_base, rows, cols, stride_bias_row, stride_bias_col, n_rows, 
             s = qk * sm_scale + bias.to(tl.float32)
         else:
             s = qk * sm_scale
+        if HAS_ALIBI:
+            s = s + slope * alibi_positions(rows, cols, n_rows, n_cols, ALIBI_SYMMETRIC)
     else:
-        s = qk * (sm_scale * LOG2E)
+        if HAS_ALIBI:
+            s = qk * (sm_scale * LOG2E) + (slope * LOG2E) * alibi_positions(rows, cols, n_rows, n_cols,
+                                                                            ALIBI_SYMMETRIC)
+        else:
+            s = qk * (sm_scale * LOG2E)
     return s
+
+
+@triton.jit
+def alibi_positions(rows, cols, n_rows, n_cols, SYMMETRIC: tl.constexpr):
+    """float32 ``col - row`` (``-|col - row|`` if ``SYMMETRIC``) of the (``rows``, ``cols``) pairs, 0 where a
+    row or column is out of range; either may be the row vector (see :func:`scores`)."""
+    pos = cols - rows
+    if SYMMETRIC:
+        pos = -tl.abs(pos)
+    pos = tl.where((rows < n_rows) & (cols < n_cols), pos, 0)
+    return pos.to(tl.float32)
+
+
+@triton.jit
+def alibi_slope(slopes, b, h, stride_b, stride_h, HAS_ALIBI: tl.constexpr):
+    """The float32 ALiBi slope of batch row ``b`` and query head ``h`` (0.0, nothing read, without ALiBi)."""
+    if HAS_ALIBI:
+        out = tl.load(slopes + b * stride_b + h * stride_h).to(tl.float32)
+    else:
+        out = 0.0
+    return out
 
 
 @triton.jit

@@ -10,6 +10,8 @@ bound the loop over key tiles (:func:`triton_common.tile_stages`), padding tiles
 are skipped, and only tiles crossing the band's edges (or the ragged last tile) pay for the band mask.
 With a block-sparse layout of the bias (:mod:`layout`, ``LAYOUT``) the loop runs over the query tile's list
 of non-empty key tiles instead: partial ones with the band mask and the bias, full ones with neither.
+ALiBi (``HAS_ALIBI``) adds ``slope * (j - i)`` (or ``slope * -|j - i|``) from indices to every tile's scores,
+with the program's slope loaded once; without it the kernel compiles as before.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import triton.language as tl
 from flash_fx.kernels import config
 from flash_fx.kernels.dropout import Dropout
 from flash_fx.kernels.layout import BlockLayout
-from flash_fx.kernels.masks import Masks, doc_bounds
+from flash_fx.kernels.masks import Alibi, Masks, doc_bounds
 from flash_fx.kernels.triton_common import (
     LN2,
+    alibi_slope,
     band_visible,
     doc_range,
     dot,
@@ -44,18 +47,21 @@ from flash_fx.kernels.triton_common import (
 @triton.jit
 def _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base, key_start,
                    key_end, tile_list, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm,
-                   stride_bn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, upper, lower, bh, seed, offset, threshold,
+                   stride_bn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope, upper, lower, bh, seed, offset,
+                   threshold,
                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, INDEXED: tl.constexpr,
                    LOAD_BIAS: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr,
                    HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, DROPOUT: tl.constexpr,
-                   UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                   UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                   ALIBI_SYMMETRIC: tl.constexpr):
     """Fold the key tiles in ``[key_start, key_end)`` into the running (acc, row sum, row max); with
     ``INDEXED`` the key tiles numbered ``tile_list[key_start:key_end]`` instead (a block-sparse layout's list).
 
     ``MASKED`` applies the band and key-range mask; padding and document masks apply to every tile,
     and a tile without a valid key is skipped. ``LOAD_BIAS`` false skips reading a bias known to be 0
     there (see :func:`triton_common.scores`). With ``DROPOUT`` the row sum takes every probability but
-    the accumulator only the kept ones (unscaled; the caller scales by 1 / (1 - p)).
+    the accumulator only the kept ones (unscaled; the caller scales by 1 / (1 - p)). With ``HAS_ALIBI`` the
+    scores get the ALiBi term of ``slope`` (this head's).
     """
     if INDEXED:
         step: tl.constexpr = 1
@@ -76,7 +82,7 @@ def _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid
             k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM, MASKED)
             qk = dot(q, tl.trans(k), UPCAST_DOT, INPUT_PRECISION)
             s = scores(qk, bias_base, offs_m[:, None], cols[None, :], stride_bm, stride_bn, n_q, n_k, sm_scale,
-                       HAS_BIAS, LOAD_BIAS)
+                       slope, HAS_BIAS, LOAD_BIAS, HAS_ALIBI, ALIBI_SYMMETRIC)
             if MASKED:
                 s = tl.where(band_visible(offs_m[:, None], cols[None, :], n_k, upper, lower, HAS_UPPER, HAS_LOWER),
                              s, float("-inf"))
@@ -99,11 +105,11 @@ def _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid
 
 @triton.jit
 def _attention_forward_kernel(
-    Q, K, V, Bias, KeyValid, QDoc, KDoc, DocBounds, Counts, Indices, Out, Lse,
+    Q, K, V, Bias, Slopes, KeyValid, QDoc, KDoc, DocBounds, Counts, Indices, Out, Lse,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_sb, stride_sh,
     stride_kvb, stride_kvn, stride_qdb, stride_qdm, stride_kdb, stride_kdn,
     stride_cb, stride_ch, stride_ib, stride_ih,
     stride_ob, stride_oh, stride_om, stride_od,
@@ -111,7 +117,8 @@ def _attention_forward_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
     HAS_DOCS: tl.constexpr, SORTED_DOCS: tl.constexpr, KV_TILED: tl.constexpr, DROPOUT: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, LAYOUT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, LAYOUT: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    ALIBI_SYMMETRIC: tl.constexpr,
 ):
     """Grid: (query tiles, batch * query heads). Lse is a contiguous [B, Hq, Nq] float32 tensor; DocBounds
     the int32 [B, query tiles, 2] key ranges of :func:`masks.doc_bounds` (read only with SORTED_DOCS).
@@ -122,7 +129,10 @@ def _attention_forward_kernel(
 
     With ``LAYOUT`` the key tiles come from a block-sparse layout's per-query-tile lists (Counts int32
     [LB, LH, query tiles, 2], Indices int32 [LB, LH, query tiles, key tiles], see :func:`layout_arguments`)
-    instead of the band and document ranges."""
+    instead of the band and document ranges.
+
+    With ``HAS_ALIBI`` the scores get ``Slopes[b, h] * (j - i)`` (``* -|j - i|`` if ``ALIBI_SYMMETRIC``; see
+    :func:`triton_common.scores`), Slopes float32 with strides ``stride_sb``, ``stride_sh``."""
     tile = tl.program_id(0)
     start_m = tile * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
@@ -140,6 +150,7 @@ def _attention_forward_kernel(
     bias_base = Bias + b * stride_bb + h * stride_bh
     key_valid_base = KeyValid + b * stride_kvb
     k_doc_base = KDoc + b * stride_kdb
+    slope = alibi_slope(Slopes, b, h, stride_sb, stride_sh, HAS_ALIBI)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -152,38 +163,38 @@ def _attention_forward_kernel(
         acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base,
                                        k_doc_base, 0, n_partial, tile_list, offs_m, offs_n, offs_d, stride_kn,
                                        stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn,
-                                       n_q, n_k, sm_scale, upper, lower, bh, seed, offset, threshold, HEAD_DIM,
+                                       n_q, n_k, sm_scale, slope, upper, lower, bh, seed, offset, threshold, HEAD_DIM,
                                        BLOCK_N, True, True, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
-                                       HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
-        acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base,
-                                       k_doc_base, n_partial, n_partial + n_full, tile_list, offs_m, offs_n, offs_d,
-                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_kvn,
-                                       stride_kdn, n_q, n_k, sm_scale, upper, lower, bh, seed, offset, threshold,
-                                       HEAD_DIM, BLOCK_N, False, True, False, HAS_UPPER, HAS_LOWER, HAS_BIAS,
-                                       HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION)
+                                       HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
+        acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
+                                       n_partial, n_partial + n_full, tile_list, offs_m, offs_n, offs_d, stride_kn,
+                                       stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn,
+                                       n_q, n_k, sm_scale, slope, upper, lower, bh, seed, offset, threshold, HEAD_DIM,
+                                       BLOCK_N, False, True, False, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
+                                       HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
     else:
         n_tiles = tl.num_programs(0)
         lo, hi = doc_range(DocBounds + b * n_tiles * 2, tile, n_tiles, n_k, SORTED_DOCS)
         begin, full_begin, full_end, end = tile_stages(start_m, n_q, n_k, upper, lower, lo, hi, BLOCK_M, BLOCK_N,
                                                        HAS_UPPER, HAS_LOWER)
-        acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base,
-                                       k_doc_base, begin, full_begin, Indices, offs_m, offs_n, offs_d, stride_kn,
-                                       stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn,
-                                       n_q, n_k, sm_scale, upper, lower, bh, seed, offset, threshold, HEAD_DIM, BLOCK_N,
+        acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
+                                       begin, full_begin, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd,
+                                       stride_vn, stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k,
+                                       sm_scale, slope, upper, lower, bh, seed, offset, threshold, HEAD_DIM, BLOCK_N,
                                        True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS,
-                                       DROPOUT, UPCAST_DOT, INPUT_PRECISION)
-        acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base,
-                                       k_doc_base, full_begin, full_end, Indices, offs_m, offs_n, offs_d, stride_kn,
-                                       stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn,
-                                       n_q, n_k, sm_scale, upper, lower, bh, seed, offset, threshold, HEAD_DIM, BLOCK_N,
+                                       DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
+        acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
+                                       full_begin, full_end, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd,
+                                       stride_vn, stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k,
+                                       sm_scale, slope, upper, lower, bh, seed, offset, threshold, HEAD_DIM, BLOCK_N,
                                        False, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS,
-                                       DROPOUT, UPCAST_DOT, INPUT_PRECISION)
-        acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base,
-                                       k_doc_base, full_end, end, Indices, offs_m, offs_n, offs_d, stride_kn,
-                                       stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn,
-                                       n_q, n_k, sm_scale, upper, lower, bh, seed, offset, threshold, HEAD_DIM, BLOCK_N,
-                                       True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS,
-                                       DROPOUT, UPCAST_DOT, INPUT_PRECISION)
+                                       DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
+        acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
+                                       full_end, end, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                                       stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k, sm_scale,
+                                       slope, upper, lower, bh, seed, offset, threshold, HEAD_DIM, BLOCK_N, True, False,
+                                       True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT,
+                                       UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
 
     # A fully masked row has l = 0 and acc = 0: 0 / 0 = NaN, as eager softmax gives; its LSE is -inf.
     out = acc / l_i[:, None]
@@ -202,6 +213,23 @@ def bias_arguments(bias: torch.Tensor | None, fallback: torch.Tensor) -> tuple[t
     if bias is None:
         return fallback, (0, 0, 0, 0)
     return bias, tuple(bias.stride())
+
+
+class AlibiArguments(NamedTuple):
+    """What the kernels receive for the ALiBi bias (see :func:`alibi_arguments`)."""
+
+    slopes: torch.Tensor
+    strides: tuple[int, int]
+    flags: dict[str, bool]
+
+
+def alibi_arguments(alibi: Alibi | None, fallback: torch.Tensor) -> AlibiArguments:
+    """Kernel arguments of the ALiBi bias: the float32 [B, Hq] slopes with their strides (0 where they
+    broadcast) and the constexpr flags; without ALiBi a dummy pointer, zero strides, flags off."""
+    if alibi is None:
+        return AlibiArguments(fallback, (0, 0), dict(HAS_ALIBI=False, ALIBI_SYMMETRIC=False))
+    return AlibiArguments(alibi.slopes, tuple(alibi.slopes.stride()),
+                          dict(HAS_ALIBI=True, ALIBI_SYMMETRIC=alibi.symmetric))
 
 
 class MaskArguments(NamedTuple):
@@ -274,11 +302,12 @@ def attention_forward(
     num_stages: int,
     dropout: Dropout,
     layout: BlockLayout | None = None,
+    alibi: Alibi | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on non-empty inputs; ``bias`` is already expanded to [B, Hq, Nq, Nk].
 
     With a ``layout`` (of ``bias`` for these ``block_m`` x ``block_n`` tiles) only its non-empty tiles are
-    visited."""
+    visited. ``alibi`` adds the ALiBi term to the scores."""
     batch, num_heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -286,16 +315,17 @@ def attention_forward(
     bias_ptr, bias_strides = bias_arguments(bias, q)
     mask_args = mask_arguments(masks, q, block_m, keys_own_tiles=False)
     layout_args = layout_arguments(layout, q, by_keys=False)
+    alibi_args = alibi_arguments(alibi, q)
     grid = (triton.cdiv(n_q, block_m), batch * num_heads)
     _attention_forward_kernel[grid](
-        q, k, v, bias_ptr, *mask_args.tensors, *layout_args.tensors, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *mask_args.strides, *layout_args.strides,
-        *out.stride(),
+        q, k, v, bias_ptr, alibi_args.slopes, *mask_args.tensors, *layout_args.tensors, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *alibi_args.strides, *mask_args.strides,
+        *layout_args.strides, *out.stride(),
         num_heads, k.shape[1], num_heads // k.shape[1], n_q, n_k, scale, *mask_args.offsets,
         *dropout.arguments(), HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=config.padded_head_dim(head_dim), HAS_BIAS=bias is not None, KV_TILED=kv_heads_tiled,
         DROPOUT=dropout.enabled, LAYOUT=layout_args.enabled, UPCAST_DOT=config.upcast_dot(q.dtype),
         INPUT_PRECISION=config.input_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
-        **mask_args.flags,
+        **mask_args.flags, **alibi_args.flags,
     )
     return out, lse
