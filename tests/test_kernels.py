@@ -22,7 +22,7 @@ from flash_fx.kernels import (  # noqa: E402
 )
 from flash_fx.kernels.dropout import Dropout  # noqa: E402
 from flash_fx.kernels.layout import EMPTY, FULL, PARTIAL, bias_layout  # noqa: E402
-from flash_fx.kernels.masks import Masks  # noqa: E402
+from flash_fx.kernels.masks import Alibi, Masks  # noqa: E402
 
 # The interpreter evaluates 0/0 and log(0) of fully masked rows with numpy, which warns.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -38,10 +38,11 @@ def repeat_kv(x, group, kv_heads_tiled=False):
 
 
 def eager_attention(q, k, v, scale, causal_offset=None, bias=None, drop_masked_rows=False, kv_heads_tiled=False,
-                    visible=None, dropout=None):
+                    visible=None, dropout=None, alibi=None):
     """softmax(q k^T * scale + bias, causal and ``visible`` -inf fill) v in the inputs' dtype, with GQA by
     repetition; ``visible`` is a dense bool [B, Nq, Nk] mask. ``dropout = (keep, p)`` multiplies the
     probabilities by the bool [B, Hq, Nq, Nk] ``keep`` mask and 1 / (1 - p), as the kernels' dropout does.
+    ``alibi = (slopes, symmetric)`` adds the dense ALiBi bias of :func:`alibi_bias`.
 
     With ``drop_masked_rows`` fully masked rows output 0 and pass no gradient, the convention the
     kernels' backward follows (plain eager gives NaN there).
@@ -51,6 +52,8 @@ def eager_attention(q, k, v, scale, causal_offset=None, bias=None, drop_masked_r
     s = (q @ k.transpose(-1, -2)) * scale
     if bias is not None:
         s = s + bias.to(s.dtype)
+    if alibi is not None:
+        s = s + alibi_bias(*alibi, s.shape[-2], s.shape[-1], s.dtype)
     if causal_offset is not None:
         causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril(causal_offset)
         s = s.masked_fill(~causal, NEG_INF)
@@ -60,6 +63,14 @@ def eager_attention(q, k, v, scale, causal_offset=None, bias=None, drop_masked_r
         return _dropped(s.softmax(-1), dropout) @ v
     dead = (s == NEG_INF).all(-1, keepdim=True)
     return _dropped(s.masked_fill(dead, 0.0).softmax(-1).masked_fill(dead, 0.0), dropout) @ v
+
+
+def alibi_bias(slopes, symmetric, n_q, n_k, dtype):
+    """The ALiBi bias [B or 1, H or 1, Nq, Nk] in ``dtype``: ``slopes[b, h] * (j - i)``, or ``* -|j - i|``."""
+    pos = torch.arange(n_k)[None, :] - torch.arange(n_q)[:, None]
+    if symmetric:
+        pos = -pos.abs()
+    return slopes.to(dtype)[:, :, None, None] * pos.to(dtype)
 
 
 def _dropped(p, dropout):
@@ -102,7 +113,8 @@ def dense_mask(n_q, n_k, window=None, key_valid=None, q_doc=None, k_doc=None):
 
 
 def check_attention(q, k, v, dtype, *, causal_offset=None, bias=None, triton=True, grad_out=None,
-                    bias_grad=False, kv_heads_tiled=False, masks=None, sparse=False, dropout_p=0.0, **blocks):
+                    bias_grad=False, kv_heads_tiled=False, masks=None, sparse=False, dropout_p=0.0, alibi=None,
+                    **blocks):
     """Run forward + backward of the kernels on (q, k, v) cast to ``dtype`` and check both against float64.
 
     q, k, v are float64 tensors of any layout; the casts keep their strides. With ``bias_grad`` the
@@ -111,7 +123,9 @@ def check_attention(q, k, v, dtype, *, causal_offset=None, bias=None, triton=Tru
     references apply as a dense mask. ``sparse`` runs the block-sparse path (``sparse_bias``; the tiled
     path gets the layout of ``block_m`` x ``block_n`` tiles, ``block_m`` defaulting to ``block_n``).
     ``dropout_p`` drops with seed ``DROPOUT_SEED``; the references apply the materialized keep mask.
-    Returns the output and the backward's (dq, dk, dv, dbias).
+    ``alibi = (slopes, symmetric)`` passes ``alibi_slopes`` / ``alibi_symmetric`` (the slopes as given: they
+    should be float32-exact, since the kernels compute with float32 slopes); the references add the
+    dense ALiBi bias. Returns the output and the backward's (dq, dk, dv, dbias).
     """
     masks = masks or {}
     options = dict(causal_offset=causal_offset, kv_heads_tiled=kv_heads_tiled)
@@ -122,12 +136,16 @@ def check_attention(q, k, v, dtype, *, causal_offset=None, bias=None, triton=Tru
     if triton:
         forward, backward = attention_forward, attention_backward
         kernel_options = dict(options, **masks, sparse_bias=sparse, dropout_p=dropout_p, seed=seed)
+        if alibi is not None:
+            kernel_options.update(alibi_slopes=alibi[0], alibi_symmetric=alibi[1])
     else:
         forward, backward = tiled_torch.attention_forward, tiled_torch.attention_backward
         bias_x = None if bias_x is None else bias_x.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         structural = Masks.build(q.shape[0], q.shape[2], k.shape[2], causal_offset=causal_offset, **masks)
         kernel_options = dict(kv_heads_tiled=kv_heads_tiled, masks=structural,
                               dropout=Dropout.build(dropout_p, seed, 0))
+        if alibi is not None:
+            kernel_options["alibi"] = Alibi.build(alibi[0], alibi[1], q.shape[0], q.shape[1], q.device)
         block_m = blocks.pop("block_m", None)
         if sparse:
             block_n = blocks.get("block_n", 16)
@@ -138,6 +156,8 @@ def check_attention(q, k, v, dtype, *, causal_offset=None, bias=None, triton=Tru
         batch, heads, n_q, n_k = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
         keep = dropout_keep_mask(seed, 0, batch * heads, n_q, n_k, dropout_p).view(batch, heads, n_q, n_k)
         options["dropout"] = (keep, dropout_p)
+    if alibi is not None:
+        options["alibi"] = alibi
     out, lse = forward(qx, kx, vx, scale=scale, bias=bias_x, **kernel_options, **blocks)
     assert out.shape == q.shape and out.dtype == dtype
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
@@ -147,7 +167,7 @@ def check_attention(q, k, v, dtype, *, causal_offset=None, bias=None, triton=Tru
     assert_close(out, eager_attention(qx, kx, vx, scale, bias=bias_x, **options), ref, "out")
     rounded = [t.double() for t in (qx, kx, vx, bias_x) if t is not None] + [None]
     ref_lse = torch.logsumexp(_scores(rounded[0], rounded[1], scale, causal_offset, rounded[3], kv_heads_tiled,
-                                      options.get("visible")), -1)
+                                      options.get("visible"), alibi), -1)
     assert torch.allclose(lse.double(), ref_lse, rtol=1e-4, atol=1e-4)
 
     if grad_out is None:
@@ -174,11 +194,13 @@ def check_attention(q, k, v, dtype, *, causal_offset=None, bias=None, triton=Tru
     return out, grads
 
 
-def _scores(q, k, scale, causal_offset, bias, kv_heads_tiled=False, visible=None):
+def _scores(q, k, scale, causal_offset, bias, kv_heads_tiled=False, visible=None, alibi=None):
     group = q.shape[1] // k.shape[1]
     s = (q @ repeat_kv(k, group, kv_heads_tiled).transpose(-1, -2)) * scale
     if bias is not None:
         s = s + bias
+    if alibi is not None:
+        s = s + alibi_bias(*alibi, s.shape[-2], s.shape[-1], s.dtype)
     if causal_offset is not None:
         s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(causal_offset), NEG_INF)
     if visible is not None:
@@ -815,3 +837,131 @@ def test_sparse_bias_api(monkeypatch):
         results.append((out, lse, *grads))
     for dense, sparse in zip(*results, strict=True):
         torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+# ------------------------------------------------------------------------- ALiBi (from indices)
+
+
+def alibi_slopes(shape, seed, low=0.05, high=0.6):
+    """Random float32 slopes of ``shape`` in [low, high) (float32-exact, so the float64 references use the
+    kernels' very slopes)."""
+    gen = torch.Generator().manual_seed(seed)
+    return low + (high - low) * torch.rand(shape, generator=gen, dtype=torch.float32)
+
+
+def alibi_dead_row_case():
+    """A per-head bias (-inf block mask, one fully masked row) read through a block-sparse layout, key
+    padding, causal, GQA; symmetric per-head slopes."""
+    q, k, v = random_inputs((3, 4, SEQ, 16), (3, 2, SEQ, 16), seed=53)
+    bias = block_mask_bias((1, 4, SEQ, SEQ), seed=54)
+    bias[..., 9, :] = NEG_INF
+    return (q, k, v), dict(bias=bias, bias_grad=True, sparse=True, causal_offset=10,
+                           masks=dict(key_valid=padding_mask()), alibi=(alibi_slopes((1, 4), 55), True))
+
+
+def steep_padded_rows_case():
+    """Slopes 4 and 2, 5 queries, 50 keys, a bias hiding the keys j > i + 2 from every query. The 11 padded
+    query rows of the interpreter's 16-row tiles read bias 0, so there ``slope * (j - i)`` reaches 176 and
+    ``exp`` of it overflows float32 (inf * 0 = NaN in dK, dV) unless the kernels zero the ALiBi term out of
+    range, as they do with the bias. (The queries' own scores stay small: an LSE-based backward loses
+    ``|S| * 2**-24`` of relative precision on scores of magnitude |S|, as eager's max-subtracted softmax does not.)"""
+    q, k, v = random_inputs((1, 2, 5, 16), (1, 2, 50, 16), seed=74)
+    visible = torch.arange(50)[None, :] <= torch.arange(5)[:, None] + 2
+    bias = torch.zeros(1, 1, 5, 50, dtype=torch.float64).masked_fill(~visible, NEG_INF)
+    return (q, k, v), dict(bias=bias, bias_grad=True, alibi=(torch.tensor([[4.0, 2.0]]), False))
+
+
+ALIBI_CASES = {
+    "per_head": lambda: (random_inputs((2, 2, 37, 16), (2, 2, 50, 16), seed=50),
+                         dict(alibi=(alibi_slopes((1, 2), 51), False))),
+    "symmetric": lambda: (random_inputs((2, 2, 37, 16), (2, 2, 50, 16), seed=52),
+                          dict(alibi=(alibi_slopes((1, 2), 53), True))),
+    # Given as float64 (float32-exact values): the API converts them.
+    "per_batch_head_f64": lambda: (random_inputs((2, 3, 50, 32), (2, 3, 37, 32), seed=56),
+                                   dict(alibi=(alibi_slopes((2, 3), 57).double(), False))),
+    "per_batch_docs": lambda: (random_inputs((2, 2, SEQ, 16), (2, 2, SEQ, 16), seed=58),
+                               dict(alibi=(alibi_slopes((2, 1), 59), True),
+                                    masks=dict(q_doc=sorted_docs(), k_doc=sorted_docs()))),
+    "causal_bottom_right": lambda: (random_inputs((1, 2, 37, 16), (1, 2, 50, 16), seed=60),
+                                    dict(causal_offset=13, alibi=(alibi_slopes((1, 2), 61), False))),
+    "window_symmetric": lambda: (random_inputs((2, 2, 61, 16), (2, 2, 61, 16), seed=62),
+                                 dict(masks=dict(window=(20, 7)), alibi=(alibi_slopes((1, 2), 63), True))),
+    "gqa_grouped_bias": lambda: (random_inputs((2, 4, 29, 32), (2, 2, 41, 32), seed=64),
+                                 dict(bias=torch.randn(2, 4, 29, 41, generator=torch.Generator().manual_seed(65),
+                                                       dtype=torch.float64),
+                                      bias_grad=True, alibi=(alibi_slopes((1, 4), 66), False))),
+    "gqa_kv_tiled_causal": lambda: (random_inputs((1, 6, 21, 16), (1, 2, 27, 16), seed=67),
+                                    dict(kv_heads_tiled=True, causal_offset=0, alibi=(alibi_slopes((1, 6), 68), False))),
+    "sparse_bias_padding_dead_row": alibi_dead_row_case,
+    "dropout": lambda: (random_inputs((1, 2, 45, 16), (1, 2, 61, 16), seed=69),
+                        dict(dropout_p=0.3, causal_offset=10, alibi=(alibi_slopes((1, 2), 70), False))),
+    "sparse_dropout": lambda: (random_inputs((1, 2, 45, 16), (1, 2, 61, 16), seed=43),
+                               dict(bias=block_mask_bias((1, 2, 45, 61), 40), sparse=True, dropout_p=0.3,
+                                    alibi=(alibi_slopes((1, 2), 71), True))),
+    "causal_fp16": lambda: (random_inputs((2, 2, 45, 32), (2, 2, 45, 32), seed=72),
+                            dict(causal_offset=0, dtype=torch.float16, alibi=(alibi_slopes((1, 2), 73), False))),
+    "steep_symmetric": lambda: (random_inputs((1, 2, 5, 16), (1, 2, 50, 16), seed=74),
+                                dict(alibi=(torch.tensor([[4.0, 2.0]]), True))),
+    "steep_padded_rows": steep_padded_rows_case,
+}
+
+
+@pytest.mark.parametrize("triton", [True, False], ids=["triton", "tiled"])
+@pytest.mark.parametrize("case", list(ALIBI_CASES))
+def test_alibi(case, triton):
+    """ALiBi slopes computed from indices, alone and with every other feature, forward and backward (dq, dk, dv
+    and dbias: the gradient of the bias alone) against the float64 reference with the dense ALiBi bias."""
+    (q, k, v), options = ALIBI_CASES[case]()
+    dtype = options.pop("dtype", torch.float32)
+    check_attention(q, k, v, dtype, triton=triton, block_n=16, **options)
+
+
+@pytest.mark.parametrize("triton", [True, False], ids=["triton", "tiled"])
+def test_alibi_changes_scores_per_head(triton, monkeypatch):
+    """Each query head of a GQA group gets its own slope: swapping two heads' slopes swaps their outputs and
+    the heads' dK/dV contributions (zero slopes give exactly the plain kernels' results)."""
+    if not triton:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = (t.float() for t in random_inputs((1, 2, 20, 16), (1, 1, 33, 16), seed=75))
+    q = q[:, :1].expand(1, 2, 20, 16)  # both query heads equal: only their slopes tell them apart
+    grad_out = torch.randn(1, 2, 20, 16, generator=torch.Generator().manual_seed(76))
+    grad_out = grad_out[:, :1].expand(1, 2, 20, 16)
+
+    def run(slopes):
+        out, lse = attention_forward(q, k, v, scale=0.25, alibi_slopes=slopes)
+        return out, attention_backward(grad_out, q, k, v, out, lse, scale=0.25, alibi_slopes=slopes)
+
+    out, (dq, dk, dv, _) = run(torch.tensor([[0.3, 0.0]]))
+    swapped, (dq_s, dk_s, dv_s, _) = run(torch.tensor([[0.0, 0.3]]))
+    plain, _ = attention_forward(q, k, v, scale=0.25)
+    assert torch.equal(out[:, 1], plain[:, 1]) and not torch.allclose(out[:, 0], plain[:, 0])
+    torch.testing.assert_close(out.flip(1), swapped)
+    torch.testing.assert_close(dq.flip(1), dq_s)
+    torch.testing.assert_close(dk, dk_s)
+    torch.testing.assert_close(dv, dv_s)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_alibi_validation(backward):
+    """alibi_slopes must be a float tensor of shape [B or 1, Hq or 1] on q's device."""
+    q, k, v = (t.float() for t in random_inputs((2, 4, 5, 16), (2, 2, 7, 16)))
+
+    def call(slopes):
+        if backward:
+            return attention_backward(q, q, k, v, q, q[..., 0], scale=0.25, alibi_slopes=slopes)
+        return attention_forward(q, k, v, scale=0.25, alibi_slopes=slopes)
+
+    bad = [
+        (torch.ones(4), r"alibi_slopes must have shape \[2 or 1, 4 or 1\], got \(4,\)"),
+        (torch.ones(1, 1, 4), r"must have shape \[2 or 1, 4 or 1\], got \(1, 1, 4\)"),
+        (torch.ones(3, 4), r"must have shape \[2 or 1, 4 or 1\], got \(3, 4\)"),
+        (torch.ones(2, 2), r"must have shape \[2 or 1, 4 or 1\], got \(2, 2\)"),
+        (torch.ones(1, 4, dtype=torch.int64), "alibi_slopes must be a float tensor, got torch.int64"),
+        ([[0.5] * 4], "alibi_slopes must be a float tensor, got list"),
+        (torch.ones(1, 4, device="meta"), "alibi_slopes must be on cpu, like q, got meta"),
+    ]
+    for slopes, message in bad:
+        with pytest.raises(ValueError, match=message):
+            call(slopes)
+    for good in (torch.ones(2, 4), torch.ones(1, 1), torch.ones(2, 1, dtype=torch.float16)):
+        call(good)
