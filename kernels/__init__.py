@@ -22,6 +22,16 @@ the kernels (no N x N tensor; see :class:`flash_fx.kernels.masks.Alibi`). It com
 masks, dropout, ``sparse_bias`` and both GQA mappings; the slopes get no gradient, and ``dbias`` stays the
 gradient of the bias alone. The backward must get the forward's slopes.
 
+A relative-position bias (``rel_bias``, float [B or 1, Hq or 1, Nq + Nk - 1], any float dtype, read as float32)
+adds ``rel_bias[b, h, j - i + Nq - 1]`` to the scores of query i and key j (0-based): a bias that depends only on
+(head, j - i), such as T5's learned bucketed relative positions looked up at every relative position
+``-(Nq - 1) .. Nk - 1``. It is gathered inside the kernels (no N x N tensor; see
+:class:`flash_fx.kernels.masks.RelativeBias`), in natural units like the bias, and combines with everything
+above. The backward must get the forward's vector; with ``rel_bias_requires_grad`` it also returns the float32
+[B, Hq, Nq + Nk - 1] gradient of the expanded vector, ``drel[b, h, r]`` = the sum of dS over the (i, j) with
+``j - i + Nq - 1 = r`` (the caller sums it down to its own shape). The Triton dQ kernel accumulates it with
+float32 atomics, so its last bits vary from run to run; the tiled path is deterministic.
+
 Dropout (``dropout_p > 0``) drops attention probabilities inside the kernels, as FlashAttention does:
 ``out = (softmax(scores) * keep / (1 - p)) @ v`` with the normalization of the undropped softmax (what
 eager ``F.dropout(F.softmax(s, -1), p) @ v`` computes). The keep mask is never stored: it is a pure
@@ -54,7 +64,7 @@ import torch
 from flash_fx.kernels import config, tiled_torch
 from flash_fx.kernels.dropout import Dropout, dropout_keep_mask
 from flash_fx.kernels.layout import bias_layout
-from flash_fx.kernels.masks import Alibi, Masks, tile_density
+from flash_fx.kernels.masks import Alibi, Masks, RelativeBias, tile_density
 
 __all__ = ["attention_backward", "attention_forward", "dropout_keep_mask", "tile_density", "uses_triton"]
 
@@ -128,6 +138,7 @@ def attention_forward(
     sparse_bias: bool = False,
     alibi_slopes: torch.Tensor | None = None,
     alibi_symmetric: bool = False,
+    rel_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out [B,Hq,Nq,D] in q.dtype, lse [B,Hq,Nq] float32).
 
@@ -138,6 +149,7 @@ def attention_forward(
     ``dropout_p > 0``) and ``offset`` (>= 0); the LSE is that of the undropped softmax.
     ``alibi_slopes`` (float [B or 1, Hq or 1], a ValueError otherwise) adds ``slope * (j - i)`` to the scores,
     ``slope * -|j - i|`` with ``alibi_symmetric`` (ignored without slopes).
+    ``rel_bias`` (float [B or 1, Hq or 1, Nq + Nk - 1], a ValueError otherwise) adds ``rel_bias[b, h, j - i + Nq - 1]``.
     With no keys (Nk == 0) the output is zeros and the LSE -inf, as eager ``softmax(...) @ v`` gives.
     """
     _check_inputs(q, k, v)
@@ -147,6 +159,7 @@ def attention_forward(
                         key_valid=key_valid, q_doc=q_doc, k_doc=k_doc)
     dropout = Dropout.build(dropout_p, seed, offset)
     alibi = Alibi.build(alibi_slopes, alibi_symmetric, q.shape[0], q.shape[1], q.device)
+    rel = RelativeBias.build(rel_bias, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
     n_k = k.shape[2]
     if q.numel() == 0 or n_k == 0:
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
@@ -156,7 +169,7 @@ def attention_forward(
         layout = bias_layout(bias, masks, block_m, block_n) if sparse_bias else None
         return tiled_torch.attention_forward(
             q, k, v, scale=scale, masks=masks, bias=bias, kv_heads_tiled=kv_heads_tiled, block_n=block_n,
-            dropout=dropout, layout=layout, alibi=alibi,
+            dropout=dropout, layout=layout, alibi=alibi, rel=rel,
         )
     _check_triton_head_dim(q)
     # Imported here: Triton decides at decoration time whether kernels run compiled or interpreted.
@@ -167,6 +180,7 @@ def attention_forward(
     return triton_forward.attention_forward(
         q, k, v, scale=scale, masks=masks, bias=bias, kv_heads_tiled=kv_heads_tiled, block_m=block_m,
         block_n=block_n, num_warps=num_warps, num_stages=num_stages, dropout=dropout, layout=layout, alibi=alibi,
+        rel=rel,
     )
 
 
@@ -195,15 +209,20 @@ def attention_backward(
     sparse_bias: bool = False,
     alibi_slopes: torch.Tensor | None = None,
     alibi_symmetric: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Returns (dq, dk, dv, dbias); dq, dk, dv have the shapes and dtypes of q, k, v.
+    rel_bias: torch.Tensor | None = None,
+    rel_bias_requires_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Returns (dq, dk, dv, dbias, drel); dq, dk, dv have the shapes and dtypes of q, k, v.
 
     ``out`` and ``lse`` are what :func:`attention_forward` returned for the same arguments (the same
     ``dropout_p``, ``seed`` and ``offset`` included: the keep mask is regenerated from them). With
     ``sparse_bias`` the backward builds the layout of its own tiles and skips their empty ones (dbias is 0
-    there). ``alibi_slopes`` and ``alibi_symmetric`` must be the forward's. ``dbias``
+    there). ``alibi_slopes``, ``alibi_symmetric`` and ``rel_bias`` must be the forward's. ``dbias``
     is None unless ``bias_requires_grad``; then it is the float32 [B, Hq, Nq, Nk] gradient of the
-    expanded bias (``P * (dP - delta)``, zero where a key is masked and on fully masked rows).
+    expanded bias (``P * (dP - delta)``, zero where a key is masked and on fully masked rows). ``drel`` is None
+    unless ``rel_bias_requires_grad`` (a ValueError without ``rel_bias``); then it is the float32
+    [B, Hq, Nq + Nk - 1] gradient of the expanded ``rel_bias``: entry r sums ``P * (dP - delta)`` over the pairs
+    with ``j - i + Nq - 1 = r`` (in the Triton kernels with float32 atomics: not bitwise deterministic).
     """
     _check_inputs(q, k, v)
     _check_sparse_bias(sparse_bias, bias)
@@ -212,18 +231,23 @@ def attention_backward(
                         key_valid=key_valid, q_doc=q_doc, k_doc=k_doc)
     dropout = Dropout.build(dropout_p, seed, offset)
     alibi = Alibi.build(alibi_slopes, alibi_symmetric, q.shape[0], q.shape[1], q.device)
+    rel = RelativeBias.build(rel_bias, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
+    if rel_bias_requires_grad and rel is None:
+        raise ValueError("rel_bias_requires_grad=True needs a rel_bias")
     if q.numel() == 0 or k.numel() == 0:
-        dbias = None
+        dbias = drel = None
         if bias_requires_grad:
             dbias = torch.zeros((*q.shape[:3], k.shape[2]), dtype=torch.float32, device=q.device)
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
+        if rel_bias_requires_grad:
+            drel = torch.zeros(rel.values.shape, dtype=torch.float32, device=q.device)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias, drel
     if not uses_triton(q):
         block_m, block_n = _tiled_blocks(block_m, block_n, sparse_bias)
         layout = bias_layout(bias, masks, block_m, block_n) if sparse_bias else None
         return tiled_torch.attention_backward(
             grad_out, q, k, v, out, lse, scale=scale, masks=masks, bias=bias,
             bias_requires_grad=bias_requires_grad, kv_heads_tiled=kv_heads_tiled, block_n=block_n,
-            dropout=dropout, layout=layout, alibi=alibi,
+            dropout=dropout, layout=layout, alibi=alibi, rel=rel, rel_requires_grad=rel_bias_requires_grad,
         )
     _check_triton_head_dim(q)
     from flash_fx.kernels import triton_backward
@@ -234,5 +258,5 @@ def attention_backward(
         grad_out, q, k, v, out, lse.contiguous(), scale=scale, masks=masks, bias=bias,
         bias_requires_grad=bias_requires_grad, kv_heads_tiled=kv_heads_tiled,
         block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages, dropout=dropout,
-        layout=layout, alibi=alibi,
+        layout=layout, alibi=alibi, rel=rel, rel_requires_grad=rel_bias_requires_grad,
     )

@@ -15,7 +15,8 @@ fraction of (query tile, key tile) pairs the forward kernel visits under these r
 
 :class:`Alibi` is the other thing the kernels compute from indices: the ALiBi position bias
 ``slope[b, h] * (j - i)`` (or ``-slope[b, h] * |j - i|``), added to the scores; it hides no key and
-bounds no loop.
+bounds no loop. :class:`RelativeBias` (T5's bucketed relative positions) is read from a vector per
+(batch, head) at the index ``j - i + Nq - 1``; it hides no key either.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Alibi", "Masks", "doc_bounds", "tile_density"]
+__all__ = ["Alibi", "Masks", "RelativeBias", "doc_bounds", "tile_density"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,55 @@ class Alibi:
         for query ``rows`` i and key ``cols`` j (1-d index tensors)."""
         pos = cols[None, :] - rows[:, None]
         return -pos.abs() if self.symmetric else pos
+
+
+@dataclass(frozen=True)
+class RelativeBias:
+    """A bias that depends only on (batch row, query head, ``j - i``), such as T5's learned bucketed relative
+    positions: ``values[b, h, j - i + Nq - 1]`` is added to the score of query i and key j (0-based).
+    ``values`` is a float tensor [B, Hq, Nq + Nk - 1] of the caller's dtype (zero strides where it
+    broadcasts), read as float32 by the Triton kernels; ``n_q`` is Nq."""
+
+    values: torch.Tensor
+    n_q: int
+
+    @staticmethod
+    def build(rel_bias: torch.Tensor | None, batch: int, heads: int, n_q: int, n_k: int,
+              device: torch.device) -> RelativeBias | None:
+        """Validate ``rel_bias`` (a float tensor [B or 1, Hq or 1, Nq + Nk - 1] on ``device``; None: no relative
+        bias) and expand its batch and head dims (zero strides)."""
+        if rel_bias is None:
+            return None
+        if not isinstance(rel_bias, torch.Tensor):
+            raise ValueError(f"rel_bias must be a float tensor, got {type(rel_bias).__name__}")
+        if not rel_bias.dtype.is_floating_point:
+            raise ValueError(f"rel_bias must be a float tensor, got {rel_bias.dtype}")
+        length = max(n_q + n_k - 1, 0)
+        if (rel_bias.dim() != 3 or rel_bias.shape[0] not in (1, batch) or rel_bias.shape[1] not in (1, heads)
+                or rel_bias.shape[2] != length):
+            raise ValueError(f"rel_bias must have shape [{batch} or 1, {heads} or 1, {length}] (the Nq + Nk - 1 = "
+                             f"{n_q} + {n_k} - 1 relative positions), got {tuple(rel_bias.shape)}")
+        if rel_bias.device != device:
+            raise ValueError(f"rel_bias must be on {device}, like q, got {rel_bias.device}")
+        return RelativeBias(rel_bias.detach().expand(batch, heads, length), n_q)
+
+    def index(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The int64 [len(rows), len(cols)] indices ``j - i + Nq - 1`` into ``values`` of query ``rows`` i and key
+        ``cols`` j (1-d index tensors)."""
+        return cols[None, :] - rows[:, None] + (self.n_q - 1)
+
+    def gather(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The dense term [B, Hq, len(rows), len(cols)] of query ``rows`` and key ``cols``, gathered once per
+        batch row / head that the values do not broadcast over (zero strides along the others)."""
+        values = self.values
+        own = values[: 1 if values.stride(0) == 0 else None, : 1 if values.stride(1) == 0 else None]
+        return own[:, :, self.index(rows, cols)].expand(*values.shape[:2], len(rows), len(cols))
+
+    def add_diagonal_sums(self, grad: torch.Tensor, ds: torch.Tensor, rows: torch.Tensor,
+                          cols: torch.Tensor) -> None:
+        """``grad[b, h, r] += sum of ds[b, h, i, j]`` over the (query ``rows`` i, key ``cols`` j) pairs with
+        ``j - i + Nq - 1 = r``, in place; ``grad`` is [B, Hq, Nq + Nk - 1], ``ds`` [B, Hq, len(rows), len(cols)]."""
+        grad.index_add_(2, self.index(rows, cols).flatten(), ds.reshape(*ds.shape[:2], -1).to(grad.dtype))
 
 
 def _and(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,9 @@ bias and the band mask only where the tile is not full for every (batch, head), 
 layout's density.
 
 The ALiBi bias (:class:`masks.Alibi`) is added to every score tile from its row and column indices (in full
-tiles of a layout too, which only skip the bias).
+tiles of a layout too, which only skip the bias), and so is a relative-position bias
+(:class:`masks.RelativeBias`), gathered from its vector at ``j - i + Nq - 1``; on request the backward sums
+each tile's dS along its diagonals into that vector's gradient (``index_add_``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import math
 import torch
 from flash_fx.kernels.dropout import Dropout, keep_tile
 from flash_fx.kernels.layout import EMPTY, FULL, BlockLayout
-from flash_fx.kernels.masks import Alibi, Masks
+from flash_fx.kernels.masks import Alibi, Masks, RelativeBias
 
 NO_MASKS = Masks()
 NO_DROPOUT = Dropout()
@@ -111,10 +113,11 @@ def _tile_scores(
     kv_heads_tiled: bool,
     rows: slice | None = None,
     alibi: Alibi | None = None,
+    rel: RelativeBias | None = None,
 ) -> torch.Tensor:
     """Scaled, biased and masked scores [B, Hkv, group, rows, cols] of the key columns ``cols`` (a range with
     explicit bounds or an index tensor; ``k_tile`` holds their keys); ``q`` holds the query ``rows`` (a range
-    with explicit bounds; all if None). ``alibi`` adds its position term."""
+    with explicit bounds; all if None). ``alibi`` adds its position term, ``rel`` its relative-position term."""
     rows = slice(0, q.shape[-2]) if rows is None else rows
     s = torch.matmul(q, k_tile.unsqueeze(2).transpose(-1, -2)) * scale
     if bias is not None:
@@ -123,6 +126,8 @@ def _tile_scores(
     if alibi is not None:
         slopes = _grouped(alibi.slopes[:, :, None, None], k_tile.shape[1], kv_heads_tiled).to(s.dtype)
         s = s + slopes * alibi.positions(row_index, col_index).to(s.dtype)
+    if rel is not None:
+        s = s + _grouped(rel.gather(row_index, col_index), k_tile.shape[1], kv_heads_tiled).to(s.dtype)
     visible = masks.visible(row_index, col_index)
     if visible is not None:
         s = s.masked_fill(~visible[:, None, None], float("-inf"))
@@ -228,6 +233,7 @@ def attention_forward(
     dropout: Dropout = NO_DROPOUT,
     layout: BlockLayout | None = None,
     alibi: Alibi | None = None,
+    rel: RelativeBias | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiled forward: ``(out [B, Hq, Nq, D] in q.dtype, lse [B, Hq, Nq] float32)``.
 
@@ -236,11 +242,11 @@ def attention_forward(
     mapping (see :func:`_grouped`). With ``dropout`` the output uses the dropped, rescaled
     probabilities; the LSE is that of the undropped softmax. With a ``layout`` (of ``bias``) the pass
     walks its non-empty tile pairs (its own tile sizes; ``block_n`` is ignored). ``alibi`` adds the ALiBi
-    bias to the scores.
+    bias to the scores, ``rel`` the relative-position bias.
     """
     if layout is not None:
         return _sparse_forward(q, k, v, scale=scale, masks=masks, bias=bias, kv_heads_tiled=kv_heads_tiled,
-                               dropout=dropout, layout=layout, alibi=alibi)
+                               dropout=dropout, layout=layout, alibi=alibi, rel=rel)
     dtype = _compute_dtype(q.dtype)
     num_kv_heads, n_k = k.shape[1], k.shape[2]
     qg = _grouped(q.to(dtype), num_kv_heads, kv_heads_tiled)
@@ -252,7 +258,7 @@ def attention_forward(
         v_tile = v[:, :, start : start + block_n].to(dtype).unsqueeze(2)
         cols = slice(start, start + k_tile.shape[2])
         s = _tile_scores(qg, k_tile, cols, scale=scale, masks=masks, bias=bias, kv_heads_tiled=kv_heads_tiled,
-                         alibi=alibi)
+                         alibi=alibi, rel=rel)
         keep = None
         if dropout.enabled:
             keep = _tile_keep(q, num_kv_heads, n_k, cols, dropout, kv_heads_tiled)
@@ -276,6 +282,7 @@ def _sparse_forward(
     dropout: Dropout,
     layout: BlockLayout,
     alibi: Alibi | None,
+    rel: RelativeBias | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`attention_forward` over the non-empty tile pairs of ``layout``, one query tile at a time."""
     dtype = _compute_dtype(q.dtype)
@@ -294,7 +301,7 @@ def _sparse_forward(
             v_tile = _take(v, 2, cols).to(dtype).unsqueeze(2)
             s = _tile_scores(q_tile, k_tile, cols, scale=scale, masks=masks if reads_bias else plain_masks,
                              bias=bias if reads_bias else None, kv_heads_tiled=kv_heads_tiled, rows=rows,
-                             alibi=alibi)
+                             alibi=alibi, rel=rel)
             keep = None
             if dropout.enabled:
                 keep = _tile_keep(q, num_kv_heads, n_k, cols, dropout, kv_heads_tiled, rows)
@@ -324,14 +331,19 @@ def attention_backward(
     dropout: Dropout = NO_DROPOUT,
     layout: BlockLayout | None = None,
     alibi: Alibi | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Tiled backward from the saved ``out`` and ``lse``: ``(dq, dk, dv, dbias)``.
+    rel: RelativeBias | None = None,
+    rel_requires_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Tiled backward from the saved ``out`` and ``lse``: ``(dq, dk, dv, dbias, drel)``.
 
-    ``dropout`` and ``alibi`` must be the forward's (the keep mask is regenerated per tile). With a ``layout``
-    (of ``bias``, for the backward's tiles) only its non-empty tile pairs are visited, one query tile at a time.
+    ``dropout``, ``alibi`` and ``rel`` must be the forward's (the keep mask is regenerated per tile). With a
+    ``layout`` (of ``bias``, for the backward's tiles) only its non-empty tile pairs are visited, one query tile at
+    a time.
 
     dq, dk, dv have the dtypes of q, k, v. dbias is None unless ``bias_requires_grad``; then it is the
-    float32 [B, Hq, Nq, Nk] gradient of the expanded bias, ``dS = P * (dP - delta)``.
+    float32 [B, Hq, Nq, Nk] gradient of the expanded bias, ``dS = P * (dP - delta)``. drel is None unless
+    ``rel_requires_grad`` (which needs ``rel``); then it is the float32 [B, Hq, Nq + Nk - 1] gradient of ``rel``'s
+    expanded vector: entry ``j - i + Nq - 1`` sums dS over its diagonal (accumulated in the compute dtype).
     """
     dtype = _compute_dtype(q.dtype)
     num_kv_heads, n_k = k.shape[1], k.shape[2]
@@ -353,6 +365,20 @@ def attention_backward(
     if bias_requires_grad:
         # Zeros stay in the skipped key tiles.
         dbias = q.new_zeros((*q.shape[:3], n_k), dtype=torch.float32)
+    drel = None
+    if rel_requires_grad:
+        if rel is None:
+            raise ValueError("rel_requires_grad=True needs a relative-position bias (rel)")
+        drel = q.new_zeros((*q.shape[:2], q.shape[2] + n_k - 1), dtype=dtype)
+
+    def add_drel(ds: torch.Tensor, rows: slice, cols: Columns) -> None:
+        if drel is not None:
+            rel.add_diagonal_sums(drel, _ungrouped(ds, kv_heads_tiled), _positions(rows, q.device),
+                                  _positions(cols, q.device))
+
+    def finish() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        return (_ungrouped(dq, kv_heads_tiled).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias,
+                None if drel is None else drel.to(torch.float32))
 
     def keep(cols: Columns, rows: slice | None = None) -> torch.Tensor | None:
         if not dropout.enabled:
@@ -365,13 +391,14 @@ def attention_backward(
             k_tile = k[:, :, start:stop].to(dtype)
             v_tile = v[:, :, start:stop].to(dtype)
             s = _tile_scores(qg, k_tile, slice(start, stop), scale=scale, masks=masks, bias=bias,
-                             kv_heads_tiled=kv_heads_tiled, alibi=alibi)
+                             kv_heads_tiled=kv_heads_tiled, alibi=alibi, rel=rel)
             ds, dq_tile, dk[:, :, start:stop], dv[:, :, start:stop] = _tile_grads(
                 s, lse_g, dog, delta, qg, k_tile, v_tile, keep(slice(start, stop)), scale)
             if dbias is not None:
                 grouped(dbias)[..., start:stop] = ds
+            add_drel(ds, slice(0, q.shape[2]), slice(start, stop))
             dq += dq_tile
-        return _ungrouped(dq, kv_heads_tiled).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
+        return finish()
 
     plain_masks = _without_band(masks)
     for rows, chunks in _sparse_plan(layout, q.shape[2], n_k, masks):
@@ -381,12 +408,13 @@ def attention_backward(
             v_tile = _take(v, 2, cols).to(dtype)
             s = _tile_scores(q_tile, k_tile, cols, scale=scale, masks=masks if reads_bias else plain_masks,
                              bias=bias if reads_bias else None, kv_heads_tiled=kv_heads_tiled, rows=rows,
-                             alibi=alibi)
+                             alibi=alibi, rel=rel)
             ds, dq_tile, dk_tile, dv_tile = _tile_grads(s, lse_g[..., rows], do_tile, delta[..., rows], q_tile,
                                                         k_tile, v_tile, keep(cols, rows), scale)
             if dbias is not None:
                 _add_at(grouped(dbias)[..., rows, :], -1, cols, ds)  # each entry is written once: += 0 is =
+            add_drel(ds, rows, cols)
             dq[..., rows, :] += dq_tile
             _add_at(dk, 2, cols, dk_tile)
             _add_at(dv, 2, cols, dv_tile)
-    return _ungrouped(dq, kv_heads_tiled).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
+    return finish()

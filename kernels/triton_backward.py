@@ -1,7 +1,7 @@
 """FlashAttention-2 backward kernels in Triton.
 
-Three launches, none of which needs atomics or materializes an N x N tensor (other than the bias
-gradient, an output, when it is requested):
+Three launches, none of which materializes an N x N tensor (other than the bias gradient, an output, when
+it is requested) or needs atomics (other than for the relative-position bias gradient, when requested):
 
 1. ``_delta_kernel``: ``delta = rowsum(dO * O)`` in float32 (the softmax-backward correction).
 2. ``_dkdv_kernel``: each program owns a key tile of one (batch, KV head), loops over the query heads
@@ -16,7 +16,12 @@ rows are 0. Both loops visit exactly the tile pairs the forward visits (band, so
 tiles; see :mod:`masks`), or, with a block-sparse layout of the bias (``LAYOUT``, built for the backward's
 own tile sizes), the non-empty tiles of its per-key-tile (dK/dV) and per-query-tile (dQ) lists.
 With ALiBi (``HAS_ALIBI``) both recompute the forward's scores with the ALiBi term (the dK/dV kernel with the
-slope of each query head of its group); dS, hence dbias, is unchanged in form.
+slope of each query head of its group); dS, hence dbias, is unchanged in form. The same holds for a
+relative-position bias (``HAS_REL``, a vector per (batch, query head) read at ``j - i + Nq - 1``). Its gradient
+(``WRITE_DREL``) sums dS along diagonals: the dQ kernel adds each visited tile's dS to the zeroed float32
+[B, Hq, Nq + Nk - 1] output with ``tl.atomic_add`` at ``j - i + Nq - 1``. Programs of different query tiles
+add to the same entries, so the order of those float32 sums, hence the last bits of drel, varies from run to
+run; skipped tiles add nothing, which is right since dS is 0 there.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ import triton.language as tl
 from flash_fx.kernels import config
 from flash_fx.kernels.dropout import Dropout
 from flash_fx.kernels.layout import BlockLayout
-from flash_fx.kernels.masks import Alibi, Masks
+from flash_fx.kernels.masks import Alibi, Masks, RelativeBias
 from flash_fx.kernels.triton_common import (
+    add_relative_grad,
     alibi_slope,
     apply_dropout,
     band_visible,
@@ -47,7 +53,13 @@ from flash_fx.kernels.triton_common import (
     structural_mask,
     tile_stages,
 )
-from flash_fx.kernels.triton_forward import alibi_arguments, bias_arguments, layout_arguments, mask_arguments
+from flash_fx.kernels.triton_forward import (
+    alibi_arguments,
+    bias_arguments,
+    layout_arguments,
+    mask_arguments,
+    relative_arguments,
+)
 
 
 @triton.jit
@@ -76,19 +88,21 @@ def _delta_kernel(
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base, q_doc_base,
                 query_start, query_end, tile_list, offs_m, offs_n, offs_d, stride_qm, stride_qd, stride_dom,
-                stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale, slope, upper, lower, bh, seed,
-                offset, threshold, drop_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale, slope, rel_base, stride_rel, upper,
+                lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                MASKED: tl.constexpr,
                 INDEXED: tl.constexpr, LOAD_BIAS: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, DROPOUT: tl.constexpr,
                 UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                ALIBI_SYMMETRIC: tl.constexpr):
+                ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr):
     """Accumulate the query tiles in ``[query_start, query_end)`` into dK, dV (transposed [keys, queries]);
     with ``INDEXED`` the query tiles numbered ``tile_list[query_start:query_end]`` (a block-sparse layout's list).
 
     ``LOAD_BIAS`` false skips reading a bias known to be 0 there (see :func:`triton_common.scores`). With
     ``DROPOUT`` the forward's keep mask of query head ``bh`` is regenerated: dV takes the dropped, scaled
     probabilities and dS = P * (dropped, scaled dP - delta). With ``HAS_ALIBI`` the recomputed scores get
-    the ALiBi term of ``slope`` (query head ``bh``'s).
+    the ALiBi term of ``slope`` (query head ``bh``'s), with ``HAS_REL`` the relative-position term of the vector
+    at ``rel_base`` (query head ``bh``'s).
     """
     if INDEXED:
         step: tl.constexpr = 1
@@ -105,7 +119,8 @@ def _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_bas
         lse = lse_to_units(tl.load(lse_base + rows, mask=rows < n_q, other=0.0), HAS_BIAS)
         delta = tl.load(delta_base + rows, mask=rows < n_q, other=0.0)
         s_t = scores(dot(k, tl.trans(q), UPCAST_DOT, INPUT_PRECISION), bias_base, rows[None, :], offs_n[:, None],
-                     stride_bm, stride_bn, n_q, n_k, sm_scale, slope, HAS_BIAS, LOAD_BIAS, HAS_ALIBI, ALIBI_SYMMETRIC)
+                     stride_bm, stride_bn, n_q, n_k, sm_scale, slope, rel_base, stride_rel, HAS_BIAS, LOAD_BIAS,
+                     HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL)
         if MASKED:
             s_t = tl.where(band_visible(rows[None, :], offs_n[:, None], n_k, upper, lower, HAS_UPPER, HAS_LOWER),
                            s_t, float("-inf"))
@@ -126,11 +141,11 @@ def _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_bas
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, Bias, Slopes, KeyValid, QDoc, KDoc, DocBounds, Counts, Indices, DOut, Lse, Delta, DK, DV,
+    Q, K, V, Bias, Slopes, Rel, KeyValid, QDoc, KDoc, DocBounds, Counts, Indices, DOut, Lse, Delta, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_bb, stride_bh, stride_bm, stride_bn, stride_sb, stride_sh,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_sb, stride_sh, stride_rb, stride_rh, stride_rr,
     stride_kvb, stride_kvn, stride_qdb, stride_qdm, stride_kdb, stride_kdn,
     stride_cb, stride_ch, stride_ib, stride_ih,
     stride_dob, stride_doh, stride_dom, stride_dod,
@@ -141,7 +156,7 @@ def _dkdv_kernel(
     HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
     HAS_DOCS: tl.constexpr, SORTED_DOCS: tl.constexpr, KV_TILED: tl.constexpr, DROPOUT: tl.constexpr,
     UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, LAYOUT: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    ALIBI_SYMMETRIC: tl.constexpr,
+    ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr,
 ):
     """Grid: (key tiles, batch * KV heads). dK, dV sum over the ``group_size`` query heads of the KV head.
 
@@ -150,7 +165,8 @@ def _dkdv_kernel(
     tiles (:func:`masks.doc_bounds` with k_doc first). With ``LAYOUT`` the query tiles of each query head
     come from a block-sparse layout's per-key-tile lists (Counts int32 [LB, LH, key tiles, 2], Indices int32
     [LB, LH, key tiles, query tiles]) instead of the band and document ranges. With ``HAS_ALIBI`` each query
-    head of the group recomputes its scores with its own slope ``Slopes[b, h]``.
+    head of the group recomputes its scores with its own slope ``Slopes[b, h]``, with ``HAS_REL`` with its own
+    relative-position vector ``Rel[b, h]``.
     """
     tile = tl.program_id(0)
     start_n = tile * BLOCK_N
@@ -188,6 +204,7 @@ def _dkdv_kernel(
             do_base = DOut + b * stride_dob + h * stride_doh
             bias_base = Bias + b * stride_bb + h * stride_bh
             slope = alibi_slope(Slopes, b, h, stride_sb, stride_sh, HAS_ALIBI)
+            rel_base = Rel + b * stride_rb + h * stride_rh
             bh = b * num_heads + h
             lse_base = Lse + bh * n_q
             delta_base = Delta + bh * n_q
@@ -198,35 +215,39 @@ def _dkdv_kernel(
                 dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
                                      q_doc_base, 0, n_partial, tile_list, offs_m, offs_n, offs_d, stride_qm, stride_qd,
                                      stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale,
-                                     slope, upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_M,
-                                     True, True, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT,
-                                     UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
+                                     slope, rel_base, stride_rr, upper, lower, bh, seed, offset, threshold, drop_scale,
+                                     HEAD_DIM, BLOCK_M, True, True, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
+                                     HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC,
+                                     HAS_REL)
                 dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
                                      q_doc_base, n_partial, n_partial + n_full, tile_list, offs_m, offs_n, offs_d,
                                      stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm,
-                                     n_q, n_k, sm_scale, slope, upper, lower, bh, seed, offset, threshold, drop_scale,
-                                     HEAD_DIM, BLOCK_M, False, True, False, HAS_UPPER, HAS_LOWER, HAS_BIAS,
-                                     HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
-                                     ALIBI_SYMMETRIC)
+                                     n_q, n_k, sm_scale, slope, rel_base, stride_rr, upper, lower, bh, seed, offset,
+                                     threshold, drop_scale, HEAD_DIM, BLOCK_M, False, True, False, HAS_UPPER, HAS_LOWER,
+                                     HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
+                                     ALIBI_SYMMETRIC, HAS_REL)
             else:
                 dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
                                      q_doc_base, begin, full_begin, Indices, offs_m, offs_n, offs_d, stride_qm,
                                      stride_qd, stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k,
-                                     sm_scale, slope, upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM,
-                                     BLOCK_M, True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
-                                     HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
+                                     sm_scale, slope, rel_base, stride_rr, upper, lower, bh, seed, offset, threshold,
+                                     drop_scale, HEAD_DIM, BLOCK_M, True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS,
+                                     HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
+                                     ALIBI_SYMMETRIC, HAS_REL)
                 dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
                                      q_doc_base, full_begin, full_end, Indices, offs_m, offs_n, offs_d, stride_qm,
                                      stride_qd, stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k,
-                                     sm_scale, slope, upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM,
-                                     BLOCK_M, False, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
-                                     HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
+                                     sm_scale, slope, rel_base, stride_rr, upper, lower, bh, seed, offset, threshold,
+                                     drop_scale, HEAD_DIM, BLOCK_M, False, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS,
+                                     HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
+                                     ALIBI_SYMMETRIC, HAS_REL)
                 dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
                                      q_doc_base, full_end, end, Indices, offs_m, offs_n, offs_d, stride_qm, stride_qd,
                                      stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale,
-                                     slope, upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_M,
-                                     True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS,
-                                     DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
+                                     slope, rel_base, stride_rr, upper, lower, bh, seed, offset, threshold, drop_scale,
+                                     HEAD_DIM, BLOCK_M, True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS,
+                                     HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
+                                     ALIBI_SYMMETRIC, HAS_REL)
     store_rows(DK + b * stride_dkb + h_kv * stride_dkh, dk * sm_scale, offs_n, offs_d, stride_dkn, stride_dkd, n_k,
                HEAD_DIM)
     store_rows(DV + b * stride_dvb + h_kv * stride_dvh, dv, offs_n, offs_d, stride_dvn, stride_dvd, n_k, HEAD_DIM)
@@ -235,19 +256,23 @@ def _dkdv_kernel(
 @triton.jit
 def _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
               key_start, key_end, tile_list, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
-              stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope, upper,
-              lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+              stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope, rel_base,
+              stride_rel, drel_base, stride_drel, upper, lower, bh, seed, offset, threshold, drop_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
               MASKED: tl.constexpr, INDEXED: tl.constexpr, LOAD_BIAS: tl.constexpr, HAS_UPPER: tl.constexpr,
               HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr,
               WRITE_DBIAS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_SYMMETRIC: tl.constexpr):
+              INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_SYMMETRIC: tl.constexpr,
+              HAS_REL: tl.constexpr, WRITE_DREL: tl.constexpr):
     """Accumulate the key tiles in ``[key_start, key_end)`` into dQ (unscaled); store their dS if asked. With
     ``INDEXED`` the key tiles numbered ``tile_list[key_start:key_end]`` (a block-sparse layout's list).
 
     Key tiles without a valid key are skipped, as in the forward. ``LOAD_BIAS`` false skips reading a bias
     known to be 0 there (see :func:`triton_common.scores`). With ``DROPOUT`` dP is dropped and scaled with
     the forward's regenerated keep mask before ``dS = P * (dP - delta)``. With ``HAS_ALIBI`` the recomputed
-    scores get the ALiBi term of ``slope``; dS stays the bias gradient (the ALiBi term is no input).
+    scores get the ALiBi term of ``slope``; dS stays the bias gradient (the ALiBi term is no input). With
+    ``HAS_REL`` they get the relative-position term of the vector at ``rel_base``, and with ``WRITE_DREL`` dS is
+    added to its gradient at ``drel_base`` along the tile's diagonals (float32 atomics).
     """
     if INDEXED:
         step: tl.constexpr = 1
@@ -268,8 +293,8 @@ def _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_bas
             k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM, MASKED)
             v = load_rows(v_base, cols, offs_d, stride_vn, stride_vd, n_k, HEAD_DIM, MASKED)
             s = scores(dot(q, tl.trans(k), UPCAST_DOT, INPUT_PRECISION), bias_base, offs_m[:, None], cols[None, :],
-                       stride_bm, stride_bn, n_q, n_k, sm_scale, slope, HAS_BIAS, LOAD_BIAS, HAS_ALIBI,
-                       ALIBI_SYMMETRIC)
+                       stride_bm, stride_bn, n_q, n_k, sm_scale, slope, rel_base, stride_rel, HAS_BIAS, LOAD_BIAS,
+                       HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL)
             if MASKED:
                 s = tl.where(band_visible(offs_m[:, None], cols[None, :], n_k, upper, lower, HAS_UPPER, HAS_LOWER),
                              s, float("-inf"))
@@ -284,32 +309,36 @@ def _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_bas
             if WRITE_DBIAS:
                 tl.store(dbias_base + offs_m[:, None] * stride_dbm + cols[None, :] * stride_dbn, ds,
                          mask=(offs_m[:, None] < n_q) & (cols[None, :] < n_k))
+            if WRITE_DREL:
+                add_relative_grad(drel_base, ds, offs_m[:, None], cols[None, :], stride_drel, n_q, n_k)
             dq += dot(ds.to(k.dtype), k, UPCAST_DOT, INPUT_PRECISION)
     return dq
 
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, Bias, Slopes, KeyValid, QDoc, KDoc, DocBounds, Counts, Indices, DOut, Lse, Delta, DQ, DBias,
+    Q, K, V, Bias, Slopes, Rel, KeyValid, QDoc, KDoc, DocBounds, Counts, Indices, DOut, Lse, Delta, DQ, DBias, DRel,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_bb, stride_bh, stride_bm, stride_bn, stride_sb, stride_sh,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_sb, stride_sh, stride_rb, stride_rh, stride_rr,
     stride_kvb, stride_kvn, stride_qdb, stride_qdm, stride_kdb, stride_kdn,
     stride_cb, stride_ch, stride_ib, stride_ih,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_dbb, stride_dbh, stride_dbm, stride_dbn,
+    stride_dbb, stride_dbh, stride_dbm, stride_dbn, stride_drb, stride_drh, stride_drr,
     num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower, seed, offset, threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
     HAS_DOCS: tl.constexpr, SORTED_DOCS: tl.constexpr, KV_TILED: tl.constexpr, WRITE_DBIAS: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, LAYOUT: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, ALIBI_SYMMETRIC: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr, WRITE_DREL: tl.constexpr,
 ):
     """Grid: (query tiles, batch * query heads); visits the key tiles the forward visits (with ``LAYOUT``, those
     of the block-sparse layout's per-query-tile lists). With WRITE_DBIAS, DBias is a float32 [B, Hq, Nq, Nk]
-    tensor that is zero wherever no key tile is stored (skipped tiles)."""
+    tensor that is zero wherever no key tile is stored (skipped tiles). With WRITE_DREL, DRel is a zeroed float32
+    [B, Hq, Nq + Nk - 1] tensor to which every visited tile adds its dS along its diagonals (atomically: programs
+    of different query tiles share entries, so the order of the float32 sums is not deterministic)."""
     tile = tl.program_id(0)
     start_m = tile * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
@@ -333,6 +362,8 @@ def _dq_kernel(
     key_valid_base = KeyValid + b * stride_kvb
     k_doc_base = KDoc + b * stride_kdb
     slope = alibi_slope(Slopes, b, h, stride_sb, stride_sh, HAS_ALIBI)
+    rel_base = Rel + b * stride_rb + h * stride_rh
+    drel_base = DRel + b * stride_drb + h * stride_drh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if LAYOUT:
@@ -342,15 +373,17 @@ def _dq_kernel(
         dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
                        0, n_partial, tile_list, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                        stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope,
-                       upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, True, True, True,
-                       HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT,
-                       INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
+                       rel_base, stride_rr, drel_base, stride_drr, upper, lower, bh, seed, offset, threshold,
+                       drop_scale, HEAD_DIM, BLOCK_N, True, True, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
+                       HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL,
+                       WRITE_DREL)
         dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
                        n_partial, n_partial + n_full, tile_list, offs_m, offs_n, offs_d, stride_kn, stride_kd,
                        stride_vn, stride_vd, stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q,
-                       n_k, sm_scale, slope, upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N,
-                       False, True, False, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS,
-                       DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
+                       n_k, sm_scale, slope, rel_base, stride_rr, drel_base, stride_drr, upper, lower, bh, seed, offset,
+                       threshold, drop_scale, HEAD_DIM, BLOCK_N, False, True, False, HAS_UPPER, HAS_LOWER, HAS_BIAS,
+                       HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
+                       ALIBI_SYMMETRIC, HAS_REL, WRITE_DREL)
     else:
         n_tiles = tl.num_programs(0)
         lo, hi = doc_range(DocBounds + b * n_tiles * 2, tile, n_tiles, n_k, SORTED_DOCS)
@@ -359,21 +392,24 @@ def _dq_kernel(
         dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
                        begin, full_begin, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                        stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope,
-                       upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, True, False, True,
-                       HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT,
-                       INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
+                       rel_base, stride_rr, drel_base, stride_drr, upper, lower, bh, seed, offset, threshold,
+                       drop_scale, HEAD_DIM, BLOCK_N, True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
+                       HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL,
+                       WRITE_DREL)
         dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
                        full_begin, full_end, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                        stride_vd, stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k,
-                       sm_scale, slope, upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, False,
-                       False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT,
-                       UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
+                       sm_scale, slope, rel_base, stride_rr, drel_base, stride_drr, upper, lower, bh, seed, offset,
+                       threshold, drop_scale, HEAD_DIM, BLOCK_N, False, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS,
+                       HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
+                       ALIBI_SYMMETRIC, HAS_REL, WRITE_DREL)
         dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
                        full_end, end, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                        stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope,
-                       upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_N, True, False, True,
-                       HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT,
-                       INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
+                       rel_base, stride_rr, drel_base, stride_drr, upper, lower, bh, seed, offset, threshold,
+                       drop_scale, HEAD_DIM, BLOCK_N, True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
+                       HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL,
+                       WRITE_DREL)
     store_rows(DQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, offs_m, offs_d, stride_dqm, stride_dqd, n_q,
                HEAD_DIM)
 
@@ -398,13 +434,17 @@ def attention_backward(
     dropout: Dropout,
     layout: BlockLayout | None = None,
     alibi: Alibi | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    rel: RelativeBias | None = None,
+    rel_requires_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launch the three backward kernels on non-empty inputs; ``lse`` is contiguous [B, Hq, Nq].
 
     With a ``layout`` (of ``bias`` for these ``block_m`` x ``block_n`` tiles) the dK/dV kernel visits the
     query tiles of its per-key-tile lists and the dQ kernel the key tiles of its per-query-tile lists.
-    ``alibi`` must be the forward's. Returns ``(dq, dk, dv, dbias)``; dbias is a float32 [B, Hq, Nq, Nk] tensor
-    if ``bias_requires_grad``, else None.
+    ``alibi`` and ``rel`` must be the forward's. Returns ``(dq, dk, dv, dbias, drel)``; dbias is a float32
+    [B, Hq, Nq, Nk] tensor if ``bias_requires_grad``, else None; drel the float32 [B, Hq, Nq + Nk - 1] gradient
+    of ``rel``'s expanded vector if ``rel_requires_grad`` (summed with atomics: not bitwise deterministic), else
+    None.
     """
     batch, num_heads, n_q, head_dim = q.shape
     num_kv_heads, n_k = k.shape[1], k.shape[2]
@@ -417,16 +457,21 @@ def attention_backward(
         skips = masks.causal_offset is not None or masks.may_skip or layout is not None
         alloc = torch.zeros if skips else torch.empty
         dbias = alloc((batch, num_heads, n_q, n_k), dtype=torch.float32, device=q.device)
+    drel = None
+    if rel_requires_grad:
+        drel = torch.zeros((batch, num_heads, n_q + n_k - 1), dtype=torch.float32, device=q.device)
     delta = torch.empty_like(lse)
     bias_ptr, bias_strides = bias_arguments(bias, q)
     dbias_ptr, dbias_strides = bias_arguments(dbias, q)
     alibi_args = alibi_arguments(alibi, q)
+    rel_args = relative_arguments(rel, q)
+    drel_ptr, drel_strides = (q, (0, 0, 0)) if drel is None else (drel, drel.stride())
     block_d = config.padded_head_dim(head_dim)
     flags = dict(
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HAS_BIAS=bias is not None,
         KV_TILED=kv_heads_tiled, DROPOUT=dropout.enabled, UPCAST_DOT=config.upcast_dot(q.dtype),
         INPUT_PRECISION=config.input_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages, **alibi_args.flags,
+        num_warps=num_warps, num_stages=num_stages, **alibi_args.flags, **rel_args.flags,
     )
     group_size = num_heads // num_kv_heads
 
@@ -437,20 +482,20 @@ def attention_backward(
     key_args = mask_arguments(masks, q, block_n, keys_own_tiles=True)
     key_lists = layout_arguments(layout, q, by_keys=True)
     _dkdv_kernel[(triton.cdiv(n_k, block_n), batch * num_kv_heads)](
-        q, k, v, bias_ptr, alibi_args.slopes, *key_args.tensors, *key_lists.tensors, grad_out, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *alibi_args.strides, *key_args.strides,
-        *key_lists.strides,
+        q, k, v, bias_ptr, alibi_args.slopes, rel_args.values, *key_args.tensors, *key_lists.tensors, grad_out, lse,
+        delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *bias_strides, *alibi_args.strides, *rel_args.strides,
+        *key_args.strides, *key_lists.strides,
         *grad_out.stride(), *dk.stride(), *dv.stride(), num_heads, num_kv_heads, group_size, n_q, n_k, scale,
         *key_args.offsets, *dropout.arguments(), LAYOUT=key_lists.enabled, **key_args.flags, **flags,
     )
     query_args = mask_arguments(masks, q, block_m, keys_own_tiles=False)
     query_lists = layout_arguments(layout, q, by_keys=False)
     _dq_kernel[(triton.cdiv(n_q, block_m), batch * num_heads)](
-        q, k, v, bias_ptr, alibi_args.slopes, *query_args.tensors, *query_lists.tensors, grad_out, lse, delta, dq,
-        dbias_ptr, *q.stride(), *k.stride(), *v.stride(), *bias_strides, *alibi_args.strides, *query_args.strides,
-        *query_lists.strides,
-        *grad_out.stride(), *dq.stride(), *dbias_strides, num_heads, num_kv_heads, group_size, n_q, n_k, scale,
-        *query_args.offsets, *dropout.arguments(), WRITE_DBIAS=dbias is not None, LAYOUT=query_lists.enabled,
-        **query_args.flags, **flags,
+        q, k, v, bias_ptr, alibi_args.slopes, rel_args.values, *query_args.tensors, *query_lists.tensors, grad_out,
+        lse, delta, dq, dbias_ptr, drel_ptr, *q.stride(), *k.stride(), *v.stride(), *bias_strides,
+        *alibi_args.strides, *rel_args.strides, *query_args.strides, *query_lists.strides,
+        *grad_out.stride(), *dq.stride(), *dbias_strides, *drel_strides, num_heads, num_kv_heads, group_size, n_q,
+        n_k, scale, *query_args.offsets, *dropout.arguments(), WRITE_DBIAS=dbias is not None,
+        WRITE_DREL=drel is not None, LAYOUT=query_lists.enabled, **query_args.flags, **flags,
     )
-    return dq, dk, dv, dbias
+    return dq, dk, dv, dbias, drel

@@ -41,8 +41,9 @@ def store_rows(base, tile, rows, offs_d, stride_row, stride_d, n_rows, HEAD_DIM:
 
 
 @triton.jit
-def scores(qk, bias_base, rows, cols, stride_bias_row, stride_bias_col, n_rows, n_cols, sm_scale, slope,
-           HAS_BIAS: tl.constexpr, LOAD_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_SYMMETRIC: tl.constexpr):
+def scores(qk, bias_base, rows, cols, stride_bias_row, stride_bias_col, n_rows, n_cols, sm_scale, slope, rel_base,
+           stride_rel, HAS_BIAS: tl.constexpr, LOAD_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+           ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr):
     """Scaled (and biased) scores of a tile in exponent units; ``rows`` index q, ``cols`` index k.
 
     ``rows``/``cols`` may be given as a column and a row vector or the other way around, so the same
@@ -53,6 +54,9 @@ def scores(qk, bias_base, rows, cols, stride_bias_row, stride_bias_col, n_rows, 
     With ``HAS_ALIBI`` the ALiBi term ``slope * (col - row)`` (``slope * -|col - row|`` if
     ``ALIBI_SYMMETRIC``; natural units, converted with the rest) is added; like the bias it is 0 out of
     range, so padded rows and columns never see a huge term.
+
+    With ``HAS_REL`` the relative-position term ``rel_base[(col - row + n_rows - 1) * stride_rel]`` (natural
+    units, any float dtype read as float32; see :func:`relative_terms`) is added too, 0 out of range as well.
     """
     if HAS_BIAS:
         if LOAD_BIAS:
@@ -63,13 +67,35 @@ def scores(qk, bias_base, rows, cols, stride_bias_row, stride_bias_col, n_rows, 
             s = qk * sm_scale
         if HAS_ALIBI:
             s = s + slope * alibi_positions(rows, cols, n_rows, n_cols, ALIBI_SYMMETRIC)
+        if HAS_REL:
+            s = s + relative_terms(rel_base, rows, cols, stride_rel, n_rows, n_cols)
     else:
         if HAS_ALIBI:
             s = qk * (sm_scale * LOG2E) + (slope * LOG2E) * alibi_positions(rows, cols, n_rows, n_cols,
                                                                             ALIBI_SYMMETRIC)
         else:
             s = qk * (sm_scale * LOG2E)
+        if HAS_REL:
+            s = s + relative_terms(rel_base, rows, cols, stride_rel, n_rows, n_cols) * LOG2E
     return s
+
+
+@triton.jit
+def relative_terms(rel_base, rows, cols, stride_rel, n_rows, n_cols):
+    """float32 ``rel_base[(col - row + n_rows - 1) * stride_rel]`` of the (``rows``, ``cols``) pairs: a vector
+    over the ``n_rows + n_cols - 1`` relative positions, gathered; 0 (nothing read) where a row or column is out
+    of range. Either of ``rows``/``cols`` may be the row vector (see :func:`scores`)."""
+    ok = (rows < n_rows) & (cols < n_cols)
+    return tl.load(rel_base + (cols - rows + n_rows - 1) * stride_rel, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def add_relative_grad(drel_base, ds, rows, cols, stride_drel, n_rows, n_cols):
+    """``drel_base[(col - row + n_rows - 1) * stride_drel] += ds`` for the in-range (``rows``, ``cols``) pairs of a
+    tile, with float32 atomics (many pairs of a tile share a relative position, and programs of other query tiles
+    add to the same entries, so the summation order, hence the rounding, is not deterministic)."""
+    ok = (rows < n_rows) & (cols < n_cols)
+    tl.atomic_add(drel_base + (cols - rows + n_rows - 1) * stride_drel, ds, mask=ok, sem="relaxed")
 
 
 @triton.jit

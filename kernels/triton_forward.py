@@ -11,7 +11,8 @@ are skipped, and only tiles crossing the band's edges (or the ragged last tile) 
 With a block-sparse layout of the bias (:mod:`layout`, ``LAYOUT``) the loop runs over the query tile's list
 of non-empty key tiles instead: partial ones with the band mask and the bias, full ones with neither.
 ALiBi (``HAS_ALIBI``) adds ``slope * (j - i)`` (or ``slope * -|j - i|``) from indices to every tile's scores,
-with the program's slope loaded once; without it the kernel compiles as before.
+with the program's slope loaded once; without it the kernel compiles as before. A relative-position bias
+(``HAS_REL``) adds ``rel[b, h, j - i + Nq - 1]``, gathered from the program's vector of Nq + Nk - 1 entries.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import triton.language as tl
 from flash_fx.kernels import config
 from flash_fx.kernels.dropout import Dropout
 from flash_fx.kernels.layout import BlockLayout
-from flash_fx.kernels.masks import Alibi, Masks, doc_bounds
+from flash_fx.kernels.masks import Alibi, Masks, RelativeBias, doc_bounds
 from flash_fx.kernels.triton_common import (
     LN2,
     alibi_slope,
@@ -47,13 +48,13 @@ from flash_fx.kernels.triton_common import (
 @triton.jit
 def _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base, key_start,
                    key_end, tile_list, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm,
-                   stride_bn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope, upper, lower, bh, seed, offset,
-                   threshold,
+                   stride_bn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope, rel_base, stride_rel, upper, lower, bh,
+                   seed, offset, threshold,
                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, INDEXED: tl.constexpr,
                    LOAD_BIAS: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr,
                    HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, DROPOUT: tl.constexpr,
                    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                   ALIBI_SYMMETRIC: tl.constexpr):
+                   ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr):
     """Fold the key tiles in ``[key_start, key_end)`` into the running (acc, row sum, row max); with
     ``INDEXED`` the key tiles numbered ``tile_list[key_start:key_end]`` instead (a block-sparse layout's list).
 
@@ -61,7 +62,8 @@ def _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid
     and a tile without a valid key is skipped. ``LOAD_BIAS`` false skips reading a bias known to be 0
     there (see :func:`triton_common.scores`). With ``DROPOUT`` the row sum takes every probability but
     the accumulator only the kept ones (unscaled; the caller scales by 1 / (1 - p)). With ``HAS_ALIBI`` the
-    scores get the ALiBi term of ``slope`` (this head's).
+    scores get the ALiBi term of ``slope`` (this head's), with ``HAS_REL`` the relative-position term read from
+    this head's vector at ``rel_base``.
     """
     if INDEXED:
         step: tl.constexpr = 1
@@ -82,7 +84,7 @@ def _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid
             k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM, MASKED)
             qk = dot(q, tl.trans(k), UPCAST_DOT, INPUT_PRECISION)
             s = scores(qk, bias_base, offs_m[:, None], cols[None, :], stride_bm, stride_bn, n_q, n_k, sm_scale,
-                       slope, HAS_BIAS, LOAD_BIAS, HAS_ALIBI, ALIBI_SYMMETRIC)
+                       slope, rel_base, stride_rel, HAS_BIAS, LOAD_BIAS, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL)
             if MASKED:
                 s = tl.where(band_visible(offs_m[:, None], cols[None, :], n_k, upper, lower, HAS_UPPER, HAS_LOWER),
                              s, float("-inf"))
@@ -105,11 +107,11 @@ def _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid
 
 @triton.jit
 def _attention_forward_kernel(
-    Q, K, V, Bias, Slopes, KeyValid, QDoc, KDoc, DocBounds, Counts, Indices, Out, Lse,
+    Q, K, V, Bias, Slopes, Rel, KeyValid, QDoc, KDoc, DocBounds, Counts, Indices, Out, Lse,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_bb, stride_bh, stride_bm, stride_bn, stride_sb, stride_sh,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_sb, stride_sh, stride_rb, stride_rh, stride_rr,
     stride_kvb, stride_kvn, stride_qdb, stride_qdm, stride_kdb, stride_kdn,
     stride_cb, stride_ch, stride_ib, stride_ih,
     stride_ob, stride_oh, stride_om, stride_od,
@@ -118,7 +120,7 @@ def _attention_forward_kernel(
     HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
     HAS_DOCS: tl.constexpr, SORTED_DOCS: tl.constexpr, KV_TILED: tl.constexpr, DROPOUT: tl.constexpr,
     UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, LAYOUT: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    ALIBI_SYMMETRIC: tl.constexpr,
+    ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr,
 ):
     """Grid: (query tiles, batch * query heads). Lse is a contiguous [B, Hq, Nq] float32 tensor; DocBounds
     the int32 [B, query tiles, 2] key ranges of :func:`masks.doc_bounds` (read only with SORTED_DOCS).
@@ -132,7 +134,10 @@ def _attention_forward_kernel(
     instead of the band and document ranges.
 
     With ``HAS_ALIBI`` the scores get ``Slopes[b, h] * (j - i)`` (``* -|j - i|`` if ``ALIBI_SYMMETRIC``; see
-    :func:`triton_common.scores`), Slopes float32 with strides ``stride_sb``, ``stride_sh``."""
+    :func:`triton_common.scores`), Slopes float32 with strides ``stride_sb``, ``stride_sh``.
+
+    With ``HAS_REL`` the scores get ``Rel[b, h, j - i + Nq - 1]`` (a float vector [B, Hq, Nq + Nk - 1] of any
+    float dtype with strides ``stride_rb``, ``stride_rh``, ``stride_rr``; read as float32)."""
     tile = tl.program_id(0)
     start_m = tile * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
@@ -151,6 +156,7 @@ def _attention_forward_kernel(
     key_valid_base = KeyValid + b * stride_kvb
     k_doc_base = KDoc + b * stride_kdb
     slope = alibi_slope(Slopes, b, h, stride_sb, stride_sh, HAS_ALIBI)
+    rel_base = Rel + b * stride_rb + h * stride_rh
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -160,18 +166,20 @@ def _attention_forward_kernel(
         # its full ones with neither; empty tiles are not in the list.
         tile_list, n_partial, n_full = layout_list(Counts, Indices, stride_cb, stride_ch, stride_ib, stride_ih, b, h,
                                                    tile, tl.cdiv(n_k, BLOCK_N))
-        acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base,
-                                       k_doc_base, 0, n_partial, tile_list, offs_m, offs_n, offs_d, stride_kn,
-                                       stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn,
-                                       n_q, n_k, sm_scale, slope, upper, lower, bh, seed, offset, threshold, HEAD_DIM,
+        acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
+                                       0, n_partial, tile_list, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                                       stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k, sm_scale,
+                                       slope, rel_base, stride_rr, upper, lower, bh, seed, offset, threshold, HEAD_DIM,
                                        BLOCK_N, True, True, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
-                                       HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
+                                       HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC,
+                                       HAS_REL)
         acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
                                        n_partial, n_partial + n_full, tile_list, offs_m, offs_n, offs_d, stride_kn,
                                        stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn,
-                                       n_q, n_k, sm_scale, slope, upper, lower, bh, seed, offset, threshold, HEAD_DIM,
-                                       BLOCK_N, False, True, False, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
-                                       HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
+                                       n_q, n_k, sm_scale, slope, rel_base, stride_rr, upper, lower, bh, seed, offset,
+                                       threshold, HEAD_DIM, BLOCK_N, False, True, False, HAS_UPPER, HAS_LOWER, HAS_BIAS,
+                                       HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
+                                       ALIBI_SYMMETRIC, HAS_REL)
     else:
         n_tiles = tl.num_programs(0)
         lo, hi = doc_range(DocBounds + b * n_tiles * 2, tile, n_tiles, n_k, SORTED_DOCS)
@@ -180,21 +188,24 @@ def _attention_forward_kernel(
         acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
                                        begin, full_begin, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd,
                                        stride_vn, stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k,
-                                       sm_scale, slope, upper, lower, bh, seed, offset, threshold, HEAD_DIM, BLOCK_N,
-                                       True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS,
-                                       DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
+                                       sm_scale, slope, rel_base, stride_rr, upper, lower, bh, seed, offset, threshold,
+                                       HEAD_DIM, BLOCK_N, True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS,
+                                       HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
+                                       ALIBI_SYMMETRIC, HAS_REL)
         acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
                                        full_begin, full_end, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd,
                                        stride_vn, stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k,
-                                       sm_scale, slope, upper, lower, bh, seed, offset, threshold, HEAD_DIM, BLOCK_N,
-                                       False, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS,
-                                       DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
+                                       sm_scale, slope, rel_base, stride_rr, upper, lower, bh, seed, offset, threshold,
+                                       HEAD_DIM, BLOCK_N, False, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS,
+                                       HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
+                                       ALIBI_SYMMETRIC, HAS_REL)
         acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
                                        full_end, end, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                                        stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k, sm_scale,
-                                       slope, upper, lower, bh, seed, offset, threshold, HEAD_DIM, BLOCK_N, True, False,
-                                       True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT,
-                                       UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC)
+                                       slope, rel_base, stride_rr, upper, lower, bh, seed, offset, threshold, HEAD_DIM,
+                                       BLOCK_N, True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
+                                       HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC,
+                                       HAS_REL)
 
     # A fully masked row has l = 0 and acc = 0: 0 / 0 = NaN, as eager softmax gives; its LSE is -inf.
     out = acc / l_i[:, None]
@@ -230,6 +241,22 @@ def alibi_arguments(alibi: Alibi | None, fallback: torch.Tensor) -> AlibiArgumen
         return AlibiArguments(fallback, (0, 0), dict(HAS_ALIBI=False, ALIBI_SYMMETRIC=False))
     return AlibiArguments(alibi.slopes, tuple(alibi.slopes.stride()),
                           dict(HAS_ALIBI=True, ALIBI_SYMMETRIC=alibi.symmetric))
+
+
+class RelativeArguments(NamedTuple):
+    """What the kernels receive for a relative-position bias (see :func:`relative_arguments`)."""
+
+    values: torch.Tensor
+    strides: tuple[int, int, int]
+    flags: dict[str, bool]
+
+
+def relative_arguments(rel: RelativeBias | None, fallback: torch.Tensor) -> RelativeArguments:
+    """Kernel arguments of a relative-position bias: its [B, Hq, Nq + Nk - 1] vector with its strides (0 where
+    it broadcasts) and the constexpr flag; without one a dummy pointer, zero strides, the flag off."""
+    if rel is None:
+        return RelativeArguments(fallback, (0, 0, 0), dict(HAS_REL=False))
+    return RelativeArguments(rel.values, tuple(rel.values.stride()), dict(HAS_REL=True))
 
 
 class MaskArguments(NamedTuple):
@@ -303,11 +330,12 @@ def attention_forward(
     dropout: Dropout,
     layout: BlockLayout | None = None,
     alibi: Alibi | None = None,
+    rel: RelativeBias | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on non-empty inputs; ``bias`` is already expanded to [B, Hq, Nq, Nk].
 
     With a ``layout`` (of ``bias`` for these ``block_m`` x ``block_n`` tiles) only its non-empty tiles are
-    visited. ``alibi`` adds the ALiBi term to the scores."""
+    visited. ``alibi`` adds the ALiBi term to the scores, ``rel`` the relative-position term."""
     batch, num_heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -316,16 +344,17 @@ def attention_forward(
     mask_args = mask_arguments(masks, q, block_m, keys_own_tiles=False)
     layout_args = layout_arguments(layout, q, by_keys=False)
     alibi_args = alibi_arguments(alibi, q)
+    rel_args = relative_arguments(rel, q)
     grid = (triton.cdiv(n_q, block_m), batch * num_heads)
     _attention_forward_kernel[grid](
-        q, k, v, bias_ptr, alibi_args.slopes, *mask_args.tensors, *layout_args.tensors, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *alibi_args.strides, *mask_args.strides,
-        *layout_args.strides, *out.stride(),
+        q, k, v, bias_ptr, alibi_args.slopes, rel_args.values, *mask_args.tensors, *layout_args.tensors, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *alibi_args.strides, *rel_args.strides,
+        *mask_args.strides, *layout_args.strides, *out.stride(),
         num_heads, k.shape[1], num_heads // k.shape[1], n_q, n_k, scale, *mask_args.offsets,
         *dropout.arguments(), HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=config.padded_head_dim(head_dim), HAS_BIAS=bias is not None, KV_TILED=kv_heads_tiled,
         DROPOUT=dropout.enabled, LAYOUT=layout_args.enabled, UPCAST_DOT=config.upcast_dot(q.dtype),
         INPUT_PRECISION=config.input_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
-        **mask_args.flags, **alibi_args.flags,
+        **mask_args.flags, **alibi_args.flags, **rel_args.flags,
     )
     return out, lse
