@@ -2,7 +2,7 @@
 
 Every check follows SPEC.md: against a float64 eager reference, the relative error ||x - ref|| / ||ref||
 of the kernel must be at most 2x the error of eager attention computed in the same dtype, plus 1e-6,
-for the output and for dq, dk, dv (and dbias when the bias gradient is requested).
+for the output and for dq, dk, dv (and dbias / drel when the bias / relative-bias gradient is requested).
 """
 
 import os
@@ -22,7 +22,7 @@ from flash_fx.kernels import (  # noqa: E402
 )
 from flash_fx.kernels.dropout import Dropout  # noqa: E402
 from flash_fx.kernels.layout import EMPTY, FULL, PARTIAL, bias_layout  # noqa: E402
-from flash_fx.kernels.masks import Alibi, Masks  # noqa: E402
+from flash_fx.kernels.masks import Alibi, Masks, RelativeBias  # noqa: E402
 
 # The interpreter evaluates 0/0 and log(0) of fully masked rows with numpy, which warns.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -38,11 +38,12 @@ def repeat_kv(x, group, kv_heads_tiled=False):
 
 
 def eager_attention(q, k, v, scale, causal_offset=None, bias=None, drop_masked_rows=False, kv_heads_tiled=False,
-                    visible=None, dropout=None, alibi=None):
+                    visible=None, dropout=None, alibi=None, rel=None):
     """softmax(q k^T * scale + bias, causal and ``visible`` -inf fill) v in the inputs' dtype, with GQA by
     repetition; ``visible`` is a dense bool [B, Nq, Nk] mask. ``dropout = (keep, p)`` multiplies the
     probabilities by the bool [B, Hq, Nq, Nk] ``keep`` mask and 1 / (1 - p), as the kernels' dropout does.
-    ``alibi = (slopes, symmetric)`` adds the dense ALiBi bias of :func:`alibi_bias`.
+    ``alibi = (slopes, symmetric)`` adds the dense ALiBi bias of :func:`alibi_bias`, ``rel`` (a relative-position
+    vector [B or 1, H or 1, Nq + Nk - 1]) the dense bias of :func:`relative_bias`.
 
     With ``drop_masked_rows`` fully masked rows output 0 and pass no gradient, the convention the
     kernels' backward follows (plain eager gives NaN there).
@@ -54,6 +55,8 @@ def eager_attention(q, k, v, scale, causal_offset=None, bias=None, drop_masked_r
         s = s + bias.to(s.dtype)
     if alibi is not None:
         s = s + alibi_bias(*alibi, s.shape[-2], s.shape[-1], s.dtype)
+    if rel is not None:
+        s = s + relative_bias(rel, s.shape[-2], s.shape[-1], s.dtype)
     if causal_offset is not None:
         causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril(causal_offset)
         s = s.masked_fill(~causal, NEG_INF)
@@ -71,6 +74,13 @@ def alibi_bias(slopes, symmetric, n_q, n_k, dtype):
     if symmetric:
         pos = -pos.abs()
     return slopes.to(dtype)[:, :, None, None] * pos.to(dtype)
+
+
+def relative_bias(rel, n_q, n_k, dtype):
+    """The dense bias [B or 1, H or 1, Nq, Nk] in ``dtype`` of a relative-position vector ``rel``
+    [B or 1, H or 1, Nq + Nk - 1]: ``rel[b, h, j - i + Nq - 1]`` (differentiable in ``rel``)."""
+    index = torch.arange(n_k)[None, :] - torch.arange(n_q)[:, None] + n_q - 1
+    return rel.to(dtype)[:, :, index]
 
 
 def _dropped(p, dropout):
@@ -114,7 +124,7 @@ def dense_mask(n_q, n_k, window=None, key_valid=None, q_doc=None, k_doc=None):
 
 def check_attention(q, k, v, dtype, *, causal_offset=None, bias=None, triton=True, grad_out=None,
                     bias_grad=False, kv_heads_tiled=False, masks=None, sparse=False, dropout_p=0.0, alibi=None,
-                    **blocks):
+                    rel_bias=None, rel_grad=False, **blocks):
     """Run forward + backward of the kernels on (q, k, v) cast to ``dtype`` and check both against float64.
 
     q, k, v are float64 tensors of any layout; the casts keep their strides. With ``bias_grad`` the
@@ -125,7 +135,10 @@ def check_attention(q, k, v, dtype, *, causal_offset=None, bias=None, triton=Tru
     ``dropout_p`` drops with seed ``DROPOUT_SEED``; the references apply the materialized keep mask.
     ``alibi = (slopes, symmetric)`` passes ``alibi_slopes`` / ``alibi_symmetric`` (the slopes as given: they
     should be float32-exact, since the kernels compute with float32 slopes); the references add the
-    dense ALiBi bias. Returns the output and the backward's (dq, dk, dv, dbias).
+    dense ALiBi bias. ``rel_bias`` (a relative-position vector [B or 1, H or 1, Nq + Nk - 1], float32-exact like
+    the slopes) passes ``rel_bias``; the references add its dense form, and with ``rel_grad`` the backward's drel
+    is checked against the gradient of the vector expanded to [B, H, Nq + Nk - 1]. Returns the output and the
+    backward's (dq, dk, dv, dbias, drel).
     """
     masks = masks or {}
     options = dict(causal_offset=causal_offset, kv_heads_tiled=kv_heads_tiled)
@@ -138,6 +151,9 @@ def check_attention(q, k, v, dtype, *, causal_offset=None, bias=None, triton=Tru
         kernel_options = dict(options, **masks, sparse_bias=sparse, dropout_p=dropout_p, seed=seed)
         if alibi is not None:
             kernel_options.update(alibi_slopes=alibi[0], alibi_symmetric=alibi[1])
+        backward_options = dict(rel_bias_requires_grad=rel_grad)
+        if rel_bias is not None:
+            kernel_options["rel_bias"] = rel_bias
     else:
         forward, backward = tiled_torch.attention_forward, tiled_torch.attention_backward
         bias_x = None if bias_x is None else bias_x.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
@@ -146,6 +162,10 @@ def check_attention(q, k, v, dtype, *, causal_offset=None, bias=None, triton=Tru
                               dropout=Dropout.build(dropout_p, seed, 0))
         if alibi is not None:
             kernel_options["alibi"] = Alibi.build(alibi[0], alibi[1], q.shape[0], q.shape[1], q.device)
+        backward_options = dict(rel_requires_grad=rel_grad)
+        if rel_bias is not None:
+            kernel_options["rel"] = RelativeBias.build(rel_bias, q.shape[0], q.shape[1], q.shape[2], k.shape[2],
+                                                       q.device)
         block_m = blocks.pop("block_m", None)
         if sparse:
             block_n = blocks.get("block_n", 16)
@@ -158,6 +178,8 @@ def check_attention(q, k, v, dtype, *, causal_offset=None, bias=None, triton=Tru
         options["dropout"] = (keep, dropout_p)
     if alibi is not None:
         options["alibi"] = alibi
+    if rel_bias is not None:
+        options["rel"] = rel_bias
     out, lse = forward(qx, kx, vx, scale=scale, bias=bias_x, **kernel_options, **blocks)
     assert out.shape == q.shape and out.dtype == dtype
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
@@ -167,40 +189,56 @@ def check_attention(q, k, v, dtype, *, causal_offset=None, bias=None, triton=Tru
     assert_close(out, eager_attention(qx, kx, vx, scale, bias=bias_x, **options), ref, "out")
     rounded = [t.double() for t in (qx, kx, vx, bias_x) if t is not None] + [None]
     ref_lse = torch.logsumexp(_scores(rounded[0], rounded[1], scale, causal_offset, rounded[3], kv_heads_tiled,
-                                      options.get("visible"), alibi), -1)
+                                      options.get("visible"), alibi, rel_bias), -1)
     assert torch.allclose(lse.double(), ref_lse, rtol=1e-4, atol=1e-4)
 
     if grad_out is None:
         grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     grads = backward(grad_out.to(dtype), qx, kx, vx, out, lse, scale=scale, bias=bias_x,
-                     bias_requires_grad=bias_grad, **kernel_options, **blocks)
+                     bias_requires_grad=bias_grad, **kernel_options, **backward_options, **blocks)
+    assert len(grads) == 5
     for grad, t in zip(grads[:3], (qx, kx, vx), strict=True):
         assert grad.shape == t.shape and grad.dtype == dtype
-    names, inputs = ["dq", "dk", "dv"], [qx, kx, vx]
+    names, kernel_grads, inputs, ref_inputs = ["dq", "dk", "dv"], list(grads[:3]), [qx, kx, vx], [q, k, v]
     if bias_grad:
         full = ref.shape[:3] + k.shape[2:3]
         assert grads[3].shape == full and grads[3].dtype == torch.float32
         names.append("dbias")
+        kernel_grads.append(grads[3])
         # The kernels return the gradient of the expanded bias.
         bias, bias_x = bias.expand(full), bias_x.expand(full)
         inputs.append(bias_x)
+        ref_inputs.append(bias)
     else:
         assert grads[3] is None
-    ref_grads = _grads([q, k, v, bias][: len(names)], grad_out, scale, bias, **options)
-    eager_grads = _grads(inputs, grad_out.to(dtype), scale, bias_x, **options)
-    for name, grad, eager, ref_grad in zip(names, grads[: len(names)], eager_grads, ref_grads, strict=True):
+    if rel_grad:
+        full_rel = (*ref.shape[:2], q.shape[2] + k.shape[2] - 1)
+        assert grads[4].shape == full_rel and grads[4].dtype == torch.float32
+        names.append("drel")
+        kernel_grads.append(grads[4])
+        # ... and of the expanded relative-position vector.
+        inputs.append(rel_bias.to(dtype).expand(full_rel))
+        ref_inputs.append(rel_bias.double().expand(full_rel))
+    else:
+        assert grads[4] is None
+    grad_options = dict(options, bias_grad=bias_grad, rel_grad=rel_grad)
+    ref_grads = _grads(ref_inputs, grad_out, scale, bias, **grad_options)
+    eager_grads = _grads(inputs, grad_out.to(dtype), scale, bias_x, **grad_options)
+    for name, grad, eager, ref_grad in zip(names, kernel_grads, eager_grads, ref_grads, strict=True):
         assert not grad.isnan().any(), f"{name} has NaN"
         assert_close(grad, eager, ref_grad, name)
     return out, grads
 
 
-def _scores(q, k, scale, causal_offset, bias, kv_heads_tiled=False, visible=None, alibi=None):
+def _scores(q, k, scale, causal_offset, bias, kv_heads_tiled=False, visible=None, alibi=None, rel=None):
     group = q.shape[1] // k.shape[1]
     s = (q @ repeat_kv(k, group, kv_heads_tiled).transpose(-1, -2)) * scale
     if bias is not None:
         s = s + bias
     if alibi is not None:
         s = s + alibi_bias(*alibi, s.shape[-2], s.shape[-1], s.dtype)
+    if rel is not None:
+        s = s + relative_bias(rel, s.shape[-2], s.shape[-1], s.dtype)
     if causal_offset is not None:
         s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(causal_offset), NEG_INF)
     if visible is not None:
@@ -208,11 +246,15 @@ def _scores(q, k, scale, causal_offset, bias, kv_heads_tiled=False, visible=None
     return s
 
 
-def _grads(inputs, grad_out, scale, bias, **options):
-    """Eager gradients w.r.t. ``inputs``: q, k, v and optionally the bias (which then replaces ``bias``)."""
+def _grads(inputs, grad_out, scale, bias, bias_grad=False, rel_grad=False, **options):
+    """Eager gradients w.r.t. ``inputs``: q, k, v, then the bias if ``bias_grad`` (which then replaces ``bias``),
+    then the relative-position vector if ``rel_grad`` (which then replaces ``options["rel"]``)."""
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    q, k, v = leaves[:3]
-    bias = leaves[3] if len(leaves) == 4 else bias
+    q, k, v, *rest = leaves
+    if bias_grad:
+        bias = rest.pop(0)
+    if rel_grad:
+        options["rel"] = rest.pop(0)
     out = eager_attention(q, k, v, scale, bias=bias, drop_masked_rows=True, **options)
     return torch.autograd.grad(out, leaves, grad_out)
 
@@ -293,7 +335,7 @@ def test_bias(dtype, triton):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_fully_masked_rows_are_nan(dtype, triton):
     q, k, v = random_inputs((1, 2, 40, 32), (1, 2, 40, 32))
-    out, (dq, _, _, _) = check_attention(q, k, v, dtype, causal_offset=-3, triton=triton, block_n=16)
+    out, (dq, _, _, _, _) = check_attention(q, k, v, dtype, causal_offset=-3, triton=triton, block_n=16)
     assert out[:, :, :3].isnan().all() and not out[:, :, 3:].isnan().any()
     assert (dq[:, :, :3] == 0).all()
 
@@ -343,9 +385,10 @@ def test_empty_shapes(triton, monkeypatch):
     no_keys = k[:, :, :0].float()
     out, lse = attention_forward(q.float(), no_keys, no_keys, scale=1.0)
     assert torch.equal(out, eager_attention(q.float(), no_keys, no_keys, 1.0)) and (lse == NEG_INF).all()
-    dq, dk, dv, dbias = attention_backward(torch.ones_like(out), q.float(), no_keys, no_keys, out, lse, scale=1.0,
-                                           bias_requires_grad=True)
+    dq, dk, dv, dbias, drel = attention_backward(torch.ones_like(out), q.float(), no_keys, no_keys, out, lse,
+                                                 scale=1.0, bias_requires_grad=True)
     assert (dq == 0).all() and dk.shape == dv.shape == no_keys.shape and dbias.shape == (1, 2, 5, 0)
+    assert drel is None
 
 
 def test_dispatch(monkeypatch):
@@ -405,7 +448,7 @@ def test_bias_grad_fully_masked_row(triton):
     q, k, v = random_inputs((1, 1, 9, 16), (1, 1, 12, 16), seed=7)
     noise = torch.randn(9, 12, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     bias = masked_bias(9, 12, [4]) + noise
-    _, (_, _, _, dbias) = check_attention(q, k, v, torch.float32, bias=bias, bias_grad=True, triton=triton)
+    _, (_, _, _, dbias, _) = check_attention(q, k, v, torch.float32, bias=bias, bias_grad=True, triton=triton)
     assert (dbias[0, 0, 4] == 0).all()
     leaf = bias.clone().requires_grad_()
     eager_attention(q, k, v, 0.25, bias=leaf).sum().backward()
@@ -554,9 +597,9 @@ def test_padding_fully_masked_rows(triton):
     key_valid[0, 18:34] = False
     key_valid[1] = False
     q, k, v = random_inputs((2, 2, SEQ, 16), (2, 2, SEQ, 16), seed=19)
-    out, (dq, dk, dv, _) = check_attention(q, k, v, torch.float32, causal_offset=0,
-                                           masks=dict(window=(2, 0), key_valid=key_valid), triton=triton,
-                                           block_n=16)
+    out, (dq, dk, dv, _, _) = check_attention(q, k, v, torch.float32, causal_offset=0,
+                                              masks=dict(window=(2, 0), key_valid=key_valid), triton=triton,
+                                              block_n=16)
     assert out[0, :, 20:34].isnan().all() and not out[0, :, :20].isnan().any() and out[1].isnan().all()
     assert (dq[0, :, 20:34] == 0).all() and (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
 
@@ -642,8 +685,8 @@ def test_skipped_tiles_are_not_read(masks):
     q, k, v = (t.float() for t in random_inputs((1, 1, 16, 16), (1, 1, 64, 16), seed=21))
     k[:, :, 32:], v[:, :, 32:] = float("nan"), float("nan")
     out, lse = attention_forward(q, k, v, scale=0.25, block_m=16, block_n=16, **masks)
-    dq, dk, dv, _ = attention_backward(torch.ones_like(out), q, k, v, out, lse, scale=0.25, block_m=16, block_n=16,
-                                       **masks)
+    dq, dk, dv, _, _ = attention_backward(torch.ones_like(out), q, k, v, out, lse, scale=0.25, block_m=16,
+                                          block_n=16, **masks)
     assert out.isfinite().all() and dq.isfinite().all()
     assert (dk[:, :, 32:] == 0).all() and (dv[:, :, 32:] == 0).all()
 
@@ -808,8 +851,8 @@ def test_sparse_bias_skips_empty_tiles(triton, monkeypatch):
     k[:, :, 32:], v[:, :, 32:] = float("nan"), float("nan")
     blocks = dict(block_m=16, block_n=16)
     out, lse = attention_forward(q, k, v, scale=0.25, bias=bias, sparse_bias=True, **blocks)
-    dq, dk, dv, dbias = attention_backward(torch.ones_like(out), q, k, v, out, lse, scale=0.25, bias=bias,
-                                           bias_requires_grad=True, sparse_bias=True, **blocks)
+    dq, dk, dv, dbias, _ = attention_backward(torch.ones_like(out), q, k, v, out, lse, scale=0.25, bias=bias,
+                                              bias_requires_grad=True, sparse_bias=True, **blocks)
     dead = (bias[0, 0] == NEG_INF).all(-1)
     assert out[:, :, ~dead].isfinite().all() and out[:, :, dead].isnan().all() and dq.isfinite().all()
     assert (dk[:, :, 32:] == 0).all() and (dv[:, :, 32:] == 0).all() and (dbias[..., 32:] == 0).all()
@@ -931,8 +974,8 @@ def test_alibi_changes_scores_per_head(triton, monkeypatch):
         out, lse = attention_forward(q, k, v, scale=0.25, alibi_slopes=slopes)
         return out, attention_backward(grad_out, q, k, v, out, lse, scale=0.25, alibi_slopes=slopes)
 
-    out, (dq, dk, dv, _) = run(torch.tensor([[0.3, 0.0]]))
-    swapped, (dq_s, dk_s, dv_s, _) = run(torch.tensor([[0.0, 0.3]]))
+    out, (dq, dk, dv, _, _) = run(torch.tensor([[0.3, 0.0]]))
+    swapped, (dq_s, dk_s, dv_s, _, _) = run(torch.tensor([[0.0, 0.3]]))
     plain, _ = attention_forward(q, k, v, scale=0.25)
     assert torch.equal(out[:, 1], plain[:, 1]) and not torch.allclose(out[:, 0], plain[:, 0])
     torch.testing.assert_close(out.flip(1), swapped)
@@ -965,3 +1008,168 @@ def test_alibi_validation(backward):
             call(slopes)
     for good in (torch.ones(2, 4), torch.ones(1, 1), torch.ones(2, 1, dtype=torch.float16)):
         call(good)
+
+
+# ------------------------------------------------------- relative-position bias (a vector per j - i)
+
+
+def rel_vector(shape, seed, scale=1.0):
+    """A random float32 relative-position vector of ``shape`` [B or 1, H or 1, Nq + Nk - 1] (float32-exact, so the
+    float64 references add the kernels' very values)."""
+    return scale * torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+
+def rel_huge_padded_rows_case():
+    """5 queries, 50 keys, relative positions j - i > 2 set to 100 and hidden from every query by a -inf bias.
+    The 11 padded query rows of the interpreter's 16-row tiles would read 100 at many of their (in-vector)
+    indices ``j - i + Nq - 1``, and ``exp`` of it overflows float32 (inf * 0 = NaN in dK, dV), unless the kernels
+    read the term as 0 out of range, as they do the bias."""
+    q, k, v = random_inputs((1, 2, 5, 16), (1, 2, 50, 16), seed=96)
+    rel = rel_vector((1, 2, 54), 97)
+    rel[..., 4 + 3:] = 100.0
+    visible = torch.arange(50)[None, :] <= torch.arange(5)[:, None] + 2
+    bias = torch.zeros(1, 1, 5, 50, dtype=torch.float64).masked_fill(~visible, NEG_INF)
+    return (q, k, v), dict(bias=bias, bias_grad=True, rel_bias=rel, rel_grad=True)
+
+
+REL_CASES = {
+    # [1, H, L]: shared by the batch; ragged Nq < Nk.
+    "per_head": lambda: (random_inputs((2, 2, 37, 16), (2, 2, 50, 16), seed=80),
+                         dict(rel_bias=rel_vector((1, 2, 86), 81), rel_grad=True)),
+    # [B, H, L] with Nq > Nk, head dim 32.
+    "per_batch_head": lambda: (random_inputs((2, 2, 50, 32), (2, 2, 37, 32), seed=82),
+                               dict(rel_bias=rel_vector((2, 2, 86), 83), rel_grad=True)),
+    # [B, 1, L] with GQA (grouped), a learned full bias and its gradient.
+    "per_batch_gqa_bias": lambda: (random_inputs((2, 4, 29, 16), (2, 2, 41, 16), seed=84),
+                                   dict(rel_bias=rel_vector((2, 1, 69), 85), rel_grad=True,
+                                        bias=torch.randn(2, 4, 29, 41, generator=torch.Generator().manual_seed(86),
+                                                         dtype=torch.float64), bias_grad=True)),
+    # Bottom-right causal with Nq != Nk.
+    "causal_bottom_right": lambda: (random_inputs((1, 2, 37, 16), (1, 2, 50, 16), seed=87),
+                                    dict(causal_offset=13, rel_bias=rel_vector((1, 2, 86), 88), rel_grad=True)),
+    # A two-sided window (whole key tiles skipped); the recomputation only, no drel.
+    "window_no_grad": lambda: (random_inputs((2, 2, 61, 16), (2, 2, 61, 16), seed=89),
+                               dict(masks=dict(window=(20, 7)), rel_bias=rel_vector((1, 2, 121), 90))),
+    "window_causal": lambda: (random_inputs((1, 2, 61, 16), (1, 2, 61, 16), seed=89),
+                              dict(causal_offset=0, masks=dict(window=(20, 0)), rel_bias=rel_vector((1, 2, 121), 91),
+                                   rel_grad=True)),
+    # A -inf block-mask bias read through a block-sparse layout (empty, partial and full tiles), a dead row.
+    "sparse_bias": lambda: (random_inputs((2, 2, 45, 16), (2, 2, 61, 16), seed=30),
+                            dict(bias=dead_row_case()[1]["bias"], bias_grad=True, sparse=True,
+                                 rel_bias=rel_vector((2, 2, 105), 92), rel_grad=True)),
+    "alibi": lambda: (random_inputs((2, 2, 37, 16), (2, 2, 50, 16), seed=93),
+                      dict(alibi=(alibi_slopes((1, 2), 94), True), rel_bias=rel_vector((1, 2, 86), 95), rel_grad=True)),
+    "dropout": lambda: (random_inputs((1, 2, 45, 16), (1, 2, 61, 16), seed=98),
+                        dict(dropout_p=0.3, causal_offset=16, rel_bias=rel_vector((1, 2, 105), 99), rel_grad=True)),
+    "sparse_dropout_alibi": lambda: (random_inputs((1, 2, 45, 16), (1, 2, 61, 16), seed=43),
+                                     dict(bias=block_mask_bias((1, 2, 45, 61), 40), sparse=True, dropout_p=0.3,
+                                          alibi=(alibi_slopes((1, 2), 71), False),
+                                          rel_bias=rel_vector((1, 2, 105), 100), rel_grad=True)),
+    "key_padding": lambda: (random_inputs((3, 2, SEQ, 16), (3, 2, SEQ, 16), seed=101),
+                            dict(masks=dict(key_valid=padding_mask()), rel_bias=rel_vector((3, 1, 89), 102),
+                                 rel_grad=True)),
+    "sorted_docs": lambda: (random_inputs((2, 2, SEQ, 16), (2, 2, SEQ, 16), seed=103),
+                            dict(masks=dict(q_doc=sorted_docs(), k_doc=sorted_docs()), causal_offset=0,
+                                 rel_bias=rel_vector((1, 2, 89), 104), rel_grad=True)),
+    "gqa_kv_tiled_causal": lambda: (random_inputs((1, 6, 21, 16), (1, 2, 27, 16), seed=105),
+                                    dict(kv_heads_tiled=True, causal_offset=0, rel_bias=rel_vector((1, 6, 47), 106),
+                                         rel_grad=True)),
+    "causal_fp16": lambda: (random_inputs((2, 2, 45, 32), (2, 2, 45, 32), seed=107),
+                            dict(causal_offset=0, dtype=torch.float16, rel_bias=rel_vector((1, 2, 89), 108),
+                                 rel_grad=True)),
+    "single_query": lambda: (random_inputs((2, 2, 1, 16), (2, 2, 50, 16), seed=109),
+                             dict(causal_offset=49, rel_bias=rel_vector((1, 2, 50), 110), rel_grad=True)),
+    "huge_padded_rows": rel_huge_padded_rows_case,
+}
+
+
+@pytest.mark.parametrize("triton", [True, False], ids=["triton", "tiled"])
+@pytest.mark.parametrize("case", list(REL_CASES))
+def test_rel_bias(case, triton):
+    """A relative-position vector read at j - i + Nq - 1, alone and with every other feature, forward and backward
+    (dq, dk, dv, drel: the gradient of the expanded vector, and dbias) against the float64 reference with its
+    dense bias."""
+    (q, k, v), options = REL_CASES[case]()
+    dtype = options.pop("dtype", torch.float32)
+    check_attention(q, k, v, dtype, triton=triton, block_n=16, **options)
+
+
+@pytest.mark.parametrize("triton", [True, False], ids=["triton", "tiled"])
+def test_rel_bias_dtypes_and_zero_grad(triton, monkeypatch):
+    """Any float dtype is read as float32 (a bfloat16 vector gives the results of its float32 copy); a zero vector
+    gives the plain kernels' results; drel sums to the sum of dS, which is 0 on every row (softmax rows are
+    shift-invariant)."""
+    if not triton:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = (t.float() for t in random_inputs((1, 2, 20, 16), (1, 2, 33, 16), seed=111))
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(112))
+    rel = rel_vector((1, 2, 52), 113).bfloat16()
+
+    def run(rel_bias):
+        out, lse = attention_forward(q, k, v, scale=0.25, rel_bias=rel_bias)
+        grads = attention_backward(grad_out, q, k, v, out, lse, scale=0.25, rel_bias=rel_bias,
+                                   rel_bias_requires_grad=rel_bias is not None)
+        return out, grads
+
+    out, grads = run(rel)
+    out_f32, grads_f32 = run(rel.float())
+    torch.testing.assert_close(out, out_f32, rtol=0, atol=0)
+    for grad, grad_f32 in zip(grads[:3], grads_f32[:3], strict=True):
+        torch.testing.assert_close(grad, grad_f32, rtol=0, atol=0)
+    torch.testing.assert_close(grads[4], grads_f32[4], rtol=1e-5, atol=1e-6)  # atomics: order may differ
+    assert grads[4].shape == (1, 2, 52) and grads[4].dtype == torch.float32
+    assert grads[4].sum(-1).abs().max() < 1e-4
+    zero_out, zero_grads = run(torch.zeros(1, 1, 52))
+    plain_out, plain_grads = run(None)
+    torch.testing.assert_close(zero_out, plain_out)
+    for grad, plain in zip(zero_grads[:3], plain_grads[:3], strict=True):
+        torch.testing.assert_close(grad, plain)
+    assert plain_grads[4] is None
+
+
+@pytest.mark.parametrize("triton", [True, False], ids=["triton", "tiled"])
+def test_rel_bias_empty_shapes(triton, monkeypatch):
+    """No keys: drel is all zeros of shape [B, Hq, Nq - 1]."""
+    if not triton:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(2, 2, 5, 16)
+    no_keys = q[:, :, :0]
+    rel = torch.randn(1, 2, 4)
+    out, lse = attention_forward(q, no_keys, no_keys, scale=0.25, rel_bias=rel)
+    assert (out == 0).all() and (lse == NEG_INF).all()
+    *_, drel = attention_backward(torch.ones_like(out), q, no_keys, no_keys, out, lse, scale=0.25, rel_bias=rel,
+                                  rel_bias_requires_grad=True)
+    assert drel.shape == (2, 2, 4) and (drel == 0).all()
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_rel_bias_validation(backward):
+    """rel_bias must be a float tensor of shape [B or 1, Hq or 1, Nq + Nk - 1] on q's device; its gradient needs it."""
+    q, k, v = (t.float() for t in random_inputs((2, 4, 5, 16), (2, 2, 7, 16)))
+
+    def call(rel, **kwargs):
+        if backward:
+            return attention_backward(q, q, k, v, q, q[..., 0], scale=0.25, rel_bias=rel, **kwargs)
+        return attention_forward(q, k, v, scale=0.25, rel_bias=rel)
+
+    shape = r"rel_bias must have shape \[2 or 1, 4 or 1, 11\] \(the Nq \+ Nk - 1 = 5 \+ 7 - 1 relative positions\)"
+    bad = [
+        (torch.ones(4, 11), shape + r", got \(4, 11\)"),
+        (torch.ones(1, 4, 12), shape + r", got \(1, 4, 12\)"),
+        (torch.ones(1, 4, 10), r"got \(1, 4, 10\)"),
+        (torch.ones(3, 4, 11), r"got \(3, 4, 11\)"),
+        (torch.ones(2, 2, 11), r"got \(2, 2, 11\)"),
+        (torch.ones(1, 1, 1, 11), r"got \(1, 1, 1, 11\)"),
+        (torch.ones(1, 4, 11, dtype=torch.int64), "rel_bias must be a float tensor, got torch.int64"),
+        ([[[0.5] * 11] * 4], "rel_bias must be a float tensor, got list"),
+        (torch.ones(1, 4, 11, device="meta"), "rel_bias must be on cpu, like q, got meta"),
+    ]
+    for rel, message in bad:
+        with pytest.raises(ValueError, match=message):
+            call(rel)
+    for good in (torch.ones(2, 4, 11), torch.ones(1, 1, 11), torch.ones(2, 1, 11, dtype=torch.float16),
+                 torch.ones(1, 4, 11, dtype=torch.float64)):
+        call(good)
+    if backward:
+        with pytest.raises(ValueError, match="rel_bias_requires_grad=True needs a rel_bias"):
+            call(None, rel_bias_requires_grad=True)
