@@ -63,6 +63,11 @@ class TinyGPT(nn.Module):
         return self.head(self.norm(x))
 
 
+def explain_inputs() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """A model and example inputs for `python -m flash_fx explain examples/quickstart.py:explain_inputs`."""
+    return TinyGPT().eval(), (torch.randint(0, 512, (2, 200)),)
+
+
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     x, ref = x.detach().double(), ref.detach().double()
     return float((x - ref).norm() / ref.norm())

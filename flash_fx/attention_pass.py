@@ -13,24 +13,37 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from flash_fx import cost
 from flash_fx.kernels import tile_density
+from flash_fx.kernels.layout import bias_layout
+from flash_fx.kernels.masks import Masks
 from flash_fx.mha import multi_head_attention
 from flash_fx.options import Options
 from flash_fx.patterns.canonical import AddBias, Cast, MaskedFill, Scale, canonicalize
 from flash_fx.patterns.masks import (
     Band,
+    ConstantMask,
     Literal,
     MaskAnalysis,
     MaskProof,
     Unrecognized,
     analyze_visibility,
     concrete,
+    is_zeros,
     mask_bias_condition,
 )
 from flash_fx.patterns.match import RSQRT_HEAD_DIM, AttentionMatch, NearMiss, ScoreTerm, anchor_nodes, match_anchor
 from flash_fx.patterns.mha import MhaMatch, is_mha_call, match_mha
+from flash_fx.patterns.positions import (
+    Alibi,
+    PositionProof,
+    RelativeTable,
+    ToeplitzProof,
+    analyze_alibi,
+    analyze_relative_table,
+)
 from flash_fx.report import Report, RewriteRecord, SkipRecord
 from flash_fx.rewrite import UNBOUNDED, KernelCall, replace_attention
 
+Proof = MaskProof | PositionProof | ToeplitzProof  # a fact about static mask/position subgraphs, re-checked at run time
 LARGEST_MASK_FILL = -1e4  # masked_fill values at or below this (or -inf) act as masks
 
 
@@ -39,7 +52,7 @@ class PassResult:
     """The report of one graph and the mask proofs its rewrites rest on."""
 
     report: Report
-    proofs: list[MaskProof] = field(default_factory=list)
+    proofs: list[Proof] = field(default_factory=list)
 
 
 @dataclass
@@ -49,15 +62,20 @@ class MaskDecision:
     band: Band | None
     bias_terms: list[ScoreTerm]
     parts: list[str]
-    proofs: list[MaskProof]
+    proofs: list[Proof]
     key_valid: Literal | None = None
     documents: tuple[fx.Node, fx.Node] | None = None
+    masks_in_bias: int = 0  # how many bias terms are masks (their tiles that hide everything are skipped)
+    constant_masks: list[torch.Tensor] = field(default_factory=list)  # values of the constant ones
+    alibi: tuple[Alibi, float] | None = None  # an ALiBi term the kernels compute, and the factor applied after it
+    relative: tuple[RelativeTable, float] | None = None  # a T5 table read per relative position, and its factor
 
     @property
     def variant(self) -> str:
-        """The report's variant name: the most specific structural mask, or bias when dense terms remain."""
+        """The report's variant name: the most specific structural mask, block_sparse when every dense term is
+        a constant mask, or bias when other dense terms remain."""
         if self.bias_terms:
-            return "bias"
+            return "block_sparse" if len(self.constant_masks) == len(self.bias_terms) else "bias"
         if self.documents is not None:
             return "document"
         if self.key_valid is not None:
@@ -71,8 +89,22 @@ class MaskDecision:
 
 def run_attention_pass(gm: fx.GraphModule, example_inputs: list[Any], options: Options, graph_id: int,
                        apply: bool = True) -> PassResult:
-    """Rewrite the attentions of `gm` in place (unless apply=False) and return what was done."""
+    """Rewrite the attentions of `gm` in place (unless apply=False) and return what was done.
+
+    The bodies of higher-order ops (activation checkpointing, wrap, ...) are GraphModules of their own: their
+    attentions are rewritten too, with masks proved only where the proof needs no graph input there.
+    """
     result = PassResult(Report(graph_id))
+    _rewrite_graph(gm, example_inputs, options, apply, result)
+    for body in _bodies(gm):
+        _rewrite_graph(body, None, options, apply, result)
+    return result
+
+
+def _rewrite_graph(gm: fx.GraphModule, example_inputs: list[Any] | None, options: Options, apply: bool,
+                   result: PassResult) -> None:
+    """Match, plan and rewrite every attention of one graph, adding to `result`."""
+    rewrites = len(result.report.rewrites)
     for call in [node for node in gm.graph.nodes if is_mha_call(node)]:
         outcome = _plan_and_rewrite_mha(match_mha(call), options, apply)
         if isinstance(outcome, SkipRecord):
@@ -91,14 +123,24 @@ def run_attention_pass(gm: fx.GraphModule, example_inputs: list[Any], options: O
         record, proofs = outcome
         result.report.rewrites.append(record)
         result.proofs += proofs
-    if apply and result.report.rewrites:
+    if apply and len(result.report.rewrites) > rewrites:
         gm.graph.lint()
         gm.recompile()
-    return result
 
 
-def _plan_and_rewrite(graph: fx.Graph, match: AttentionMatch, example_inputs: list[Any], options: Options,
-                      apply: bool) -> tuple[RewriteRecord, list[MaskProof]] | str:
+def _bodies(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    """The GraphModules that `gm`'s graph reads as attributes (higher-order op bodies), recursively."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            child = getattr(gm, str(node.target), None)
+            if isinstance(child, fx.GraphModule) and child not in found:
+                found += [child, *(b for b in _bodies(child) if b not in found)]
+    return found
+
+
+def _plan_and_rewrite(graph: fx.Graph, match: AttentionMatch, example_inputs: list[Any] | None, options: Options,
+                      apply: bool) -> tuple[RewriteRecord, list[Proof]] | str:
     """Rewrite one match if its masks are supported and the cost model predicts a win; else the reason."""
     nq, nk = concrete(match.q_shape[-2]), concrete(match.k_shape[-2])
     masks = _decide_masks(graph, match, example_inputs, nq, nk)
@@ -107,13 +149,26 @@ def _plan_and_rewrite(graph: fx.Graph, match: AttentionMatch, example_inputs: li
     variant = masks.variant
     if variant not in options.variants:
         return _not_allowed(variant, options)
-    shape = _cost_shape(match, masks, nq, nk)
-    plan = cost.plan(shape, options.force)
+    device = cost.device_model(options.device)
+    tiles = options.tiles or cost.model_tiles(device, concrete(match.q_shape[-1]), match.dtype)
+    band_density = _band_density(masks.band, nq, nk, tiles)
+    density = _layout_density(masks, nq, nk, tiles) if masks.masks_in_bias else band_density
+    plan = _plan(match, masks, options, device, density, sparse=masks.masks_in_bias > 0)
+    sparse_note = []
+    if masks.masks_in_bias and density is not None:
+        unsparse = _plan(match, masks, options, device, band_density, sparse=False)
+        if unsparse.hbm_after <= plan.hbm_after:
+            sparse_note = [f"block layout not used: reducing the mask costs more than skipping {1 - density:.0%} "
+                           "of the tiles saves"]
+            plan, density, masks.masks_in_bias, variant = unsparse, band_density, 0, "bias"
+            if variant not in options.variants:
+                return _not_allowed(variant, options)
     if not plan.rewrite:
         return plan.reason
     if apply:
         replace_attention(graph, match, KernelCall(match.scale, masks.band, masks.bias_terms, masks.key_valid,
-                                                   masks.documents))
+                                                   masks.documents, sparse_bias=masks.masks_in_bias > 0,
+                                                   alibi=masks.alibi, relative=masks.relative))
     scale = f"{match.scale:.4g}" + "".join(
         " / sqrt(head_dim)" if d == RSQRT_HEAD_DIM else f" {'/' if d.reciprocal else '*'} {d.factor.name}"
         for d in match.dynamic_scales)
@@ -122,11 +177,41 @@ def _plan_and_rewrite(graph: fx.Graph, match: AttentionMatch, example_inputs: li
         q_shape=_concrete_shape(match.q_shape), k_shape=_concrete_shape(match.k_shape),
         v_shape=_concrete_shape(match.v_shape), dtype=str(match.dtype).removeprefix("torch."),
         scale=scale, mask=masks.description,
-        notes="; ".join([*match.notes, *_dropout_note(match.dropout_p), plan.reason]),
-        hbm_before=plan.hbm_before, hbm_after=plan.hbm_after,
-        time_before=plan.time_before, time_after=plan.time_after, tile_density=shape.density,
+        notes="; ".join([*match.notes, *_dropout_note(match.dropout_p), *sparse_note, plan.reason]),
+        tile_density=density, **_plan_fields(plan),
     )
     return record, masks.proofs
+
+
+def _plan(match: AttentionMatch, masks: MaskDecision, options: Options, device: cost.Device,
+          density: float | None, sparse: bool) -> cost.Plan:
+    """The cost model's decision for one match, with sizes as the graph's symbols (hints: example sizes)."""
+    sizes = [*match.q_shape, *match.k_shape, *match.output.meta["example_value"].shape]
+    shape = _cost_shape(match, masks, 1.0 if density is None else density, sparse)
+    return cost.plan(shape, _size_hints(sizes), device=device, force=options.force,
+                     min_speedup=options.min_speedup, tiles=options.tiles)
+
+
+def _plan_fields(plan: cost.Plan) -> dict[str, Any]:
+    """The report fields a plan fills."""
+    return dict(hbm_before=plan.hbm_before, hbm_after=plan.hbm_after, time_before=plan.time_before,
+                time_after=plan.time_after, flops_before=plan.flops_before, flops_after=plan.flops_after,
+                hbm_formula=plan.hbm_formula, tiles=plan.tiles, device=plan.device)
+
+
+def _symbolic(size: Any) -> cost.Size:
+    """A size as the cost model takes it: a SymInt's sympy expression, else the int."""
+    return size.node.expr if isinstance(size, torch.SymInt) else int(size)
+
+
+def _size_hints(sizes: list[Any]) -> dict:
+    """The example value of every size symbol the SymInts among `sizes` use."""
+    hints: dict = {}
+    for size in sizes:
+        if isinstance(size, torch.SymInt):
+            env = size.node.shape_env
+            hints.update(getattr(env, "backed_var_to_val", None) or env.var_to_val)
+    return hints
 
 
 def _not_allowed(variant: str, options: Options) -> str:
@@ -143,10 +228,13 @@ def _plan_and_rewrite_mha(match: MhaMatch | str, options: Options, apply: bool) 
     if variant not in options.variants:
         return SkipRecord(match.location, _not_allowed(variant, options))
     batch, heads, nq, nk, head_dim = (concrete(s) for s in match.shape)
-    shape = cost.AttentionShape(batch_heads=batch * heads, nq=nq, nk=nk, head_dim=head_dim, dtype=match.dtype,
-                                density=1.0, elementwise_passes=1, mask_bytes_per_score=4.0 * bool(masks),
+    shape = cost.AttentionShape(batch_heads=_symbolic(match.shape[0]) * _symbolic(match.shape[1]),
+                                nq=_symbolic(match.shape[2]), nk=_symbolic(match.shape[3]),
+                                head_dim=_symbolic(match.shape[4]), dtype=match.dtype, density=1.0,
+                                elementwise_passes=1, mask_bytes_per_score=4.0 * bool(masks),
                                 training=torch.is_grad_enabled())
-    plan = cost.plan(shape, options.force)
+    plan = cost.plan(shape, _size_hints(list(match.shape)), device=cost.device_model(options.device),
+                     force=options.force, min_speedup=options.min_speedup, tiles=options.tiles)
     if not plan.rewrite:
         return SkipRecord(match.location, plan.reason)
     dropout_p = float(args["dropout_p"]) if args["training"] is not False else 0.0
@@ -161,13 +249,11 @@ def _plan_and_rewrite_mha(match: MhaMatch | str, options: Options, apply: bool) 
         k_shape=(batch, heads, nk, head_dim), v_shape=(batch, heads, nk, head_dim),
         dtype=str(match.dtype).removeprefix("torch."), scale=f"{head_dim ** -0.5:.4g}",
         mask=" + ".join(masks) or "none",
-        notes="; ".join(["nn.MultiheadAttention", *_dropout_note(dropout_p), plan.reason]),
-        hbm_before=plan.hbm_before, hbm_after=plan.hbm_after, time_before=plan.time_before,
-        time_after=plan.time_after,
+        notes="; ".join(["nn.MultiheadAttention", *_dropout_note(dropout_p), plan.reason]), **_plan_fields(plan),
     )
 
 
-def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[Any], nq: int,
+def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[Any] | None, nq: int,
                   nk: int) -> MaskDecision | str:
     """Sort the score terms into structural kernel inputs (one mask) and dense bias terms, or say why not."""
     decision = MaskDecision(band=Band(None, 0) if match.causal else None, bias_terms=[], parts=[],
@@ -184,6 +270,22 @@ def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[A
         if condition is None:
             if not tensor.dtype.is_floating_point:
                 return f"additive term of dtype {tensor.dtype} is not a float bias"
+            if is_zeros(term.tensor) and not tensor.requires_grad:
+                decision.parts.append(f"zero bias[{shape}] dropped")
+                continue
+            alibi = analyze_alibi(graph, term.tensor, nq, nk, example_inputs) if decision.alibi is None else None
+            if isinstance(alibi, Alibi):
+                decision.alibi = (alibi, term.factor_after)
+                decision.proofs.append(alibi.proof)
+                decision.parts.append(alibi.describe())
+                continue
+            table = (analyze_relative_table(graph, term.tensor, nq, nk, example_inputs)
+                     if decision.relative is None else None)
+            if isinstance(table, RelativeTable):
+                decision.relative = (table, term.factor_after)
+                decision.proofs.append(table.proof)
+                decision.parts.append(table.describe())
+                continue
             decision.bias_terms.append(term)
             learned = " (learned: its gradient is written as dS)" if tensor.requires_grad else ""
             decision.parts.append(f"bias[{shape}]{learned}")
@@ -191,11 +293,18 @@ def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[A
         if isinstance(condition, str):
             return condition
         mask, hidden_when_true, fill = condition
-        why = _use_structural(decision, analyze_visibility(graph, mask, hidden_when_true, nq, nk, example_inputs),
-                              fill)
+        analysis = analyze_visibility(graph, mask, hidden_when_true, nq, nk, example_inputs)
+        if isinstance(analysis, ConstantMask):
+            decision.bias_terms.append(term)
+            decision.masks_in_bias += 1
+            decision.constant_masks.append(analysis.visible)
+            decision.parts.append(f"{analysis.describe()}[{shape}] (block layout)")
+            continue
+        why = _use_structural(decision, analysis, fill)
         if why is not None:
             decision.bias_terms.append(term)
-            decision.parts.append(f"mask[{shape}] ({why})")
+            decision.masks_in_bias += 1
+            decision.parts.append(f"mask[{shape}] ({why}; empty tiles skipped at run time)")
     return decision
 
 
@@ -256,18 +365,27 @@ def _broadcasts_into(shape: tuple, target: tuple) -> bool:
                for a, b in zip(reversed(shape), reversed(target), strict=False))
 
 
-def _cost_shape(match: AttentionMatch, masks: MaskDecision, nq: int, nk: int) -> cost.AttentionShape:
-    batch_heads = math.prod(concrete(s) for s in match.output.meta["example_value"].shape[:-2])
+def _cost_shape(match: AttentionMatch, masks: MaskDecision, density: float, layout_pass: bool) -> cost.AttentionShape:
+    out_shape = match.output.meta["example_value"].shape
+    batch_heads = math.prod(_symbolic(s) for s in out_shape[:-2])
+    nq, nk = _symbolic(match.q_shape[-2]), _symbolic(match.k_shape[-2])
     values = [o.node.meta["example_value"] for o in (match.q, match.k, match.v)]
+    scores = max(1, math.prod(concrete(s) for s in out_shape[:-2]) * concrete(match.q_shape[-2])
+                 * concrete(match.k_shape[-2]))
     mask_bytes = 0.0
     for term in match.terms:
         tensor = term.tensor.meta["example_value"]
-        mask_bytes += concrete(tensor.numel()) * tensor.element_size() / max(1, batch_heads * nq * nk)
+        mask_bytes += concrete(tensor.numel()) * tensor.element_size() / scores
+    kernel_bias_bytes = 0.0  # the one bias the kernels read: the broadcast sum of the dense terms, float32
+    if masks.bias_terms:
+        shapes = [_concrete_shape(term.tensor.meta["example_value"].shape) for term in masks.bias_terms]
+        kernel_bias_bytes = 4.0 * math.prod(torch.broadcast_shapes(*shapes)) / scores
     passes = sum(isinstance(desc, Scale | Cast | MaskedFill | AddBias) for desc in _chain_descs(match))
     return cost.AttentionShape(
-        batch_heads=batch_heads, nq=nq, nk=nk, head_dim=concrete(match.q_shape[-1]), dtype=match.dtype,
-        density=_band_density(masks.band, nq, nk), elementwise_passes=passes, mask_bytes_per_score=mask_bytes,
-        training=torch.is_grad_enabled() and any(v.requires_grad for v in values),
+        batch_heads=batch_heads, nq=nq, nk=nk, head_dim=_symbolic(match.q_shape[-1]), dtype=match.dtype,
+        density=density, elementwise_passes=passes, mask_bytes_per_score=mask_bytes,
+        kernel_bias_bytes_per_score=kernel_bias_bytes,
+        training=torch.is_grad_enabled() and any(v.requires_grad for v in values), layout_pass=layout_pass,
     )
 
 
@@ -275,13 +393,32 @@ def _dropout_note(p: float) -> list[str]:
     return [f"dropout p={p:g} fused (its own random stream, reproducible under torch.manual_seed)"] if p else []
 
 
-def _band_density(band: Band | None, nq: int, nk: int) -> float:
-    """Fraction of tiles the kernels visit for a band, at the forward's GPU tile sizes (data masks not counted)."""
+def _band_density(band: Band | None, nq: int, nk: int, tiles: tuple[int, int]) -> float:
+    """Fraction of (Br x Bc) tiles the kernels visit under a causal/window band (1.0 without one)."""
     if band is None:
         return 1.0
-    window = None if band.left is None else (band.left, band.right if band.right is not None else UNBOUNDED)
-    return tile_density(nq, nk, causal_offset=band.right, window=window, block_m=cost.FORWARD_TILE_M,
-                        block_n=cost.BACKWARD_TILE_N)
+    return tile_density(nq, nk, causal_offset=band.right, window=_window(band), block_m=tiles[0], block_n=tiles[1])
+
+
+def _layout_density(masks: MaskDecision, nq: int, nk: int, tiles: tuple[int, int]) -> float | None:
+    """Fraction of tiles the kernels visit with a block layout: from the constant masks' value on the example
+    inputs and the band; None when masks in the bias are known only at run time."""
+    if masks.masks_in_bias > len(masks.constant_masks):
+        return None
+    visible = masks.constant_masks[0]
+    for other in masks.constant_masks[1:]:
+        visible = visible & other
+    planes = visible.expand(*visible.shape[:-2], nq, nk).reshape(1, -1, nq, nk)  # every [Nq, Nk] plane
+    bias = torch.zeros(planes.shape).masked_fill(~planes, float("-inf"))
+    band = masks.band
+    band_masks = Masks(causal_offset=None if band is None else band.right, window=_window(band))
+    return bias_layout(bias, band_masks, *tiles).density
+
+
+def _window(band: Band | None) -> tuple[int, int] | None:
+    if band is None or band.left is None:
+        return None
+    return band.left, UNBOUNDED if band.right is None else band.right
 
 
 def _chain_descs(match: AttentionMatch) -> list:

@@ -1,109 +1,210 @@
-"""HBM traffic model: bytes moved by eager attention vs the flash kernels, and the rewrite decision.
+"""Cost model: HBM bytes and FLOPs of eager attention and of the flash kernels, as sympy expressions, and the
+rewrite decision they drive.
 
-Counts follow the loop structure of the kernels in flash_fx.kernels: the forward streams K and V once
-per query tile; the backward's dK/dV kernel streams Q, dO, LSE and delta once per key tile, its dQ
-kernel K and V once per query tile. Eager attention writes and re-reads the Nq x Nk scores at every
-elementwise step (scale, mask, softmax, cast), and in training keeps the probabilities for the backward.
+Counts follow the loop structure of the code that runs. Eager attention (one op after the other) writes and
+re-reads the Nq x Nk scores at every elementwise step (scale, masks, casts), the softmax reads and writes them,
+and training keeps the probabilities for a backward that reads and writes Nq x Nk matrices again. The flash
+kernels (FlashAttention-2 loop order, see flash_fx.kernels) stream K and V once per query tile of ``Br`` rows in
+the forward and in the dQ kernel, and Q, dO, LSE and delta once per key tile of ``Bc`` rows in the dK/dV kernel;
+sparse variants visit only the fraction ``density`` of the tile pairs. Sizes may be sympy expressions of the
+graph's symbolic sizes (``s0``...), so the report can show the formula and its value at the example shape.
+
+Tiles come from SRAM as in the FlashAttention paper: ``Bc = ceil(M / 4d)``, ``Br = min(Bc, d)`` for M elements
+of on-chip memory, then clamped to powers of two in [16, 128] (what the Triton kernels tile with).
+Time is a roofline: ``max(bytes / bandwidth, flops / peak)`` plus one launch.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import sympy as sp
 import torch
 
-# A reference card for the time estimate (H100 SXM: HBM bandwidth and dense fp16 matrix throughput).
-HBM_BYTES_PER_S = 3.0e12
-MATMUL_FLOPS_PER_S = 7.9e14
-LAUNCH_OVERHEAD_S = 5e-6
-FORWARD_TILE_M = 128  # query rows per program in the forward (and the dQ kernel)
-BACKWARD_TILE_N = 64  # key rows per program in the dK/dV kernel
+from flash_fx.units import format_bytes
+
+Size = int | sp.Expr
+
+
+@dataclass(frozen=True)
+class Device:
+    """What the model needs of a card: on-chip memory for one program, HBM bandwidth, matrix throughput."""
+
+    name: str
+    sram_bytes: int
+    hbm_bytes_per_s: float
+    matmul_flops_per_s: float  # dense fp16/bf16 tensor-core peak
+    launch_overhead_s: float = 5e-6
+
+
+#: Published figures of known cards (SXM parts; SRAM: shared memory + L1 per SM as the paper counts it).
+DEVICES = {
+    "A100": Device("A100", 192 * 1024, 1.555e12, 312e12),
+    "H100": Device("H100", 228 * 1024, 3.35e12, 989e12),
+    "H200": Device("H200", 228 * 1024, 4.8e12, 989e12),
+}
+DEFAULT_DEVICE = "H100"  # the card assumed when the model runs without one (explain on a laptop)
+
+
+def device_model(name: str | None = None) -> Device:
+    """The named card from :data:`DEVICES`; without a name the current CUDA device (its shared memory per
+    block from torch's device properties, bandwidth and peak from the table entry its name contains, H100's
+    otherwise), or :data:`DEFAULT_DEVICE` when there is no GPU."""
+    if name is not None:
+        if name not in DEVICES:
+            raise ValueError(f"unknown device {name!r}; known devices are {sorted(DEVICES)}")
+        return DEVICES[name]
+    if not torch.cuda.is_available():
+        return DEVICES[DEFAULT_DEVICE]
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    known = next((d for key, d in DEVICES.items() if key in props.name), DEVICES[DEFAULT_DEVICE])
+    sram = getattr(props, "shared_memory_per_block_optin", 0) or known.sram_bytes
+    return replace(known, name=props.name, sram_bytes=int(sram))
+
+
+def _power_of_two_in_range(x: int, low: int = 16, high: int = 128) -> int:
+    return max(low, min(high, 1 << (max(int(x), 1).bit_length() - 1)))
+
+
+def paper_tiles(device: Device, head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
+    """The paper's (Br, Bc) for the card's SRAM: Bc = ceil(M / 4d) elements, Br = min(Bc, d)."""
+    elements = device.sram_bytes // dtype.itemsize
+    block_c = math.ceil(elements / (4 * head_dim))
+    return min(block_c, head_dim), block_c
+
+
+def model_tiles(device: Device, head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(Br, Bc) the model counts with: the paper's choice clamped to powers of two in [16, 128]."""
+    block_r, block_c = paper_tiles(device, head_dim, dtype)
+    return _power_of_two_in_range(block_r), _power_of_two_in_range(block_c)
 
 
 @dataclass(frozen=True)
 class AttentionShape:
-    """The sizes the cost depends on (concrete example values)."""
+    """What the cost depends on. Sizes are ints or sympy expressions of the graph's size symbols."""
 
-    batch_heads: int
-    nq: int
-    nk: int
-    head_dim: int
+    batch_heads: Size
+    nq: Size
+    nk: Size
+    head_dim: Size
     dtype: torch.dtype
     density: float  # fraction of (query tile, key tile) pairs the flash kernels visit (1.0 dense)
     elementwise_passes: int  # eager's passes over the scores: scale, masks, casts
     mask_bytes_per_score: float  # bytes of mask/bias read per score element by eager (after broadcasting)
     training: bool
+    kernel_bias_bytes_per_score: float | None = None  # the same for the kernels' dense bias (None: as eager)
+    layout_pass: bool = False  # the kernels reduce the mask bias to a tile layout first (forward and backward)
 
 
-@dataclass(frozen=True)
-class Plan:
-    """The decision for one match: bytes and time before and after, and whether to rewrite."""
-
-    hbm_before: float
-    hbm_after: float
-    time_before: float
-    time_after: float
-    rewrite: bool
-    reason: str
-
-
-def eager_bytes(s: AttentionShape) -> float:
+def eager_bytes(s: AttentionShape) -> sp.Expr:
     """HBM bytes of the unfused ops: Q@K^T, elementwise passes over the scores, softmax, P@V (+ backward)."""
     e = s.dtype.itemsize
     scores = s.nq * s.nk
     qkv = (2 * s.nq + 2 * s.nk) * s.head_dim  # read q, k, v, write out
     forward = qkv * e + scores * e  # the two products and the scores they write
-    forward += s.elementwise_passes * 2 * scores * e + scores * s.mask_bytes_per_score
+    forward += s.elementwise_passes * 2 * scores * e + scores * _num(s.mask_bytes_per_score)
     forward += 2 * scores * e + scores * e  # softmax reads and writes; P @ V reads P
     if not s.training:
-        return s.batch_heads * forward
+        return sp.expand(s.batch_heads * forward)
     # dV = P^T dO, dP = dO V^T, softmax backward (reads P, dP, writes dS), dQ = dS K, dK = dS^T Q,
     # and the masks/scale passes again on dS.
     backward = (4 * s.nq + 4 * s.nk) * s.head_dim * e + scores * e * (1 + 1 + 3 + 2)
     backward += s.elementwise_passes * 2 * scores * e
-    return s.batch_heads * (forward + backward)
+    return sp.expand(s.batch_heads * (forward + backward))
 
 
-def flash_bytes(s: AttentionShape, tile_m: int = FORWARD_TILE_M, tile_n: int = BACKWARD_TILE_N) -> float:
-    """HBM bytes of the flash kernels for the same attention (+ backward when training)."""
+def flash_bytes(s: AttentionShape, block_r: int, block_c: int) -> sp.Expr:
+    """HBM bytes of the flash kernels for query tiles of ``block_r`` rows and key tiles of ``block_c`` rows."""
     e = s.dtype.itemsize
     d = s.head_dim
-    visible = s.density  # fraction of tiles the loop bounds visit (causal ~0.5, windows less)
-    q_tiles = math.ceil(s.nq / tile_m)
-    k_tiles = math.ceil(s.nk / tile_n)
-    mask = s.nq * s.nk * s.mask_bytes_per_score * visible
-    forward = (2 * s.nq * d + max(1.0, q_tiles * visible) * 2 * s.nk * d) * e + 4 * s.nq + mask
+    visible = _num(s.density)
+    q_tiles = sp.ceiling(s.nq / block_r)
+    k_tiles = sp.ceiling(s.nk / block_c)
+    bias_bytes = s.mask_bytes_per_score if s.kernel_bias_bytes_per_score is None else s.kernel_bias_bytes_per_score
+    mask = s.nq * s.nk * _num(bias_bytes) * visible
+    if s.layout_pass:  # one read of the whole mask to classify its tiles (upper bound: broadcast dims count)
+        mask += s.nq * s.nk * _num(bias_bytes)
+    # Q read and O written once; K and V once per visited query tile; the LSE written (float32).
+    forward = (2 * s.nq * d + sp.Max(1, q_tiles * visible) * 2 * s.nk * d) * e + 4 * s.nq + mask
     if not s.training:
-        return s.batch_heads * forward
-    preprocess = 2 * s.nq * d * e + 4 * s.nq
-    dkdv = 4 * s.nk * d * e + max(1.0, k_tiles * visible) * (2 * s.nq * d * e + 8 * s.nq) + mask
-    dq = 2 * s.nq * d * e + max(1.0, q_tiles * visible) * 2 * s.nk * d * e + 8 * s.nq + mask
-    return s.batch_heads * (forward + preprocess + dkdv + dq)
+        return sp.expand(s.batch_heads * forward)
+    preprocess = 2 * s.nq * d * e + 4 * s.nq  # delta = rowsum(dO * O)
+    dkdv = 4 * s.nk * d * e + sp.Max(1, k_tiles * visible) * (2 * s.nq * d * e + 8 * s.nq) + mask
+    dq = 2 * s.nq * d * e + sp.Max(1, q_tiles * visible) * 2 * s.nk * d * e + 8 * s.nq + mask
+    return sp.expand(s.batch_heads * (forward + preprocess + dkdv + dq))
 
 
-def flops(s: AttentionShape, recompute: bool) -> float:
-    """Matrix FLOPs: 4*Nq*Nk*d forward, 2.5x that again for the backward (plus the flash recomputation)."""
-    forward = 4 * s.nq * s.nk * s.head_dim * (s.density if recompute else 1.0)
-    total = forward * (1 + (2.5 if recompute else 2.0)) if s.training else forward
-    return s.batch_heads * total
+def flops(s: AttentionShape, recompute: bool) -> sp.Expr:
+    """Matrix FLOPs: 4*Nq*Nk*d forward (times the visited fraction for the flash kernels), 2x that for the
+    eager backward and 2.5x for the flash backward, which recomputes Q K^T."""
+    forward = 4 * s.nq * s.nk * s.head_dim * (_num(s.density) if recompute else 1)
+    total = forward * (1 + (sp.Rational(5, 2) if recompute else 2)) if s.training else forward
+    return sp.expand(s.batch_heads * total)
 
 
-def estimate_time(bytes_moved: float, flop_count: float) -> float:
-    """Roofline time on the reference card plus one launch."""
-    return max(bytes_moved / HBM_BYTES_PER_S, flop_count / MATMUL_FLOPS_PER_S) + LAUNCH_OVERHEAD_S
+def estimate_time(bytes_moved: float, flop_count: float, device: Device) -> float:
+    """Roofline time on the card plus one launch."""
+    return max(bytes_moved / device.hbm_bytes_per_s, flop_count / device.matmul_flops_per_s) + device.launch_overhead_s
 
 
-def plan(s: AttentionShape, force: bool) -> Plan:
-    """Decide a rewrite: flash must move fewer bytes and be predicted no slower (or `force`)."""
-    before, after = eager_bytes(s), flash_bytes(s)
-    time_before = estimate_time(before, flops(s, recompute=False))
-    time_after = estimate_time(after, flops(s, recompute=True))
-    wins = after < before and time_after <= time_before
+@dataclass(frozen=True)
+class Plan:
+    """The decision for one match: bytes, FLOPs and time before and after, and whether to rewrite."""
+
+    hbm_before: float
+    hbm_after: float
+    flops_before: float
+    flops_after: float
+    time_before: float
+    time_after: float
+    rewrite: bool
+    reason: str
+    tiles: tuple[int, int]
+    device: str
+    hbm_formula: str = ""  # "eager -> flash" bytes as formulas of the size symbols (only when symbolic)
+
+
+def plan(s: AttentionShape, hints: dict[sp.Symbol, int], *, device: Device, force: bool = False,
+         min_speedup: float = 1.0, tiles: tuple[int, int] | None = None) -> Plan:
+    """Decide a rewrite: flash must move fewer bytes and be predicted ``min_speedup`` times faster (or ``force``).
+
+    ``hints`` gives each size symbol its example value; ``tiles`` overrides the (Br, Bc) of :func:`model_tiles`.
+    """
+    head_dim = int(_evaluate(sp.sympify(s.head_dim), hints))
+    block_r, block_c = tiles or model_tiles(device, head_dim, s.dtype)
+    before_expr, after_expr = eager_bytes(s), flash_bytes(s, block_r, block_c)
+    before, after = _evaluate(before_expr, hints), _evaluate(after_expr, hints)
+    flops_before, flops_after = _evaluate(flops(s, recompute=False), hints), _evaluate(flops(s, recompute=True), hints)
+    time_before = estimate_time(before, flops_before, device)
+    time_after = estimate_time(after, flops_after, device)
+    speedup = time_before / time_after
+    wins = after < before and speedup >= min_speedup
     if wins:
-        reason = f"flash moves {before / after:.1f}x fewer HBM bytes"
+        reason = f"flash moves {before / after:.1f}x fewer HBM bytes, predicted {speedup:.2f}x faster on {device.name}"
     elif force:
-        reason = "forced: the model predicts no win"
+        reason = f"forced: the model predicts {speedup:.2f}x on {device.name}"
+    elif after >= before:
+        reason = f"kept: flash would move {format_bytes(after)} vs {format_bytes(before)}, no fewer HBM bytes"
     else:
-        reason = f"kept: flash would move {after:.3g} B vs {before:.3g} B, no predicted win"
-    return Plan(before, after, time_before, time_after, wins or force, reason)
+        saved = before - after
+        reason = (f"kept: flash saves {format_bytes(saved)} but is predicted only {speedup:.2f}x faster "
+                  f"(threshold {min_speedup:g}x; launch overhead {device.launch_overhead_s * 1e6:g} us)")
+    symbolic = bool(before_expr.free_symbols | after_expr.free_symbols)
+    formula = f"{_short(before_expr)} -> {_short(after_expr)}" if symbolic else ""
+    return Plan(before, after, flops_before, flops_after, time_before, time_after, wins or force, reason,
+                (block_r, block_c), device.name, formula)
+
+
+def _num(x: float) -> sp.Expr:
+    """A number for a formula: integral values as integers (1.0 -> 1), so formulas stay readable."""
+    return sp.Integer(int(x)) if float(x).is_integer() else sp.Float(x)
+
+
+def _evaluate(expr: sp.Expr, hints: dict[sp.Symbol, int]) -> float:
+    return float(sp.sympify(expr).subs(hints))
+
+
+def _short(expr: sp.Expr) -> str:
+    """A formula with 3-digit coefficients (ceilings kept)."""
+    return str(sp.N(expr, 3)).replace("**", "^")

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from flash_fx.cost import DEVICES
+
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 VARIANTS = ("dense", "causal", "sliding_window", "key_padding", "document", "block_sparse", "bias")
 _DEFAULTS: dict[str, Any] = {
@@ -14,6 +16,9 @@ _DEFAULTS: dict[str, Any] = {
     "verify": False,
     "variants": VARIANTS,
     "force": False,
+    "device": None,
+    "min_speedup": 1.0,
+    "tiles": None,
 }
 
 
@@ -26,6 +31,9 @@ class Options:
     verify: bool | str = False
     variants: tuple[str, ...] = field(default=VARIANTS)
     force: bool = False
+    device: str | None = None  # the card the cost model assumes: "A100", "H100", "H200" (None: detect)
+    min_speedup: float = 1.0  # rewrite only where the predicted speedup reaches this
+    tiles: tuple[int, int] | None = None  # (Br, Bc) for the cost model instead of the SRAM-derived choice
 
     @property
     def prints_report(self) -> bool:
@@ -55,10 +63,25 @@ def parse_options(options: dict[str, Any] | None) -> Options:
     bad = sorted(set(variants) - set(VARIANTS))
     if bad:
         raise ValueError(f"flash_fx: unknown variant(s) {bad}; valid variants are {list(VARIANTS)}")
+    if merged["device"] is not None and merged["device"] not in DEVICES:
+        raise ValueError(f"flash_fx: option device={merged['device']!r}; valid values are None, "
+                         f"{', '.join(map(repr, DEVICES))}")
+    speedup = merged["min_speedup"]
+    if isinstance(speedup, bool) or not isinstance(speedup, int | float) or not speedup > 0:
+        raise ValueError(f"flash_fx: option min_speedup={speedup!r} must be a positive number")
+    tiles = merged["tiles"]
+    if tiles is not None:
+        if (not isinstance(tiles, tuple | list) or len(tiles) != 2
+                or not all(isinstance(t, int) and t >= 16 and t & (t - 1) == 0 for t in tiles)):
+            raise ValueError(f"flash_fx: option tiles={tiles!r} must be (Br, Bc), powers of two >= 16")
+        tiles = (tiles[0], tiles[1])
     return Options(
         inner=merged["inner"],
         report=merged["report"],
         verify=merged["verify"],
         variants=variants,
         force=bool(merged["force"]),
+        device=merged["device"],
+        min_speedup=float(speedup),
+        tiles=tiles,
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from flash_fx.units import format_bytes
+
 _REPORTS: list[Report] = []
 
 
@@ -24,7 +26,12 @@ class RewriteRecord:
     hbm_after: float
     time_before: float
     time_after: float
-    tile_density: float = 1.0  # fraction of tiles the kernels visit (sparse variants < 1)
+    tile_density: float | None = 1.0  # fraction of tiles the kernels visit (sparse variants < 1; None: run time)
+    flops_before: float = 0.0
+    flops_after: float = 0.0
+    hbm_formula: str = ""  # "eager -> flash" HBM bytes as formulas of the graph's size symbols (dynamic shapes)
+    tiles: tuple[int, int] = (0, 0)  # (Br, Bc) the cost model counted with
+    device: str = ""  # the card the cost model assumed
 
 
 @dataclass(frozen=True)
@@ -48,12 +55,17 @@ class Report:
                  f"{len(self.rewrites)} rewritten, {len(self.skipped)} skipped"]
         if self.rewrites:
             header = ("variant", "location", "q", "k", "dtype", "scale", "mask", "tiles", "HBM before -> after",
-                      "time before -> after", "notes")
+                      "GFLOP before -> after", "time before -> after", "notes")
             rows = [(r.variant, r.location, _shape(r.q_shape), _shape(r.k_shape), r.dtype, r.scale, r.mask,
-                     f"{r.tile_density:.0%}",
-                     f"{_bytes(r.hbm_before)} -> {_bytes(r.hbm_after)}",
+                     "run time" if r.tile_density is None else f"{r.tile_density:.0%}",
+                     f"{format_bytes(r.hbm_before)} -> {format_bytes(r.hbm_after)}",
+                     f"{r.flops_before / 1e9:.3g} -> {r.flops_after / 1e9:.3g}",
                      f"{_seconds(r.time_before)} -> {_seconds(r.time_after)}", r.notes) for r in self.rewrites]
             lines += _table(header, rows)
+            models = sorted({(r.device, r.tiles) for r in self.rewrites if r.device})
+            lines += [f"  cost model: {device}, tiles Br x Bc = {tiles[0]} x {tiles[1]}" for device, tiles in models]
+            lines += [f"  HBM bytes at {r.location} ({r.variant}), symbolic: {r.hbm_formula}"
+                      for r in self.rewrites if r.hbm_formula]
         if self.skipped:
             lines += _table(("skipped", "reason"), [(s.location, s.reason) for s in self.skipped])
         return "\n".join(lines)
@@ -82,14 +94,6 @@ def _table(header: tuple, rows: list[tuple]) -> list[str]:
 
 def _shape(shape: tuple) -> str:
     return "x".join(str(s) for s in shape)
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.3g} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 def _seconds(t: float) -> str:

@@ -16,6 +16,7 @@ from torch import fx
 from flash_fx.patterns.canonical import AddBias, MaskedFill, Operand
 from flash_fx.patterns.masks import Band, Literal
 from flash_fx.patterns.match import RSQRT_HEAD_DIM, AttentionMatch, ScoreTerm
+from flash_fx.patterns.positions import Alibi, RelativeTable
 
 # Finite mask fills (finfo.min, -1e9, ...) become this bias: large enough to absorb any score, small
 # enough that several overlapping masks do not overflow to -inf (a fully masked row stays uniform).
@@ -34,6 +35,9 @@ class KernelCall:
     bias_terms: list[ScoreTerm]
     key_valid: Literal | None = None
     documents: tuple[fx.Node, fx.Node] | None = None
+    sparse_bias: bool = False  # the bias holds masks: the kernels skip its tiles that hide every key
+    alibi: tuple[Alibi, float] | None = None  # ALiBi computed in the kernels, and the factor applied after it
+    relative: tuple[RelativeTable, float] | None = None  # a T5 table read per relative position, and its factor
 
 
 def replace_attention(graph: fx.Graph, match: AttentionMatch, call: KernelCall) -> fx.Node:
@@ -53,6 +57,8 @@ def replace_attention(graph: fx.Graph, match: AttentionMatch, call: KernelCall) 
         bias = _bias(graph, call.bias_terms)
         kwargs = {"kv_heads_tiled": True} if match.kv_heads_tiled else {}
         kwargs.update(_structural_masks(graph, call, q))
+        if call.sparse_bias and bias is not None:
+            kwargs["sparse_bias"] = True
         if match.dropout_p:
             kwargs["dropout_p"] = match.dropout_p
         causal_offset = call.band.right if call.band is not None else None
@@ -130,7 +136,42 @@ def _structural_masks(graph: fx.Graph, call: KernelCall, q: fx.Node) -> dict:
         q_ids, k_ids = call.documents
         kwargs["q_doc"] = _per_batch(graph, q_ids, key_axis=False, batch=batch)
         kwargs["k_doc"] = _per_batch(graph, k_ids, key_axis=True, batch=batch)
+    if call.alibi is not None:
+        alibi, factor = call.alibi
+        kwargs["alibi_slopes"] = _slopes(graph, alibi.slopes, alibi.sign * factor)
+        if alibi.symmetric:
+            kwargs["alibi_symmetric"] = True
+    if call.relative is not None:
+        kwargs["rel_bias"] = _relative_vector(graph, *call.relative)
     return kwargs
+
+
+def _relative_vector(graph: fx.Graph, table: RelativeTable, factor: float) -> fx.Node:
+    """The table looked up at the Nq + Nk - 1 relative positions j - i = -(Nq - 1) .. Nk - 1, as [1, H, L].
+
+    The buckets depend on j - i only (proved), so their first column read upwards and their first row after
+    its first entry list every relative position once."""
+    full = slice(None, None, None)
+    up = graph.call_method("flip", (graph.call_function(operator.getitem, (table.buckets, (full, 0))), 0))
+    right = graph.call_function(operator.getitem, (table.buckets, (0, slice(1, None, None))))
+    positions = graph.call_function(torch.cat, ([up, right],))
+    lookup = table.lookup
+    values = graph.call_function(lookup.target, (positions, *lookup.args[1:]), dict(lookup.kwargs))
+    vector = graph.call_method("unsqueeze", (graph.call_method("permute", (values, 1, 0)), 0))
+    if factor != 1.0:
+        vector = graph.call_function(operator.mul, (vector, factor))
+    return vector
+
+
+def _slopes(graph: fx.Graph, node: fx.Node, factor: float) -> fx.Node:
+    """A [B?, H?, 1, 1]-shaped slope tensor (any rank from 2 to 4) as float32 [B or 1, H or 1], times factor."""
+    for _ in range(4 - node.meta["example_value"].dim()):
+        node = graph.call_method("unsqueeze", (node, 0))
+    node = graph.call_function(operator.getitem, (node, (slice(None, None, None), slice(None, None, None), 0, 0)))
+    node = graph.call_method("float", (node,))
+    if factor != 1.0:
+        node = graph.call_function(operator.mul, (node, factor))
+    return node
 
 
 def _per_batch(graph: fx.Graph, node: fx.Node, key_axis: bool, batch: fx.Node) -> fx.Node:

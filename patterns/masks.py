@@ -78,11 +78,15 @@ class MaskProgram:
         sub.output(env[mask])
         owner = mask.graph.owning_module
         self.module = fx.GraphModule(owner if owner is not None else torch.nn.Module(), sub)
-        self.data_inputs = [n.name for n in self.input_nodes if _reads_values(n, nodes) and not _is_module_state(n)]
+        self.data_inputs = [n.name for n in self.input_nodes
+                            if (n is mask or _reads_values(n, nodes)) and not _is_module_state(n)]
         self.has_get_attr = any(n.op == "get_attr" for n in nodes)
 
-    def evaluate(self, graph_args: list[Any]) -> torch.Tensor:
-        """Run the mask subgraph on the graph's (concrete) arguments."""
+    def evaluate(self, graph_args: list[Any] | None) -> torch.Tensor:
+        """Run the mask subgraph on the graph's (concrete) arguments (None: a graph without concrete inputs,
+        such as a higher-order op's body; only programs that read no input can run there)."""
+        if graph_args is None and self.input_positions:
+            raise ValueError("the mask reads inputs of a graph whose concrete inputs are unknown")
         return self.module(*(concrete(graph_args[p]) for p in self.input_positions))
 
     def cache_key(self, graph_args: list[Any]) -> tuple:
@@ -123,6 +127,28 @@ class Unrecognized:
     reason: str
 
 
+@dataclass(frozen=True)
+class ConstantMask:
+    """A boolean mask computed without input data that is not a band: a constant block-sparse layout.
+
+    `visible` is its value on the example inputs ([.., Nq, Nk], True = key visible); the kernels get the
+    mask as a bias and skip its empty tiles (see flash_fx.kernels.layout)."""
+
+    visible: torch.Tensor
+
+    def describe(self) -> str:
+        """"prefix_lm(prefix=P)" for a causal mask whose first P keys every query sees, else "constant mask"."""
+        planes = self.visible.reshape(-1, *self.visible.shape[-2:])
+        plane = planes[0]
+        if plane.dim() == 2 and bool((planes == plane).all()):
+            prefix = int(plane.all(0).int().cumprod(0).sum())
+            i = torch.arange(plane.shape[0])[:, None]
+            j = torch.arange(plane.shape[1])[None, :]
+            if 0 < prefix < plane.shape[1] and bool((plane == ((j <= i) | (j < prefix))).all()):
+                return f"prefix_lm(prefix={prefix})"
+        return "constant mask"
+
+
 @dataclass
 class MaskAnalysis:
     """A visibility mask as kernel inputs: a proven band, key padding, document ids (each optional)."""
@@ -139,10 +165,11 @@ class MaskAnalysis:
 
 
 def analyze_visibility(graph: fx.Graph, visible: fx.Node, negated: bool, nq: int, nk: int,
-                       graph_args: list[Any]) -> MaskAnalysis | Unrecognized:
+                       graph_args: list[Any] | None) -> MaskAnalysis | ConstantMask | Unrecognized:
     """Split the boolean mask `visible` (negated: True means hidden) into kernel-evaluable parts.
 
-    nq, nk: the concrete score shape. graph_args: the example inputs of the graph.
+    nq, nk: the concrete score shape. graph_args: the example inputs of the graph. A mask computed without
+    input data that is not a band comes back as a ConstantMask (its value on the example inputs).
     """
     static: list[tuple[MaskProgram, bool]] = []
     key_valid, documents = None, None
@@ -176,6 +203,8 @@ def analyze_visibility(graph: fx.Graph, visible: fx.Node, negated: bool, nq: int
             return Unrecognized("static mask is not a [.., Nq, Nk] tensor")
         spec = _band_of(dense.expand(*dense.shape[:-2], nq, nk))
         if spec is None:
+            if key_valid is None and documents is None:
+                return ConstantMask(dense)
             return Unrecognized("static mask is not a causal or sliding-window band (dense path)")
         if spec != Band(None, None):
             band = MaskProof(static, spec)
@@ -227,7 +256,10 @@ def _right_aligned(shape: torch.Size) -> tuple:
 def _document_ids(literal: Literal) -> tuple[fx.Node, fx.Node] | None:
     """(query ids, key ids) if the literal is `ids_q == ids_k` shaped [.., Nq, 1] and [.., 1, Nk]."""
     node = literal.node
-    if literal.negated or node.target not in (operator.eq, torch.eq, "eq", "__eq__") or len(node.args) != 2:
+    equal = node.target in (operator.eq, torch.eq, "eq", "__eq__")
+    not_equal = node.target in (operator.ne, torch.ne, "ne", "__ne__")
+    # ids_q == ids_k as a visible literal, or ~(ids_q != ids_k)
+    if not ((equal and not literal.negated) or (not_equal and literal.negated)) or len(node.args) != 2:
         return None
     a, b = node.args
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
@@ -243,7 +275,7 @@ def _document_ids(literal: Literal) -> tuple[fx.Node, fx.Node] | None:
     return None
 
 
-def _and_of(programs: list[tuple[MaskProgram, bool]], graph_args: list[Any]) -> torch.Tensor:
+def _and_of(programs: list[tuple[MaskProgram, bool]], graph_args: list[Any] | None) -> torch.Tensor:
     """The AND of the static literals' values on these arguments."""
     result = None
     for program, negated in programs:
@@ -339,7 +371,7 @@ def mask_bias_condition(bias: fx.Node, largest_fill: float) -> tuple[fx.Node, bo
             return args[0], True, a
     if bias.target in ("masked_fill", torch.masked_fill) and len(args) == 3 and isinstance(args[1], fx.Node):
         fill = constant_float(args[2])
-        if _is_zeros(args[0]) and fill is not None and _is_fill(fill, largest_fill):
+        if is_zeros(args[0]) and fill is not None and _is_fill(fill, largest_fill):
             return args[1], True, fill
     return None
 
@@ -348,5 +380,9 @@ def _is_fill(value: float, largest_fill: float) -> bool:
     return value == float("-inf") or value <= largest_fill
 
 
-def _is_zeros(node: Any) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in (torch.zeros, torch.zeros_like)
+def is_zeros(node: Any) -> bool:
+    """True for a `torch.zeros` / `torch.zeros_like` / `new_zeros` node."""
+    if not isinstance(node, fx.Node):
+        return False
+    return ((node.op == "call_function" and node.target in (torch.zeros, torch.zeros_like))
+            or (node.op == "call_method" and node.target == "new_zeros"))

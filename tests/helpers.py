@@ -59,15 +59,17 @@ def capture(fn, *inputs, dynamic: bool | None = None, **options) -> Captured:
 
 
 def compiled_matches_eager(fn, *inputs, inner: str = "eager", dynamic: bool | None = None, atol: float = 2e-5,
-                           rtol: float = 2e-5) -> list[Report]:
-    """Compile `fn` with flash_fx, compare outputs and input gradients with eager; return the new reports."""
+                           rtol: float = 2e-5, **options) -> list[Report]:
+    """Compile `fn` with flash_fx (extra backend `options` allowed), compare outputs and input gradients with eager;
+    return the new reports."""
     import flash_fx
 
     flash_fx.clear_reports()
     torch._dynamo.reset()
     leaves = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
     expected = fn(*leaves)
-    compiled = torch.compile(fn, backend="flash_fx", dynamic=dynamic, options={"inner": inner, "report": False})
+    compiled = torch.compile(fn, backend="flash_fx", dynamic=dynamic,
+                             options={"inner": inner, "report": False, **options})
     twins = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
     actual = compiled(*twins)
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)

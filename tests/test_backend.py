@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +208,16 @@ def test_inductor_cache_keys_carry_the_op_interface(monkeypatch):
     (patches,) = seen
     salt = patches["post_grad_custom_pre_pass"]
     assert isinstance(salt, CacheSalt) and salt.uuid() == interface_hash() and len(salt.uuid()) == 64
+
+
+def test_explain_command_line():
+    """`python -m flash_fx explain FILE:FACTORY` prints the reports without running kernels, options included."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "flash_fx", "explain", str(root / "examples" / "quickstart.py") + ":explain_inputs",
+         "--option", "device=A100", "--option", "tiles=(64, 64)"],
+        capture_output=True, text=True, timeout=300, cwd=root,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "2 rewritten" in done.stdout and "causal" in done.stdout
+    assert "cost model: A100, tiles Br x Bc = 64 x 64" in done.stdout

@@ -841,7 +841,7 @@ def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_padding_ : torch.T
     getitem = l_padding_[(slice(None, None, None), None, None, slice(None, None, None))]
     eq = getitem == 0
     where = torch.where(eq, -4.2535293329816107e+37, 0.0)
-    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, where, 1.0, None)
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, where, 1.0, None, sparse_bias = True)
     getitem_1 = attention_default[0]
     return (getitem_1,)
 """)

@@ -1,0 +1,133 @@
+"""The cost model: byte and FLOP formulas against hand counts, tiles from SRAM, the device table, the decision and
+its options, and symbolic formulas under dynamic shapes."""
+
+import pytest
+import sympy as sp
+import torch
+from helpers import capture
+from test_masks import BlockLayoutMask
+
+from flash_fx import cost
+from flash_fx.options import parse_options
+
+
+def shape(**overrides):
+    fields = dict(batch_heads=1, nq=2, nk=2, head_dim=1, dtype=torch.float32, density=1.0, elementwise_passes=0,
+                  mask_bytes_per_score=0.0, training=False)
+    return cost.AttentionShape(**{**fields, **overrides})
+
+
+def test_eager_bytes_by_hand():
+    # q, k, v read and out written: 8 elements; scores written 4; softmax reads and writes 4 + 4; P read 4
+    assert cost.eager_bytes(shape()) == 4 * (8 + 4 + 8 + 4)
+    # one scale pass reads and writes the scores, a float32 mask of the scores' size is read once
+    assert cost.eager_bytes(shape(elementwise_passes=1, mask_bytes_per_score=4.0)) == 4 * (24 + 8) + 16
+    # the backward: dO, q, k, v read, dq, dk, dv written ... (4*2 + 4*2) * d, and 7 score-sized passes
+    assert cost.eager_bytes(shape(training=True)) == 96 + 4 * (16 + 7 * 4)
+
+
+def test_flash_bytes_by_hand():
+    # q read, out written (2 * 2 * 1), k and v once for the one query tile (2 * 2 * 1), LSE written (4 B per row)
+    assert cost.flash_bytes(shape(), 16, 16) == (4 + 4) * 4 + 8
+    # four query tiles of one row each read k and v four times; half the tiles visited read them twice
+    big = shape(nq=4, nk=4)
+    assert cost.flash_bytes(big, 1, 16) == (8 + 4 * 8) * 4 + 16
+    assert float(cost.flash_bytes(shape(nq=4, nk=4, density=0.5), 1, 16)) == (8 + 2 * 8) * 4 + 16
+    # a layout pass reads the whole mask once more
+    masked = shape(mask_bytes_per_score=1.0, layout_pass=True, density=0.5)
+    assert float(cost.flash_bytes(masked, 16, 16) - cost.flash_bytes(shape(density=0.5), 16, 16)) == 4 * 0.5 + 4
+
+
+def test_flops_by_hand():
+    assert cost.flops(shape(), recompute=False) == 16
+    assert cost.flops(shape(training=True), recompute=False) == 48
+    assert cost.flops(shape(training=True), recompute=True) == 56  # the backward recomputes Q K^T
+    assert float(cost.flops(shape(density=0.25), recompute=True)) == 4
+
+
+def test_symbolic_formula_evaluates_at_the_hint():
+    n = sp.Symbol("s0", positive=True, integer=True)
+    symbolic = shape(nq=n, nk=n, head_dim=64, batch_heads=8)
+    expr = cost.flash_bytes(symbolic, 64, 128)
+    assert expr.free_symbols == {n}
+    concrete = cost.flash_bytes(shape(nq=1000, nk=1000, head_dim=64, batch_heads=8), 64, 128)
+    assert float(expr.subs({n: 1000})) == float(concrete)
+
+
+def test_tiles_from_sram():
+    a100, h100 = cost.DEVICES["A100"], cost.DEVICES["H100"]
+    assert cost.paper_tiles(a100, 64, torch.float16) == (64, 384)  # the paper's B_c = ceil(M / 4d) for 192 KB
+    assert cost.model_tiles(a100, 64, torch.float16) == (64, 128)  # clamped to the kernels' powers of two
+    assert cost.paper_tiles(h100, 128, torch.float16) == (128, 228)
+    assert cost.model_tiles(h100, 256, torch.float32) == (32, 32)
+
+
+def test_device_table():
+    assert cost.device_model("A100").hbm_bytes_per_s == 1.555e12
+    with pytest.raises(ValueError, match="known devices"):
+        cost.device_model("V100")
+    if not torch.cuda.is_available():
+        assert cost.device_model().name == cost.DEFAULT_DEVICE
+
+
+def attention(q, k, v):
+    return torch.softmax(q @ k.transpose(-1, -2) * 0.125, dim=-1) @ v
+
+
+def test_decision_small_kept_large_rewritten():
+    small = torch.randn(1, 1, 16, 64)
+    large = torch.randn(2, 8, 1024, 64)
+    kept = capture(attention, small, small, small, min_speedup=1.2).reports[0]
+    assert kept.rewrites == [] and "kept" in kept.skipped[0].reason and "threshold 1.2x" in kept.skipped[0].reason
+    (rewrite,) = capture(attention, large, large, large, min_speedup=1.2).reports[0].rewrites
+    assert rewrite.time_before / rewrite.time_after >= 1.2 and "predicted" in rewrite.notes
+    forced = capture(attention, small, small, small, min_speedup=1.2, force=True).reports[0]
+    assert len(forced.rewrites) == 1 and "forced" in forced.rewrites[0].notes
+
+
+def test_device_and_tiles_options():
+    x = torch.randn(2, 8, 1024, 64)
+    (a100,) = capture(attention, x, x, x, device="A100").reports[0].rewrites
+    (h200,) = capture(attention, x, x, x, device="H200").reports[0].rewrites
+    assert a100.device == "A100" and h200.device == "H200" and a100.time_after > h200.time_after
+    (small_tiles,) = capture(attention, x, x, x, tiles=(32, 32)).reports[0].rewrites
+    assert small_tiles.tiles == (32, 32) and small_tiles.hbm_after > a100.hbm_after
+    assert "tiles Br x Bc = 32 x 32" in str(capture(attention, x, x, x, tiles=(32, 32)).reports[0])
+    # 16-row query tiles re-read K and V 64 times: more bytes than eager, so the model keeps eager
+    kept = capture(attention, x, x, x, tiles=(16, 16)).reports[0]
+    assert kept.rewrites == [] and "no fewer HBM bytes" in kept.skipped[0].reason
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"device": "V100"}, "device"), ({"min_speedup": 0}, "min_speedup"), ({"min_speedup": "2"}, "min_speedup"),
+    ({"tiles": (24, 16)}, "tiles"), ({"tiles": 64}, "tiles"),
+])
+def test_bad_cost_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        parse_options(options)
+
+
+def test_block_layout_chosen_only_when_it_saves():
+    n = 1024
+    q = torch.randn(1, 2, n, 64)
+    sparse = BlockLayoutMask(n=n, block=128)
+    (chosen,) = capture(sparse, q, q, q).reports[0].rewrites
+    assert chosen.variant == "block_sparse" and chosen.tile_density < 0.5
+    nearly_full = BlockLayoutMask(n=n, block=128)
+    nearly_full.visible.fill_(True)
+    nearly_full.visible[5, 3] = False
+    captured = capture(nearly_full, q, q, q)
+    (kept_dense,) = captured.reports[0].rewrites
+    assert kept_dense.variant == "bias" and "block layout not used" in kept_dense.notes
+    assert "sparse_bias" not in captured.after
+
+
+def test_symbolic_report_under_dynamic_shapes():
+    x = torch.randn(2, 4, 256, 64)
+    (static,) = capture(attention, x, x, x).reports[0].rewrites
+    report = capture(attention, x, x, x, dynamic=True).reports[0]
+    (dynamic,) = report.rewrites
+    assert static.hbm_formula == "" and dynamic.hbm_formula
+    assert "ceiling(" in dynamic.hbm_formula and " -> " in dynamic.hbm_formula
+    assert dynamic.hbm_before == static.hbm_before and dynamic.hbm_after == static.hbm_after
+    assert "symbolic:" in str(report)
