@@ -52,13 +52,19 @@ path to rounding, fully masked rows included; the work falls with the layout's d
 ``block_m`` x ``block_n`` (128 x 128 unless given; ``block_m`` defaults to ``block_n``) instead of whole
 key columns.
 
+If a Triton kernel fails to compile or launch on this machine (an error raised by Triton), both entry points warn
+once and take the tiled PyTorch path from then on (:func:`triton_failure` says why); results are the same.
+
 Fully masked rows give a NaN output row and LSE -inf, as eager softmax does after a ``-inf`` fill;
 in the backward they contribute no gradient (their dq and dbias rows are 0).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
+from collections.abc import Callable
 
 import torch
 from flash_fx.kernels import config, tiled_torch
@@ -66,12 +72,44 @@ from flash_fx.kernels.dropout import Dropout, dropout_keep_mask
 from flash_fx.kernels.layout import bias_layout
 from flash_fx.kernels.masks import Alibi, Masks, RelativeBias, tile_density
 
-__all__ = ["attention_backward", "attention_forward", "dropout_keep_mask", "tile_density", "uses_triton"]
+__all__ = ["attention_backward", "attention_forward", "dropout_keep_mask", "tile_density", "triton_failure",
+           "uses_triton"]
+
+_TRITON_FAILURE: str | None = None  # why the Triton kernels were turned off in this process (None: they run)
 
 
 def uses_triton(t: torch.Tensor) -> bool:
-    """True if attention on ``t`` runs the Triton kernels: CUDA tensors, or CPU ones with TRITON_INTERPRET=1."""
-    return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    """True if attention on ``t`` runs the Triton kernels: CUDA tensors, or CPU ones with TRITON_INTERPRET=1,
+    unless a Triton kernel failed to compile or launch in this process (see :func:`triton_failure`)."""
+    on_device = t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return on_device and _TRITON_FAILURE is None
+
+
+def triton_failure() -> str | None:
+    """Why the Triton kernels were turned off in this process (their error), or None while they run."""
+    return _TRITON_FAILURE
+
+
+def _falls_back_to_tiled(entry: Callable) -> Callable:
+    """Run ``entry``; if a Triton kernel fails to compile or launch (an error raised by Triton itself: an old GPU
+    architecture, too little shared memory, a Triton version the kernels do not support), warn once, turn the
+    Triton path off for the process and rerun ``entry``, which then takes the tiled PyTorch path: the same
+    algorithm and semantics (dropout stream included), in PyTorch ops."""
+
+    @functools.wraps(entry)
+    def run(*args, **kwargs):
+        global _TRITON_FAILURE
+        try:
+            return entry(*args, **kwargs)
+        except Exception as error:
+            if _TRITON_FAILURE is not None or not type(error).__module__.startswith("triton"):
+                raise
+            _TRITON_FAILURE = f"{type(error).__name__}: {error}"[:500]
+            warnings.warn(f"flash_fx: the Triton attention kernels failed ({_TRITON_FAILURE}); attention runs the "
+                          "tiled PyTorch implementation of the same algorithm from now on", stacklevel=2)
+            return entry(*args, **kwargs)
+
+    return run
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -117,6 +155,7 @@ def _check_triton_head_dim(q: torch.Tensor) -> None:
         raise ValueError(f"the Triton kernels support head dims up to {config.MAX_HEAD_DIM}, got {q.shape[-1]}")
 
 
+@_falls_back_to_tiled
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -184,6 +223,7 @@ def attention_forward(
     )
 
 
+@_falls_back_to_tiled
 def attention_backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,
