@@ -40,6 +40,7 @@ def test_built_wheel_imports(tmp_path):
     (wheel,) = tmp_path.glob("flash_fx-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "flash_fx/patterns/match.py" in names and "flash_fx/kernels/__init__.py" in names
+    assert "flash_fx/bench/__main__.py" in names and "flash_fx/patterns/positions.py" in names
     assert not any(name.startswith(("patterns/", "kernels/")) for name in names)
     target = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
