@@ -129,13 +129,6 @@ def bias_layout(bias: torch.Tensor, masks: Masks, block_m: int, block_n: int) ->
 
 def _band_visible(n_q: int, n_k: int, masks: Masks, device: torch.device) -> torch.Tensor | None:
     """Bool [Nq, Nk]: the pairs the causal/window band of ``masks`` lets attend (None without a band)."""
-    if masks.upper is None and masks.lower is None:
-        return None
-    i = torch.arange(n_q, device=device)[:, None]
-    j = torch.arange(n_k, device=device)[None, :]
-    visible = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
-    if masks.upper is not None:
-        visible &= j <= i + masks.upper
-    if masks.lower is not None:
-        visible &= j >= i - masks.lower
-    return visible
+    band = Masks(causal_offset=masks.causal_offset, window=masks.window)
+    visible = band.visible(torch.arange(n_q, device=device), torch.arange(n_k, device=device))
+    return None if visible is None else visible[0]
