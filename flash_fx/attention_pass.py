@@ -17,7 +17,7 @@ from flash_fx.kernels.layout import bias_layout
 from flash_fx.kernels.masks import Masks
 from flash_fx.mha import multi_head_attention
 from flash_fx.options import Options
-from flash_fx.patterns.canonical import AddBias, Cast, MaskedFill, Scale, canonicalize
+from flash_fx.patterns.canonical import AddBias, Cast, MaskedFill, Scale, canonicalize, constant_float
 from flash_fx.patterns.masks import (
     Band,
     ConstantMask,
@@ -29,6 +29,7 @@ from flash_fx.patterns.masks import (
     concrete,
     is_zeros,
     mask_bias_condition,
+    strip_copies,
 )
 from flash_fx.patterns.match import RSQRT_HEAD_DIM, AttentionMatch, NearMiss, ScoreTerm, anchor_nodes, match_anchor
 from flash_fx.patterns.mha import MhaMatch, is_mha_call, match_mha
@@ -260,7 +261,7 @@ def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[A
                             proofs=[])
     if match.causal:
         decision.parts.append("causal")
-    for term in match.terms:
+    for term in _split_sums(match.terms):
         op, tensor = term.op, term.tensor.meta["example_value"]
         if not _broadcasts_into(tuple(tensor.shape), term.scores_shape):
             return (f"mask/bias of shape {_concrete_shape(tensor.shape)} does not broadcast to the scores' "
@@ -270,7 +271,7 @@ def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[A
         if condition is None:
             if not tensor.dtype.is_floating_point:
                 return f"additive term of dtype {tensor.dtype} is not a float bias"
-            if is_zeros(term.tensor) and not tensor.requires_grad:
+            if is_zeros(strip_copies(term.tensor)) and not tensor.requires_grad:
                 decision.parts.append(f"zero bias[{shape}] dropped")
                 continue
             alibi = analyze_alibi(graph, term.tensor, nq, nk, example_inputs) if decision.alibi is None else None
@@ -306,6 +307,67 @@ def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[A
             decision.masks_in_bias += 1
             decision.parts.append(f"mask[{shape}] ({why}; empty tiles skipped at run time)")
     return decision
+
+
+_ADD = {operator.add, torch.add, "add", "__add__"}
+
+
+def _split_sums(terms: list[ScoreTerm]) -> list[ScoreTerm]:
+    """Additive terms as one term per part, so each part is analyzed on its own: a sum of two float tensors
+    (e.g. a position bias plus a mask, added before they reach the scores) gives its summands, and
+    `where(visible, bias, fill)` gives the bias and a mask term (bias + fill is fill for a mask fill)."""
+    split: list[ScoreTerm] = []
+    for term in terms:
+        if not isinstance(term.op, AddBias):
+            split.append(term)
+            continue
+        node = strip_copies(term.tensor)
+        if _is_float_sum(node):
+            parts = [ScoreTerm(AddBias(term.op.x, part, term.op.factor), term.scores_shape, term.factor_after)
+                     for part in node.args]
+            split += _split_sums(parts)
+            continue
+        masked = _masked_bias(node)
+        if masked is None:
+            split.append(term)
+            continue
+        visible, bias, fill = masked
+        split += _split_sums([ScoreTerm(AddBias(term.op.x, bias, term.op.factor), term.scores_shape,
+                                        term.factor_after)])
+        split.append(ScoreTerm(MaskedFill(term.op.x, visible, fill, inverted=True), term.scores_shape,
+                               term.factor_after))
+    return split
+
+
+def _masked_bias(node: fx.Node) -> tuple[fx.Node, fx.Node, float] | None:
+    """(visible, bias, fill) for `torch.where(visible, bias, fill)` with a float tensor bias and a mask fill."""
+    if node.target is not torch.where or len(node.args) != 3 or node.kwargs:
+        return None
+    visible, bias, fill = node.args
+    if not isinstance(visible, fx.Node) or not isinstance(bias, fx.Node) or is_zeros(bias):
+        return None  # where(visible, 0, fill) is a mask alone (mask_bias_condition)
+    mask_value, bias_value = visible.meta.get("example_value"), bias.meta.get("example_value")
+    fill = constant_float(fill)
+    if not isinstance(mask_value, torch.Tensor) or mask_value.dtype != torch.bool:
+        return None
+    if not isinstance(bias_value, torch.Tensor) or not bias_value.dtype.is_floating_point or fill is None:
+        return None
+    if not (fill == -math.inf or fill <= LARGEST_MASK_FILL):
+        return None
+    return visible, bias, fill
+
+
+def _is_float_sum(node: fx.Node) -> bool:
+    """True for `a + b` of two floating-point tensor nodes (no alpha)."""
+    if node.op not in ("call_function", "call_method") or node.kwargs or len(node.args) != 2:
+        return False
+    try:
+        if node.target not in _ADD:
+            return False
+    except TypeError:
+        return False
+    values = [a.meta.get("example_value") if isinstance(a, fx.Node) else None for a in node.args]
+    return all(isinstance(v, torch.Tensor) and v.dtype.is_floating_point for v in values)
 
 
 def _mask_condition(op: MaskedFill | AddBias) -> tuple[fx.Node, bool, float] | str | None:

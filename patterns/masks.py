@@ -380,6 +380,13 @@ def _is_fill(value: float, largest_fill: float) -> bool:
     return value == float("-inf") or value <= largest_fill
 
 
+def strip_copies(node: fx.Node) -> fx.Node:
+    """`node` with value-preserving copies (`.contiguous()`, `.clone()`) looked through."""
+    while node.op == "call_method" and node.target in ("contiguous", "clone") and len(node.args) == 1:
+        node = node.args[0]
+    return node
+
+
 def is_zeros(node: Any) -> bool:
     """True for a `torch.zeros` / `torch.zeros_like` / `new_zeros` node."""
     if not isinstance(node, fx.Node):

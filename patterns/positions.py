@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from flash_fx.patterns.masks import MaskProgram
+from flash_fx.patterns.masks import MaskProgram, strip_copies
 from torch import fx
 
 _MUL = {operator.mul, torch.mul, "mul", "__mul__"}
@@ -167,7 +167,7 @@ _EMBEDDING = {torch.nn.functional.embedding, torch.embedding}
 def analyze_relative_table(graph: fx.Graph, bias: fx.Node, nq: int, nk: int,
                            graph_args: list[Any] | None) -> RelativeTable | str:
     """The RelativeTable behind a bias written as ``embedding(buckets, table).permute(2, 0, 1).unsqueeze(0)``."""
-    node = bias
+    node = strip_copies(bias)
     if node.target == "unsqueeze" and node.args[1:] == (0,):
         node = node.args[0]
     if node.target != "permute" or tuple(_flat(node.args[1:])) != (2, 0, 1):

@@ -143,17 +143,22 @@ def test_position_form(plane, form):
 class RelativeTableTest(TestCase):
     """T5's learned relative buckets: looked up at the Nq + Nk - 1 relative positions, not per (i, j)."""
 
-    def t5(self):
+    def t5(self, impl="eager"):
         transformers = pytest.importorskip("transformers")
         cfg = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                                     relative_attention_num_buckets=8, relative_attention_max_distance=12,
-                                    dropout_rate=0.0, attn_implementation="eager")
+                                    dropout_rate=0.0, attn_implementation=impl)
         torch.manual_seed(0)
         ids = torch.randint(0, 64, (2, 23))
         return transformers.T5Model(cfg), ids, ids[:, :13]
 
     def test_t5_tables_read_per_relative_position(self):
-        model, ids, decoder_ids = self.t5()
+        for impl in ("eager", "sdpa"):  # sdpa: the table reaches SDPA as where(causal, table, finfo.min)
+            with self.subTest(impl=impl):
+                self.check_t5_tables(impl)
+
+    def check_t5_tables(self, impl):
+        model, ids, decoder_ids = self.t5(impl)
 
         def run(ids, decoder_ids):
             return model(input_ids=ids, decoder_input_ids=decoder_ids, use_cache=False).last_hidden_state
