@@ -52,6 +52,16 @@ class SymmetricAlibi(torch.nn.Module):
         return torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * q.size(-1) ** -0.5 + bias, dim=-1) @ v
 
 
+class AlibiSummedWithMask(CausalAlibi):
+    """ALiBi and a causal mask summed into one bias before the scores (as Falcon-style code does)."""
+
+    def forward(self, q, k, v):
+        n = q.size(-2)
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        bias = self.slopes[:, None, None] * (j - i) + torch.where(j <= i, 0.0, torch.finfo(q.dtype).min)
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.3 + bias, dim=-1) @ v
+
+
 class LearnedSlopes(CausalAlibi):
     def __init__(self):
         super().__init__()
@@ -113,6 +123,13 @@ def forward(self, L_q_ : torch.Tensor, L_self_buffers_slopes_ : torch.Tensor, L_
             torch.testing.assert_close(compiled(q, k, v), model(q, k, v), atol=2e-5, rtol=2e-5)
         self.assertEqual([[r.variant for r in rep.rewrites] for rep in flash_fx.reports()], [["causal"]])
         torch._dynamo.reset()
+
+    def test_alibi_summed_with_a_mask(self):
+        captured = capture(AlibiSummedWithMask(), *qkv())
+        self.assertEqual(captured.variants, ["causal"], captured.skip_reasons)
+        self.assertIn("alibi(j - i", captured.reports[0].rewrites[0].mask)
+        self.assertNotIn("where", captured.after)  # neither the N x N ALiBi plane nor the mask is built
+        compiled_matches_eager(AlibiSummedWithMask(), *qkv())
 
     def test_learned_slopes_stay_dense(self):
         captured = capture(LearnedSlopes(), *qkv())
