@@ -35,16 +35,15 @@ from flash_fx.patterns.match import RSQRT_HEAD_DIM, AttentionMatch, NearMiss, Sc
 from flash_fx.patterns.mha import MhaMatch, is_mha_call, match_mha
 from flash_fx.patterns.positions import (
     Alibi,
-    PositionProof,
     RelativeTable,
-    ToeplitzProof,
+    ValueProof,
     analyze_alibi,
     analyze_relative_table,
 )
 from flash_fx.report import Report, RewriteRecord, SkipRecord
 from flash_fx.rewrite import UNBOUNDED, KernelCall, replace_attention
 
-Proof = MaskProof | PositionProof | ToeplitzProof  # a fact about static mask/position subgraphs, re-checked at run time
+Proof = MaskProof | ValueProof  # a fact about static mask/position subgraphs, re-checked at run time
 LARGEST_MASK_FILL = -1e4  # masked_fill values at or below this (or -inf) act as masks
 
 
@@ -153,22 +152,23 @@ def _plan_and_rewrite(graph: fx.Graph, match: AttentionMatch, example_inputs: li
     device = cost.device_model(options.device)
     tiles = options.tiles or cost.model_tiles(device, concrete(match.q_shape[-1]), match.dtype)
     band_density = _band_density(masks.band, nq, nk, tiles)
-    density = _layout_density(masks, nq, nk, tiles) if masks.masks_in_bias else band_density
-    plan = _plan(match, masks, options, device, density, sparse=masks.masks_in_bias > 0)
+    sparse = masks.masks_in_bias > 0  # the kernels reduce the masks in the bias to a tile layout
+    density = _layout_density(masks, nq, nk, tiles) if sparse else band_density
+    plan = _plan(match, masks, options, device, density, sparse)
     sparse_note = []
-    if masks.masks_in_bias and density is not None:
-        unsparse = _plan(match, masks, options, device, band_density, sparse=False)
+    if sparse and density is not None:  # a constant layout: used only where it pays for its pass over the mask
+        unsparse = _plan(match, masks, options, device, band_density, False)
         if unsparse.hbm_after <= plan.hbm_after:
             sparse_note = [f"block layout not used: reducing the mask costs more than skipping {1 - density:.0%} "
                            "of the tiles saves"]
-            plan, density, masks.masks_in_bias, variant = unsparse, band_density, 0, "bias"
+            plan, density, sparse, variant = unsparse, band_density, False, "bias"
             if variant not in options.variants:
                 return _not_allowed(variant, options)
     if not plan.rewrite:
         return plan.reason
     if apply:
         replace_attention(graph, match, KernelCall(match.scale, masks.band, masks.bias_terms, masks.key_valid,
-                                                   masks.documents, sparse_bias=masks.masks_in_bias > 0,
+                                                   masks.documents, sparse_bias=sparse,
                                                    alibi=masks.alibi, relative=masks.relative))
     scale = f"{match.scale:.4g}" + "".join(
         " / sqrt(head_dim)" if d == RSQRT_HEAD_DIM else f" {'/' if d.reciprocal else '*'} {d.factor.name}"

@@ -125,14 +125,10 @@ class Alibi:
         ``symmetric`` is ignored), expand it to [B, Hq] and make it float32."""
         if slopes is None:
             return None
-        if not isinstance(slopes, torch.Tensor):
-            raise ValueError(f"alibi_slopes must be a float tensor, got {type(slopes).__name__}")
-        if not slopes.dtype.is_floating_point:
-            raise ValueError(f"alibi_slopes must be a float tensor, got {slopes.dtype}")
+        _check_float_tensor("alibi_slopes", slopes)
         if slopes.dim() != 2 or slopes.shape[0] not in (1, batch) or slopes.shape[1] not in (1, heads):
             raise ValueError(f"alibi_slopes must have shape [{batch} or 1, {heads} or 1], got {tuple(slopes.shape)}")
-        if slopes.device != device:
-            raise ValueError(f"alibi_slopes must be on {device}, like q, got {slopes.device}")
+        _check_device("alibi_slopes", slopes, device)
         return Alibi(slopes.detach().to(torch.float32).expand(batch, heads), bool(symmetric))
 
     def positions(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -159,17 +155,13 @@ class RelativeBias:
         bias) and expand its batch and head dims (zero strides)."""
         if rel_bias is None:
             return None
-        if not isinstance(rel_bias, torch.Tensor):
-            raise ValueError(f"rel_bias must be a float tensor, got {type(rel_bias).__name__}")
-        if not rel_bias.dtype.is_floating_point:
-            raise ValueError(f"rel_bias must be a float tensor, got {rel_bias.dtype}")
+        _check_float_tensor("rel_bias", rel_bias)
         length = max(n_q + n_k - 1, 0)
         if (rel_bias.dim() != 3 or rel_bias.shape[0] not in (1, batch) or rel_bias.shape[1] not in (1, heads)
                 or rel_bias.shape[2] != length):
             raise ValueError(f"rel_bias must have shape [{batch} or 1, {heads} or 1, {length}] (the Nq + Nk - 1 = "
                              f"{n_q} + {n_k} - 1 relative positions), got {tuple(rel_bias.shape)}")
-        if rel_bias.device != device:
-            raise ValueError(f"rel_bias must be on {device}, like q, got {rel_bias.device}")
+        _check_device("rel_bias", rel_bias, device)
         return RelativeBias(rel_bias.detach().expand(batch, heads, length), n_q)
 
     def index(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -189,6 +181,18 @@ class RelativeBias:
         """``grad[b, h, r] += sum of ds[b, h, i, j]`` over the (query ``rows`` i, key ``cols`` j) pairs with
         ``j - i + Nq - 1 = r``, in place; ``grad`` is [B, Hq, Nq + Nk - 1], ``ds`` [B, Hq, len(rows), len(cols)]."""
         grad.index_add_(2, self.index(rows, cols).flatten(), ds.reshape(*ds.shape[:2], -1).to(grad.dtype))
+
+
+def _check_float_tensor(name: str, value: object) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a float tensor, got {type(value).__name__}")
+    if not value.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a float tensor, got {value.dtype}")
+
+
+def _check_device(name: str, value: torch.Tensor, device: torch.device) -> None:
+    if value.device != device:
+        raise ValueError(f"{name} must be on {device}, like q, got {value.device}")
 
 
 def _and(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:

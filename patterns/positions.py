@@ -6,7 +6,7 @@ shapes, buffers) and is a full [Nq, Nk] plane, and ``slopes`` varies only over b
 ([.., H, 1, 1]). The positions are cut out of the graph (`MaskProgram`) and evaluated on the example
 inputs: they must equal ``(j - i)``, ``-|j - i|`` or the negation of either, plus any per-row constant
 (which softmax ignores). As for masks, the check is repeated at run time for each new shape or buffer
-version (`PositionProof`). The kernels then read H slopes instead of an Nq x Nk bias. Per-key biases such
+version (`ValueProof`). The kernels then read H slopes instead of an Nq x Nk bias. Per-key biases such
 as MPT's ``slopes * arange`` row ([H, 1, Nk]) need nothing of this: the kernels already read them as one row
 per head.
 
@@ -18,6 +18,7 @@ done only at the Nq + Nk - 1 relative positions, and the kernels read that [H, N
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,18 +38,18 @@ class PositionForm:
 
 
 @dataclass
-class PositionProof:
-    """A position program whose value must keep having `form` (checked per shape and buffer version)."""
+class ValueProof:
+    """A data-free program whose value must keep passing `check` (re-checked per shape and buffer version)."""
 
     program: MaskProgram
-    form: PositionForm
+    check: Callable[[torch.Tensor], bool]
     _proven: set = field(default_factory=set)
 
     def holds(self, graph_args: list[Any]) -> bool:
         key = self.program.cache_key(graph_args)
         if key in self._proven:
             return True
-        ok = position_form(self.program.evaluate(graph_args)) == self.form
+        ok = self.check(self.program.evaluate(graph_args))
         if ok:
             self._proven.add(key)
         return ok
@@ -60,15 +61,16 @@ class Alibi:
     with ``slope = slopes[b, h] * sign`` (sign from the position plane)."""
 
     slopes: fx.Node
-    proof: PositionProof
+    form: PositionForm
+    proof: ValueProof  # the positions keep having `form`
 
     @property
     def sign(self) -> float:
-        return self.proof.form.sign
+        return self.form.sign
 
     @property
     def symmetric(self) -> bool:
-        return self.proof.form.symmetric
+        return self.form.symmetric
 
     def describe(self) -> str:
         return f"alibi({'-|j - i|' if self.symmetric else 'j - i'}, slopes {self.slopes.name}, from indices)"
@@ -100,7 +102,7 @@ def analyze_alibi(graph: fx.Graph, bias: fx.Node, nq: int, nk: int, graph_args: 
         form = position_form(value)
         if form is None:
             return "positions are not j - i or |j - i| (up to a per-row constant)"
-        return Alibi(slopes, PositionProof(program, form))
+        return Alibi(slopes, form, ValueProof(program, lambda planes, form=form: position_form(planes) == form))
     return "no factor of the product is a per-head slope times data-free positions"
 
 
@@ -128,30 +130,13 @@ def _is_mul(target: Any) -> bool:
         return False
 
 
-@dataclass
-class ToeplitzProof:
-    """A bucket program whose [Nq, Nk] value must keep depending on j - i only (checked per shape/buffer version)."""
-
-    program: MaskProgram
-    _proven: set = field(default_factory=set)
-
-    def holds(self, graph_args: list[Any]) -> bool:
-        key = self.program.cache_key(graph_args)
-        if key in self._proven:
-            return True
-        ok = is_toeplitz(self.program.evaluate(graph_args))
-        if ok:
-            self._proven.add(key)
-        return ok
-
-
 @dataclass(frozen=True)
 class RelativeTable:
     """A learned relative-position bias (T5): ``table[bucket[i, j], h]`` with data-free buckets that depend on
     j - i only. The kernels read the table at the Nq + Nk - 1 relative positions instead of an Nq x Nk bias."""
 
     lookup: fx.Node  # embedding(buckets, table, ...): its other arguments are reused as they are
-    proof: ToeplitzProof
+    proof: ValueProof  # the buckets keep depending on j - i only
 
     @property
     def buckets(self) -> fx.Node:
@@ -189,7 +174,7 @@ def analyze_relative_table(graph: fx.Graph, bias: fx.Node, nq: int, nk: int,
         return "relative buckets are not an [Nq, Nk] plane"
     if not is_toeplitz(value):
         return "buckets do not depend on j - i alone"
-    return RelativeTable(lookup, ToeplitzProof(program))
+    return RelativeTable(lookup, ValueProof(program, is_toeplitz))
 
 
 def is_toeplitz(value: torch.Tensor) -> bool:
