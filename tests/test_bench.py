@@ -1,11 +1,18 @@
 """Smoke tests of the benchmark harness on the CPU (not timings: the harness runs end to end and writes its files)."""
 
 import csv
+import math
 import os
 import subprocess
 import sys
 
+import torch
+
+from flash_fx.bench import bars, check
+from flash_fx.bench.report import stream_csv
+from flash_fx.bench.roofline import Ceilings, attention_min_bytes
 from flash_fx.bench.sparse import block_layout
+from flash_fx.bench.timing import Deadline
 
 
 def test_block_layout_density():
@@ -49,18 +56,111 @@ def test_kernels_bench_cpu(tmp_path):
     assert {row["mode"] for row in found} == {"forward", "backward", "forward+backward"}
     assert {row["causal"] for row in found} == {"True", "False"}
     assert all(float(row["tflops"]) > 0 for row in found)
+    assert all(0 < float(row["of_floor"]) and float(row["floor_ms"]) > 0 for row in found)
+    (ceiling,) = rows(folder, "ceilings")
+    assert float(ceiling["matmul_tflops"]) > 0 and float(ceiling["copy_tb_per_s"]) > 0
+
+
+def test_check_cases_pass_on_cpu():
+    """The bench's correctness check, on the kernels this process runs (the interpreter in the tests)."""
+    case = check.Case("gqa window", torch.float32, 16, 37, heads=4, kv_heads=2, window=(9, 3))
+    found = check.run_case(case, "cpu")
+    assert [row["tensor"] for row in found] == ["out", "dq", "dk", "dv"]
+    assert all(row["ok"] and 0 < row["flash_fx_error"] < 1e-5 for row in found), found
+
+
+def test_check_reports_wrong_kernels(monkeypatch):
+    """A kernel returning a wrong result fails the check instead of passing silently."""
+    real = check.kernels.attention_forward
+
+    def off_by_a_little(*args, **kwargs):
+        out, lse = real(*args, **kwargs)
+        return out * 1.001, lse
+
+    monkeypatch.setattr(check.kernels, "attention_forward", off_by_a_little)
+    found = check.run_case(check.Case("dense", torch.float32, 16, 20), "cpu")
+    assert not found[0]["ok"] and found[0]["tensor"] == "out"
+
+
+def test_floors():
+    ceilings = Ceilings(flops_per_s=1e12, bytes_per_s=1e9)
+    assert ceilings.floor_seconds(2e12, 1e9) == 2.0 and ceilings.floor_seconds(1e12, 4e9) == 4.0
+    # forward: q, k, v read, o written (2 bytes each) and the float32 LSE
+    assert attention_min_bytes(2, 3, 5, 8, 2, "forward") == 4 * 2 * 3 * 5 * 8 * 2 + 2 * 3 * 5 * 4
+
+
+def test_stream_csv_keeps_rows_written_before_an_error(tmp_path):
+    def measured():
+        yield {"n": 1, "ms": 2.0}
+        yield {"n": 2, "ms": 3.0}
+        raise RuntimeError("cut short")
+
+    path = tmp_path / "x.csv"
+    try:
+        stream_csv(measured(), path)
+    except RuntimeError:
+        pass
+    assert path.read_text().splitlines() == ["n,ms", "1,2.0", "2,3.0"]
+
+
+def test_deadline():
+    assert not Deadline(None).expired() and Deadline(None).left() == math.inf
+    assert Deadline(-1).expired() and Deadline(-1).left() == 0
+    assert not Deadline(60).expired()
+
+
+def test_bars_from_rows():
+    """Each bar is the worst ratio over the shapes it covers; missing measurements are reported as such."""
+    kernel = dict(head_dim=128, dtype="float16", mode="forward")
+    results = {
+        "kernels": [
+            {**kernel, "n": 2048, "causal": False, "method": "flash_fx", "ms": 1.0},
+            {**kernel, "n": 2048, "causal": False, "method": "sdpa flash", "ms": 1.2},
+            {**kernel, "n": 2048, "causal": False, "method": "sdpa cudnn", "ms": 0.9},
+            {**kernel, "n": 2048, "causal": True, "method": "flash_fx", "ms": 0.5},
+            {**kernel, "n": 2048, "causal": True, "method": "sdpa flash", "ms": 0.8},
+            {**kernel, "n": 1024, "causal": False, "method": "flash_fx", "ms": 1.0},  # N < 2K: not in the bar
+            {**kernel, "n": 1024, "causal": False, "method": "sdpa flash", "ms": 0.1},
+        ],
+        "memory": [{"n": n, "method": "flash_fx", "peak_mb": n / 8} for n in (1024, 8192)]
+                  + [{"n": 8192, "method": "eager", "peak_mb": 8192.0}],
+    }
+    evaluated = bars.evaluate(results)
+
+    def bar(start):
+        (row,) = [row for row in evaluated if row["bar"].startswith(start)]
+        return row
+
+    forward = bar("forward, d=128, N>=2K, fp16/bf16")
+    assert math.isclose(forward["measured (worst case)"], 0.9) and forward["met"] == "no"
+    assert "causal=False" in forward["where"] and "n=2048" in forward["where"]
+    causal = bar("forward, d=128, N>=2K: flash_fx non-causal")
+    assert causal["measured (worst case)"] == 2.0 and causal["met"] == "yes"
+    assert bar("memory, N=8K")["measured (worst case)"] == 8.0
+    assert math.isclose(bar("memory: 1 / (exponent")["measured (worst case)"], 1.0)
+    assert bar("GPT-2-small train step, N=1024: eager")["met"] == "not measured"
 
 
 def test_models_bench_cpu(tmp_path):
-    _, folder = bench(tmp_path, "models", "--sizes", "32", "--kinds", "gpt", "packed")
+    _, folder = bench(tmp_path, "models", "--sizes", "32", "--kinds", "gpt", "packed", "--tokens", "64")
     found = rows(folder, "models")
     assert {(row["model"], row["backend"]) for row in found} == {
         (kind, backend) for kind in ("gpt", "packed") for backend in ("eager", "flash_fx")}
     rewritten = {row["model"]: row["attention rewritten"] for row in found if row["backend"] == "flash_fx"}
-    assert rewritten == {"gpt": "4 causal", "packed": "4 document"}  # 2 layers, training and inference graphs
+    # compiled per block: both blocks share one graph for training and one for inference
+    assert rewritten == {"gpt": "2 causal", "packed": "2 document"}
     assert all(float(row["ms"]) > 0 for row in found)
 
 
 def test_memory_bench_needs_cuda(tmp_path):
     out, _ = bench(tmp_path, "memory")
     assert "needs CUDA" in out
+
+
+def test_all_within_a_budget(tmp_path):
+    """`all` runs the chosen sections in order, skips what would start after its budget, and writes the bars."""
+    out, folder = bench(tmp_path, "all", "--sections", "check", "models", "--budget-s", "0")
+    assert "check: deadline reached" in out and "models: deadline reached" in out
+    (bar_file,) = [p for p in folder.iterdir() if p.name == "bars.csv"]
+    assert {row["met"] for row in rows(folder, "bars")} == {"not measured"}
+    assert bar_file.exists()

@@ -1,27 +1,30 @@
 """Command line of the benchmarks.
 
-    python -m flash_fx.bench kernels   # flash_fx vs SDPA backends vs eager, TFLOP/s
+    python -m flash_fx.bench check     # the kernels against float64 on this device (run first by `all`)
+    python -m flash_fx.bench kernels   # flash_fx vs SDPA backends vs eager, TFLOP/s and fraction of the roofline
     python -m flash_fx.bench sparse    # block-sparse: time against tile density
     python -m flash_fx.bench models    # training step and inference of small transformers
     python -m flash_fx.bench memory    # peak memory of forward + backward against N (CUDA)
-    python -m flash_fx.bench all --budget-s 480   # everything above, one folder, within a time budget (GPU runs)
+    python -m flash_fx.bench all --budget-s 300   # everything above in one folder within a time budget, then
+                                                  # the performance bars: the one command for a GPU session
 
-Each command writes a CSV, a markdown table (headed by device, torch and Triton versions and commit) and, with
-matplotlib installed, plots, into ``<out>/<device>-<date>/``. ``--device cpu`` runs the same harness at small
-sizes (the tiled CPU path), which is what CI smoke-tests; its timings say nothing about GPUs.
+Each command writes a CSV (row by row, so a run cut short keeps what it measured), a markdown table (headed by
+device, torch and Triton versions and commit) and, with matplotlib installed, plots, into
+``<out>/<device>-<date>/``. ``--device cpu`` runs the same harness at small sizes (the tiled CPU path), which is
+what CI smoke-tests; its timings say nothing about GPUs.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
-from flash_fx.bench import kernels, memory, models, report, sparse
-from flash_fx.bench.timing import environment
+from flash_fx.bench import bars, check, kernels, memory, models, report, roofline, sparse
+from flash_fx.bench.timing import NO_DEADLINE, Deadline, environment
 
 GPU = torch.cuda.is_available()
 
@@ -36,54 +39,76 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def kernels_command(args: argparse.Namespace) -> list[dict]:
+def _ceilings(args: argparse.Namespace, folder: Path, env: dict[str, str]) -> roofline.Ceilings:
+    """The device's measured ceilings, once per run (in the first kernel dtype), written to ``ceilings.csv``."""
+    if getattr(args, "ceilings", None) is None:
+        dtype = _dtype((args.dtypes or ["float16"])[0]) if args.device == "cuda" else torch.float32
+        args.ceilings = roofline.measure(args.device, dtype)
+        _write("ceilings", [args.ceilings.row(env["device"], dtype)], folder, env)
+    return args.ceilings
+
+
+def check_command(args: argparse.Namespace, deadline: Deadline) -> Iterator[dict]:
+    return check.run(args.device, deadline)
+
+
+def kernels_command(args: argparse.Namespace, deadline: Deadline) -> Iterator[dict]:
     on_gpu = args.device == "cuda"
-    sizes = args.sizes or ([512, 1024, 2048, 4096, 8192, 16384] if on_gpu else [128, 256])
+    sizes = args.sizes or ([2048, 4096, 8192, 1024, 16384, 512] if on_gpu else [128, 256])
     dtypes = [_dtype(d) for d in (args.dtypes or (["float16", "bfloat16"] if on_gpu else ["float32"]))]
-    return kernels.run(args.device, sizes, args.head_dims or [64, 128], dtypes, args.tokens or (16384 if on_gpu
-                       else 512), args.heads or (16 if on_gpu else 2), args.reps or (10 if on_gpu else 2), args.modes)
+    return kernels.run(args.device, sizes, args.head_dims or [128, 64], dtypes, args.tokens or (16384 if on_gpu
+                       else 512), args.heads or (16 if on_gpu else 2), args.reps or (5 if on_gpu else 2), args.modes,
+                       args.ceilings, deadline)
 
 
-def sparse_command(args: argparse.Namespace) -> list[dict]:
+def sparse_command(args: argparse.Namespace, deadline: Deadline) -> Iterator[dict]:
     on_gpu = args.device == "cuda"
-    rows = []
     for n in args.sizes or ([4096, 16384] if on_gpu else [1024, 2048]):
         batch_heads = args.batch_heads or max(1, 16384 // n) * (16 if on_gpu else 1)
         dtype = _dtype(args.dtype or ("float16" if on_gpu else "float32"))
-        rows += sparse.run(args.device, [n], batch_heads, args.head_dim, args.block, dtype,
-                           args.reps or (10 if on_gpu else 3), args.backward)
-    return rows
+        yield from sparse.run(args.device, [n], batch_heads, args.head_dim, args.block, dtype,
+                              args.reps or (5 if on_gpu else 3), args.backward, deadline)
 
 
-def models_command(args: argparse.Namespace) -> list[dict]:
+def models_command(args: argparse.Namespace, deadline: Deadline) -> Iterator[dict]:
     on_gpu = args.device == "cuda"
     if on_gpu:
-        width, heads, layers, batch, vocab = 768, 12, 12, args.batch or 8, 50304
+        width, heads, layers, tokens, vocab = 768, 12, 12, args.tokens or 8192, 50304
     else:
-        width, heads, layers, batch, vocab = 64, 2, 2, args.batch or 2, 512
+        width, heads, layers, tokens, vocab = 64, 2, 2, args.tokens or 256, 512
+    if args.kinds or args.sizes:
+        cases = [(kind, n) for kind in args.kinds or models.KINDS for n in args.sizes or ([1024, 4096] if on_gpu
+                                                                                           else [128])]
+    else:  # in the order of the performance bars
+        cases = ([("gpt", 1024), ("gpt", 4096), ("sliding_window", 4096), ("packed", 4096), ("bert_padded", 1024)]
+                 if on_gpu else [(kind, 128) for kind in models.KINDS])
     backends = args.backends or (["eager", "inductor", "flash_fx"] if on_gpu else ["eager", "flash_fx"])
-    return models.run(args.device, args.kinds or list(models.KINDS), args.sizes or ([1024, 4096] if on_gpu else [128]),
-                      backends, width, heads, layers, batch, vocab, args.reps or (5 if on_gpu else 1),
-                      _dtype(args.dtype or ("bfloat16" if on_gpu else "float32")))
+    return models.run(args.device, cases, backends, width, heads, layers, tokens, vocab,
+                      args.reps or (5 if on_gpu else 1), _dtype(args.dtype or ("bfloat16" if on_gpu else "float32")),
+                      regional=not args.whole_model, deadline=deadline)
 
 
-def memory_command(args: argparse.Namespace) -> list[dict]:
+def memory_command(args: argparse.Namespace, deadline: Deadline) -> Iterator[dict]:
     if args.device != "cuda":
         print("# memory: peak GPU memory needs CUDA; nothing measured on the CPU")
-        return []
+        return iter(())
     sizes = args.sizes or [1024 * 2**i for i in range(8)]
-    return memory.run(sizes, args.heads or 16, args.head_dim, _dtype(args.dtype or "float16"))
+    return memory.run(sizes, args.heads or 16, args.head_dim, _dtype(args.dtype or "float16"), deadline)
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], list[dict]]] = {
-    "kernels": kernels_command, "sparse": sparse_command, "models": models_command, "memory": memory_command,
+#: Each command, and its share of ``all``'s budget (time a section leaves unused passes to the next).
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, Deadline], Iterator[dict]], float]] = {
+    "check": (check_command, 0.08), "kernels": (kernels_command, 0.32), "sparse": (sparse_command, 0.14),
+    "memory": (memory_command, 0.06), "models": (models_command, 0.40),
 }
 
 
 def _write(name: str, rows: list[dict], folder: Path, env: dict[str, str]) -> None:
+    """The CSV (unless streamed already), markdown table and plot of one section."""
     if not rows:
         return
-    report.write_csv(rows, folder / f"{name}.csv")
+    if not (folder / f"{name}.csv").exists():
+        report.write_csv(rows, folder / f"{name}.csv")
     table = report.markdown_table(rows, env)
     (folder / f"{name}.md").write_text(table)
     plotted = report.plot(name, rows, folder / f"{name}.png", f"{name}, {env['device']}")
@@ -102,10 +127,12 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"))
         sub.add_argument("--heads", type=int, default=None)
         sub.add_argument("--head-dim", type=int, default=64)
+        if name in ("kernels", "models", "all"):
+            sub.add_argument("--tokens", type=int, default=None,
+                             help="batch x N (default on a GPU: 16K for kernels, 8K for models)")
         if name in ("kernels", "all"):
             sub.add_argument("--head-dims", type=int, nargs="+", default=None)
             sub.add_argument("--dtypes", nargs="+", default=None, choices=("float16", "bfloat16", "float32"))
-            sub.add_argument("--tokens", type=int, default=None, help="batch x N (default 16K on a GPU)")
             sub.add_argument("--modes", nargs="+", default=["forward", "backward", "forward+backward"])
         if name in ("sparse", "all"):
             sub.add_argument("--batch-heads", type=int, default=None)
@@ -114,10 +141,28 @@ def _parser() -> argparse.ArgumentParser:
         if name in ("models", "all"):
             sub.add_argument("--kinds", nargs="+", default=None, choices=models.KINDS)
             sub.add_argument("--backends", nargs="+", default=None, choices=("eager", "inductor", "flash_fx"))
-            sub.add_argument("--batch", type=int, default=None)
+            sub.add_argument("--whole-model", action="store_true",
+                             help="compile the whole model instead of each block (slower first compiles)")
         if name == "all":
-            sub.add_argument("--budget-s", type=float, default=480.0, help="skip what would start after this")
+            sub.add_argument("--budget-s", type=float, default=300.0,
+                             help="start nothing new after this many seconds (each section gets a share)")
+            sub.add_argument("--sections", nargs="+", default=list(COMMANDS), choices=list(COMMANDS),
+                             help="run only these sections (e.g. to rerun one that failed)")
     return parser
+
+
+def _section(name: str, args: argparse.Namespace, deadline: Deadline, folder: Path,
+             env: dict[str, str]) -> list[dict]:
+    if name == "kernels":
+        _ceilings(args, folder, env)
+    command, _ = COMMANDS[name]
+    rows = report.stream_csv(command(args, deadline), folder / f"{name}.csv")
+    _write(name, rows, folder, env)
+    if name == "check" and rows:
+        failed = [r for r in rows if not r["ok"]]
+        print(f"# check: {len(rows) - len(failed)} of {len(rows)} passed" + (
+            "; FAILED: the timings of flash_fx below are of wrong results" if failed else ""))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,17 +171,18 @@ def main(argv: list[str] | None = None) -> None:
     print("# " + ", ".join(f"{k}: {v}" for k, v in env.items()))
     folder = report.results_dir(args.out, env["device"])
     if args.command != "all":
-        _write(args.command, COMMANDS[args.command](args), folder, env)
+        _section(args.command, args, NO_DEADLINE, folder, env)
         return
-    start = time.perf_counter()
-    for name, command in COMMANDS.items():
-        if time.perf_counter() - start > args.budget_s:
-            print(f"# {name}: skipped, the {args.budget_s:.0f} s budget is spent")
-            continue
-        if name == "sparse":
-            args.backward = True
+    start, results, share_so_far = time.perf_counter(), {}, 0.0
+    args.backward = True
+    chosen = {name: share for name, (_, share) in COMMANDS.items() if name in args.sections}
+    for name, share in chosen.items():
+        share_so_far += share / sum(chosen.values())
+        deadline = Deadline(start + args.budget_s * share_so_far - time.perf_counter())
         section = argparse.Namespace(**{**vars(args), "sizes": None})  # each section's own default sizes
-        _write(name, command(section), folder, env)
+        results[name] = _section(name, section, deadline, folder, env)
+        args.ceilings = getattr(section, "ceilings", None)
+    _write("bars", bars.evaluate(results), folder, env)
     print(f"# all: {time.perf_counter() - start:.0f} s")
 
 

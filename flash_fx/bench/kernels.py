@@ -2,19 +2,21 @@
 
 FLOPs are counted as 4 * B * H * Nq * Nk * d for the forward, 2.5 times that for the backward, halved under a
 causal mask (the work an exact kernel must do, whatever it skips). Each call gets the next of a few input sets in
-turn, so no input stays cached between timed calls.
+turn, so no input stays cached between timed calls. With the card's measured ceilings each row also gets its
+floor (:mod:`flash_fx.bench.roofline`) and the fraction of it reached (``of_floor``, 1.0 = at the roofline).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 import flash_fx.op  # noqa: F401  (registers torch.ops.flash_fx.attention)
-from flash_fx.bench.timing import median_seconds
+from flash_fx.bench.roofline import Ceilings, attention_min_bytes
+from flash_fx.bench.timing import NO_DEADLINE, Deadline, median_seconds
 
 ROTATION = 3  # input sets cycled through by successive calls
 
@@ -82,16 +84,31 @@ def _timed_call(method: Callable, inputs: list[list[torch.Tensor]], causal: bool
     return backward
 
 
+def _methods(device: str) -> dict[str, Callable]:
+    return {"flash_fx": flash_fx_attention, **sdpa_methods(device), "eager": eager_attention}
+
+
+def _fits(method: str, n: int, device: str) -> bool:
+    """Whether to time ``method`` at length ``n``: the N x N methods (eager, SDPA's math backend) stop at 8K on a
+    GPU, where they take seconds and tens of GB; they are the same algorithm at every N."""
+    return device != "cuda" or n <= 8192 or method not in ("eager", "sdpa math")
+
+
 def run(device: str, sizes: list[int], head_dims: list[int], dtypes: list[torch.dtype], tokens: int, heads: int,
-        reps: int, modes: list[str]) -> list[dict]:
-    """One row per (N, d, dtype, causal, mode, method): median ms and TFLOP/s."""
-    rows = []
-    methods = {"flash_fx": flash_fx_attention, **sdpa_methods(device), "eager": eager_attention}
-    for n, head_dim, dtype, causal in itertools.product(sizes, head_dims, dtypes, (False, True)):
+        reps: int, modes: list[str], ceilings: Ceilings | None = None,
+        deadline: Deadline = NO_DEADLINE) -> Iterator[dict]:
+    """One row per (d, dtype, N, causal, mode, method), in that order of priority: median ms, TFLOP/s and, with
+    ``ceilings``, the floor of that shape on this device and the fraction of it reached. Stops at ``deadline``."""
+    for head_dim, dtype, n, causal in itertools.product(head_dims, dtypes, sizes, (False, True)):
+        if deadline.expired():
+            print(f"# kernels: deadline reached; skipped from d={head_dim} {dtype} N={n} causal={causal} on")
+            return
         batch = max(1, tokens // n)
         inputs = [[torch.randn(batch, heads, n, head_dim, device=device, dtype=dtype, requires_grad=True)
                    for _ in range(3)] for _ in range(ROTATION)]
-        for mode, (name, method) in itertools.product(modes, methods.items()):
+        for mode, (name, method) in itertools.product(modes, _methods(device).items()):
+            if not _fits(name, n, device):
+                continue
             try:
                 seconds = median_seconds(_timed_call(method, inputs, causal, mode), device, reps)
             except Exception as error:  # a backend that does not support this shape/dtype is reported, not fatal
@@ -99,9 +116,14 @@ def run(device: str, sizes: list[int], head_dims: list[int], dtypes: list[torch.
                       f"{str(error)[:120]}")
                 seconds = float("nan")
             flop = attention_flops(batch, heads, n, head_dim, causal, mode)
-            rows.append({"n": n, "head_dim": head_dim, "dtype": str(dtype).removeprefix("torch."), "causal": causal,
-                         "batch": batch, "heads": heads, "mode": mode, "method": name, "ms": seconds * 1e3,
-                         "tflops": flop / seconds / 1e12})
-            if device == "cuda":
-                torch.cuda.empty_cache()
-    return rows
+            row = {"n": n, "head_dim": head_dim, "dtype": str(dtype).removeprefix("torch."), "causal": causal,
+                   "batch": batch, "heads": heads, "mode": mode, "method": name, "ms": seconds * 1e3,
+                   "tflops": flop / seconds / 1e12}
+            if ceilings is not None:
+                nbytes = attention_min_bytes(batch, heads, n, head_dim, dtype.itemsize, mode)
+                floor = ceilings.floor_seconds(flop, nbytes)
+                row.update(floor_ms=floor * 1e3, of_floor=floor / seconds)
+            yield row
+        del inputs
+        if device == "cuda":
+            torch.cuda.empty_cache()

@@ -3,10 +3,13 @@ flash_fx, up to the largest N each fits (CUDA only: the CPU has no peak-memory c
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 import flash_fx.op  # noqa: F401  (registers torch.ops.flash_fx.attention)
 from flash_fx.bench.kernels import eager_attention
+from flash_fx.bench.timing import NO_DEADLINE, Deadline
 
 
 def _flash_fx(q, k, v, causal):
@@ -31,14 +34,18 @@ def peak_bytes(method, n: int, heads: int, head_dim: int, dtype: torch.dtype) ->
         torch.cuda.empty_cache()
 
 
-def run(sizes: list[int], heads: int, head_dim: int, dtype: torch.dtype) -> list[dict]:
-    """One row per (N, method): peak MB; a method stops at the first N it cannot fit."""
-    methods = {"eager": eager_attention, "inductor": torch.compile(eager_attention), "flash_fx": _flash_fx}
-    rows, failed = [], set()
+def run(sizes: list[int], heads: int, head_dim: int, dtype: torch.dtype,
+        deadline: Deadline = NO_DEADLINE) -> Iterator[dict]:
+    """One row per (N, method): peak MB; a method stops at the first N it cannot fit. Stops at ``deadline``."""
+    methods = {"eager": eager_attention, "inductor": torch.compile(eager_attention, dynamic=True),
+               "flash_fx": _flash_fx}
+    failed = set()
     for n in sizes:
+        if deadline.expired():
+            print(f"# memory: deadline reached; skipped from N={n} on")
+            return
         for name, method in methods.items():
             peak = float("nan") if name in failed else peak_bytes(method, n, heads, head_dim, dtype)
             if peak != peak:
                 failed.add(name)
-            rows.append({"n": n, "heads": heads, "head_dim": head_dim, "method": name, "peak_mb": peak / 2**20})
-    return rows
+            yield {"n": n, "heads": heads, "head_dim": head_dim, "method": name, "peak_mb": peak / 2**20}

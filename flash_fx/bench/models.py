@@ -9,13 +9,13 @@ key-padding mask, a sliding-window decoder, and a packed-sequence (document-mask
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 import flash_fx
-from flash_fx.bench.timing import median_seconds
+from flash_fx.bench.timing import NO_DEADLINE, Deadline, median_seconds
 
 KINDS = ("gpt", "bert_padded", "sliding_window", "packed")
 WINDOW = 256
@@ -88,20 +88,26 @@ def model_inputs(batch: int, n: int, vocab: int, device: str, seed: int = 0) -> 
     return tokens.to(device), key_valid.to(device), doc_ids.to(device)
 
 
-def compiled(model: nn.Module, backend: str, cpu_smoke: bool) -> Callable:
+def compiled(model: Transformer, backend: str, cpu_smoke: bool, regional: bool) -> Callable:
+    """``model`` under ``backend``: the whole model compiled, or (``regional``) each transformer block, which the
+    blocks share, so a 12-layer model compiles one block instead of twelve inlined ones (both compiled backends
+    alike; embedding, final norm and head then run eagerly)."""
     if backend == "eager":
         return model
-    if backend == "inductor":
-        return torch.compile(model)
-    options = {"report": False, "inner": "aot_eager" if cpu_smoke else "inductor"}
-    return torch.compile(model, backend="flash_fx", options=options)
+    kwargs = {} if backend == "inductor" else {
+        "backend": "flash_fx", "options": {"report": False, "inner": "aot_eager" if cpu_smoke else "inductor"}}
+    if not regional:
+        return torch.compile(model, **kwargs)
+    for block in model.blocks:
+        block.compile(**kwargs)
+    return model
 
 
-def _time_backend(model: nn.Module, backend: str, inputs: tuple[torch.Tensor, ...], device: str,
-                  dtype: torch.dtype, reps: int) -> dict[str, float | str]:
+def _time_backend(model: Transformer, backend: str, inputs: tuple[torch.Tensor, ...], device: str,
+                  dtype: torch.dtype, reps: int, regional: bool) -> dict[str, float | str]:
     """Median seconds of a training step and of an inference forward of ``model`` under ``backend``, and which
     attention variants flash_fx rewrote over the graphs it compiled, training and inference ("rewritten")."""
-    runner = compiled(model, backend, cpu_smoke=device == "cpu")
+    runner = compiled(model, backend, cpu_smoke=device == "cpu", regional=regional)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     autocast = dict(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
 
@@ -129,27 +135,32 @@ def _time_backend(model: nn.Module, backend: str, inputs: tuple[torch.Tensor, ..
     return times
 
 
-def run(device: str, kinds: list[str], sizes: list[int], backends: list[str], width: int, heads: int, layers: int,
-        batch: int, vocab: int, reps: int, dtype: torch.dtype) -> list[dict]:
-    """One row per (kind, N, backend, mode): median ms per step and the speedup over eager."""
-    rows = []
-    for kind in kinds:
-        for n in sizes:
-            torch.manual_seed(0)
-            base = Transformer(kind, width, heads, layers, vocab=vocab, max_len=max(sizes)).to(device)
-            inputs = model_inputs(batch, n, vocab, device)
-            times = {}
-            for backend in backends:
-                model = Transformer(kind, width, heads, layers, vocab=vocab, max_len=max(sizes)).to(device)
-                model.load_state_dict(base.state_dict())
-                print(f"# {kind} N={n} {backend}")
-                times[backend] = _time_backend(model, backend, inputs, device, dtype, reps)
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-            for backend, by_mode in times.items():
-                for mode in ("train step", "inference"):
-                    seconds, eager = by_mode[mode], times.get("eager", {}).get(mode, float("nan"))
-                    rows.append({"model": kind, "n": n, "batch": batch, "layers": layers, "width": width,
-                                 "backend": backend, "mode": mode, "ms": seconds * 1e3, "vs_eager": eager / seconds,
-                                 "attention rewritten": by_mode["rewritten"] if backend == "flash_fx" else "-"})
-    return rows
+def run(device: str, cases: list[tuple[str, int]], backends: list[str], width: int, heads: int, layers: int,
+        tokens: int, vocab: int, reps: int, dtype: torch.dtype, regional: bool = True,
+        deadline: Deadline = NO_DEADLINE) -> Iterator[dict]:
+    """One row per (kind, N) of ``cases`` (in that order), backend and mode: median ms per step and the speedup over
+    eager. Each case has ``tokens`` tokens per batch (batch = tokens // N). Stops at ``deadline``."""
+    max_len = max(n for _, n in cases)
+    for kind, n in cases:
+        if deadline.expired():
+            print(f"# models: deadline reached; skipped from {kind} N={n} on")
+            return
+        batch = max(1, tokens // n)
+        torch.manual_seed(0)
+        base = Transformer(kind, width, heads, layers, vocab=vocab, max_len=max_len).to(device)
+        inputs = model_inputs(batch, n, vocab, device)
+        times = {}
+        for backend in backends:
+            model = Transformer(kind, width, heads, layers, vocab=vocab, max_len=max_len).to(device)
+            model.load_state_dict(base.state_dict())
+            print(f"# {kind} N={n} batch={batch} {backend}")
+            times[backend] = _time_backend(model, backend, inputs, device, dtype, reps, regional)
+            del model
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        for backend, by_mode in times.items():
+            for mode in ("train step", "inference"):
+                seconds, eager = by_mode[mode], times.get("eager", {}).get(mode, float("nan"))
+                yield {"model": kind, "n": n, "batch": batch, "layers": layers, "width": width,
+                       "backend": backend, "mode": mode, "ms": seconds * 1e3, "vs_eager": eager / seconds,
+                       "attention rewritten": by_mode["rewritten"] if backend == "flash_fx" else "-"}

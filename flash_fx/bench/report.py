@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -22,6 +23,26 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
+def stream_csv(rows: Iterable[dict], path: Path) -> list[dict]:
+    """Write ``rows`` to ``path`` as they come, flushed row by row (a run cut short keeps what it measured), and
+    return them. Nothing is written when there are none."""
+    collected: list[dict] = []
+    handle, writer = None, None
+    try:
+        for row in rows:
+            if writer is None:
+                handle = path.open("w", newline="")
+                writer = csv.DictWriter(handle, fieldnames=list(row))
+                writer.writeheader()
+            writer.writerow(row)
+            handle.flush()
+            collected.append(row)
+    finally:
+        if handle is not None:
+            handle.close()
+    return collected
+
+
 def markdown_table(rows: list[dict], environment: dict[str, str]) -> str:
     """The rows as a markdown table under a line naming the device, versions and commit."""
     header = list(rows[0])
@@ -36,8 +57,20 @@ def _cell(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+#: Per benchmark: x, y, the fields that tell lines apart, the fields that tell panels apart, axis labels.
+PLOTS = {
+    "sparse": ("layout_density", "ms", ("method",), ("n", "mode"), "fraction of non-empty tiles", "time (ms)"),
+    "kernels": ("n", "tflops", ("method", "dtype"), ("mode", "head_dim", "causal"), "sequence length", "TFLOP/s"),
+    "models": ("n", "ms", ("backend",), ("model", "mode"), "sequence length", "time per step (ms)"),
+    "memory": ("n", "peak_mb", ("method",), (), "sequence length", "peak memory (MB)"),
+}
+
+
 def plot(name: str, rows: list[dict], path: Path, title: str) -> bool:
-    """A PNG of one benchmark's rows (False, and nothing written, without matplotlib)."""
+    """A PNG of one benchmark's rows, one panel per combination of its panel fields (False, and nothing written,
+    without matplotlib or for a benchmark without a plot)."""
+    if name not in PLOTS:
+        return False
     try:
         import matplotlib
 
@@ -45,23 +78,26 @@ def plot(name: str, rows: list[dict], path: Path, title: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    x_key, y_key, line_keys, x_label, y_label = {
-        "sparse": ("layout_density", "ms", ("method", "n", "mode"), "fraction of non-empty tiles", "time (ms)"),
-        "kernels": ("n", "tflops", ("method", "mode", "dtype", "head_dim", "causal"), "sequence length", "TFLOP/s"),
-        "models": ("n", "ms", ("model", "backend", "mode"), "sequence length", "time per step (ms)"),
-        "memory": ("n", "peak_mb", ("method",), "sequence length", "peak memory (MB)"),
-    }[name]
-    figure, axis = plt.subplots(figsize=(8, 5))
-    for key in sorted({tuple(r[k] for k in line_keys) for r in rows}, key=str):
-        points = sorted((r[x_key], r[y_key]) for r in rows if tuple(r[k] for k in line_keys) == key)
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=", ".join(map(str, key)))
-    if name != "sparse":
-        axis.set_xscale("log", base=2)
-    axis.set_xlabel(x_label)
-    axis.set_ylabel(y_label)
-    axis.set_title(title)
-    axis.legend(fontsize=5, ncol=2)
+    x_key, y_key, line_keys, panel_keys, x_label, y_label = PLOTS[name]
+    panels = sorted({tuple(r[k] for k in panel_keys) for r in rows}, key=str)
+    columns = min(4, len(panels))
+    grid_rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(grid_rows, columns, figsize=(4.5 * columns, 3.5 * grid_rows), squeeze=False)
+    for axis, panel in zip(axes.flat, panels, strict=False):
+        chosen = [r for r in rows if tuple(r[k] for k in panel_keys) == panel]
+        for line in sorted({tuple(r[k] for k in line_keys) for r in chosen}, key=str):
+            points = sorted((r[x_key], r[y_key]) for r in chosen if tuple(r[k] for k in line_keys) == line)
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=", ".join(map(str, line)))
+        if name != "sparse":
+            axis.set_xscale("log", base=2)
+        axis.set_title(", ".join(f"{k}={v}" for k, v in zip(panel_keys, panel, strict=True)) or title, fontsize=8)
+        axis.set_xlabel(x_label, fontsize=8)
+        axis.set_ylabel(y_label, fontsize=8)
+        axis.legend(fontsize=5)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.set_visible(False)
+    figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
     return True

@@ -14,13 +14,13 @@ head) and times, in the same run on the same device:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from flash_fx import kernels
-from flash_fx.bench.timing import median_seconds
+from flash_fx.bench.timing import NO_DEADLINE, Deadline, median_seconds
 
 DENSITIES = (1.0, 0.5, 0.25, 0.1)
 
@@ -74,11 +74,13 @@ def _with_backward(call: Callable[[], torch.Tensor], inputs: list[torch.Tensor])
 
 
 def run(device: str, sizes: list[int], batch_heads: int, head_dim: int, block: int, dtype: torch.dtype,
-        reps: int, backward: bool) -> list[dict]:
-    """Time every method at every (N, density); returns one row per measurement."""
-    rows = []
+        reps: int, backward: bool, deadline: Deadline = NO_DEADLINE) -> Iterator[dict]:
+    """Time every method at every (N, density): one row per measurement. Stops at ``deadline``."""
     for n in sizes:
         for density in DENSITIES:
+            if deadline.expired():
+                print(f"# sparse: deadline reached; skipped from N={n}, density={density} on")
+                return
             layout = block_layout(n, block, density)
             visible = layout.repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :n]
             visible = visible.to(device)[None, None]
@@ -99,9 +101,8 @@ def run(device: str, sizes: list[int], batch_heads: int, head_dim: int, block: i
                         times[method] = float("nan")
                         print(f"# {method} failed at N={n}, density={density}: {type(error).__name__}: {error}")
                 for method, seconds in times.items():
-                    rows.append({
+                    yield {
                         "n": n, "density": density, "layout_density": round(layout.float().mean().item(), 4),
                         "mode": mode, "method": method, "ms": seconds * 1e3,
                         "vs_flash_fx_dense": times["flash_fx dense"] / seconds,
-                    })
-    return rows
+                    }

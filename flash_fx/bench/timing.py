@@ -12,16 +12,35 @@ from pathlib import Path
 import torch
 
 
+class Deadline:
+    """A point in time after which a benchmark section starts nothing new (``None`` seconds: never)."""
+
+    def __init__(self, seconds: float | None):
+        self.end = None if seconds is None else time.perf_counter() + seconds
+
+    def expired(self) -> bool:
+        return self.end is not None and time.perf_counter() > self.end
+
+    def left(self) -> float:
+        """Seconds left (infinite without a limit, never negative)."""
+        return float("inf") if self.end is None else max(0.0, self.end - time.perf_counter())
+
+
+NO_DEADLINE = Deadline(None)
+
+
 def median_seconds(fn: Callable[[], object], device: str, reps: int) -> float:
     """Median run time of ``fn`` in seconds.
 
-    On CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, warm-up excluded). On the
-    CPU: ``time.perf_counter`` around ``reps`` calls after one warm-up call.
+    On CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, warm-up excluded), timing for
+    about ``reps`` x 10 ms after a 10 ms warm-up (the first call, which compiles, is outside both). On the CPU:
+    ``time.perf_counter`` around ``reps`` calls after one warm-up call.
     """
     if device == "cuda":
         from triton.testing import do_bench
 
-        return do_bench(fn, warmup=25, rep=max(reps, 1) * 20, return_mode="median") / 1e3
+        fn()  # compile and autotune outside the timed region
+        return do_bench(fn, warmup=10, rep=max(reps, 1) * 10, return_mode="median") / 1e3
     fn()
     times = []
     for _ in range(max(reps, 1)):
