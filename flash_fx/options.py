@@ -19,6 +19,7 @@ _DEFAULTS: dict[str, Any] = {
     "device": None,
     "min_speedup": 1.0,
     "tiles": None,
+    "autotune": False,
 }
 
 
@@ -34,6 +35,7 @@ class Options:
     device: str | None = None  # the card the cost model assumes: "A100", "H100", "H200" (None: detect)
     min_speedup: float = 1.0  # rewrite only where the predicted speedup reaches this
     tiles: tuple[int, int] | None = None  # (Br, Bc) for the cost model instead of the SRAM-derived choice
+    autotune: bool = False  # turn on the kernels' launch-configuration autotuning (flash_fx.kernels.set_autotune)
 
     @property
     def prints_report(self) -> bool:
@@ -44,7 +46,8 @@ class Options:
 def parse_options(options: dict[str, Any] | None) -> Options:
     """Check a `torch.compile(..., options=...)` dict and return the Options it asks for.
 
-    Raises ValueError naming the valid options or values when something is unknown.
+    Raises ValueError naming the valid options or values when something is unknown. ``autotune=True`` turns
+    the kernels' autotuning on for the process (:func:`flash_fx.kernels.set_autotune`).
     """
     options = dict(options or {})
     unknown = sorted(set(options) - set(_DEFAULTS))
@@ -75,6 +78,12 @@ def parse_options(options: dict[str, Any] | None) -> Options:
                 or not all(isinstance(t, int) and t >= 16 and t & (t - 1) == 0 for t in tiles)):
             raise ValueError(f"flash_fx: option tiles={tiles!r} must be (Br, Bc), powers of two >= 16")
         tiles = (tiles[0], tiles[1])
+    if merged["autotune"] not in (True, False):
+        raise ValueError(f"flash_fx: option autotune={merged['autotune']!r}; valid values are True, False")
+    if merged["autotune"]:
+        from flash_fx.kernels import set_autotune
+
+        set_autotune(True)
     return Options(
         inner=merged["inner"],
         report=merged["report"],
@@ -84,4 +93,5 @@ def parse_options(options: dict[str, Any] | None) -> Options:
         device=merged["device"],
         min_speedup=float(speedup),
         tiles=tiles,
+        autotune=bool(merged["autotune"]),
     )

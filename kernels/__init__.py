@@ -52,6 +52,11 @@ path to rounding, fully masked rows included; the work falls with the layout's d
 ``block_m`` x ``block_n`` (128 x 128 unless given; ``block_m`` defaults to ``block_n``) instead of whole
 key columns.
 
+Launch configurations (tile sizes, warps, stages) come from :func:`config.choose_tiles`, a table per GPU compute
+capability. With autotuning on (``FLASH_FX_AUTOTUNE=1`` for CUDA tensors, or :func:`set_autotune`) and no
+``block_m`` / ``block_n`` given, the first call of each :class:`tuning.TuneKey` times a few candidates around the
+table's entry and later calls use the fastest; :func:`tuned_configs` lists the choices and their times.
+
 If a Triton kernel fails to compile or launch on this machine (an error raised by Triton), both entry points warn
 once and take the tiled PyTorch path from then on (:func:`triton_failure` says why); results are the same.
 
@@ -67,13 +72,15 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from flash_fx.kernels import config, tiled_torch
+from flash_fx.kernels import config, tiled_torch, tuning
+from flash_fx.kernels.config import Tiles
 from flash_fx.kernels.dropout import Dropout, dropout_keep_mask
 from flash_fx.kernels.layout import bias_layout
 from flash_fx.kernels.masks import Alibi, Masks, RelativeBias, tile_density
+from flash_fx.kernels.tuning import set_autotune, tuned_configs
 
-__all__ = ["attention_backward", "attention_forward", "dropout_keep_mask", "tile_density", "triton_failure",
-           "uses_triton"]
+__all__ = ["attention_backward", "attention_forward", "dropout_keep_mask", "set_autotune", "tile_density",
+           "triton_failure", "tuned_configs", "uses_triton"]
 
 _TRITON_FAILURE: str | None = None  # why the Triton kernels were turned off in this process (None: they run)
 
@@ -102,7 +109,7 @@ def _falls_back_to_tiled(entry: Callable) -> Callable:
         try:
             return entry(*args, **kwargs)
         except Exception as error:
-            if _TRITON_FAILURE is not None or not type(error).__module__.startswith("triton"):
+            if _TRITON_FAILURE is not None or not tuning.is_triton_error(error):
                 raise
             _TRITON_FAILURE = f"{type(error).__name__}: {error}"[:500]
             warnings.warn(f"flash_fx: the Triton attention kernels failed ({_TRITON_FAILURE}); attention runs the "
@@ -128,13 +135,33 @@ def _expand_bias(bias: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) ->
     return bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
 
-def _tiles(
-    q: torch.Tensor, block_m: int | None, block_n: int | None, *, backward: bool
-) -> tuple[int, int, int, int]:
-    default_m, default_n, num_warps, num_stages = config.choose_tiles(
-        q.shape[-1], q.dtype, q.is_cuda, backward=backward
-    )
-    return block_m or default_m, block_n or default_n, num_warps, num_stages
+@functools.lru_cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _cost_flags(q: torch.Tensor, k: torch.Tensor, masks: Masks, bias: torch.Tensor | None, sparse_bias: bool,
+                dropout: Dropout, alibi: Alibi | None, rel: RelativeBias | None) -> dict[str, bool]:
+    """The specialization flags of a call that change the kernels' cost (part of :class:`tuning.TuneKey`)."""
+    return dict(causal=masks.causal_offset is not None, window=masks.window is not None, sparse=sparse_bias,
+                bias=bias is not None, dropout=dropout.enabled, gqa=q.shape[1] != k.shape[1],
+                key_padding=masks.key_valid is not None, documents=masks.q_doc is not None, alibi=alibi is not None,
+                rel=rel is not None)
+
+
+def _launch_tiles(q: torch.Tensor, k: torch.Tensor, block_m: int | None, block_n: int | None,
+                  run: Callable[[Tiles], object], *, backward: bool, **flags: bool) -> Tiles:
+    """The launch configuration: the table's for this card, with the caller's block sizes if given; with
+    autotuning on and no block size given, the fastest candidate for the call's :class:`tuning.TuneKey`."""
+    capability = _capability(q.device) if q.is_cuda else None
+    head_dim, on_gpu = q.shape[-1], q.is_cuda
+    if block_m is None and block_n is None and tuning.autotune_enabled(q.device):
+        key = tuning.TuneKey(backward, capability, head_dim, str(q.dtype).removeprefix("torch."),
+                             tuning.bucket(q.shape[2]), tuning.bucket(k.shape[2]), **flags)
+        found = tuning.candidates(head_dim, q.dtype, capability, backward=backward, on_gpu=on_gpu)
+        return tuning.tune(key, found, run, q.device)
+    tiles = config.choose_tiles(head_dim, q.dtype, on_gpu, backward=backward, capability=capability)
+    return tiles._replace(block_m=block_m or tiles.block_m, block_n=block_n or tiles.block_n)
 
 
 def _check_sparse_bias(sparse_bias: bool, bias: torch.Tensor | None) -> None:
@@ -214,13 +241,15 @@ def attention_forward(
     # Imported here: Triton decides at decoration time whether kernels run compiled or interpreted.
     from flash_fx.kernels import triton_forward
 
-    block_m, block_n, num_warps, num_stages = _tiles(q, block_m, block_n, backward=False)
-    layout = bias_layout(bias, masks, block_m, block_n) if sparse_bias else None
-    return triton_forward.attention_forward(
-        q, k, v, scale=scale, masks=masks, bias=bias, kv_heads_tiled=kv_heads_tiled, block_m=block_m,
-        block_n=block_n, num_warps=num_warps, num_stages=num_stages, dropout=dropout, layout=layout, alibi=alibi,
-        rel=rel,
-    )
+    def run(tiles: Tiles) -> tuple[torch.Tensor, torch.Tensor]:
+        layout = bias_layout(bias, masks, tiles.block_m, tiles.block_n) if sparse_bias else None
+        return triton_forward.attention_forward(
+            q, k, v, scale=scale, masks=masks, bias=bias, kv_heads_tiled=kv_heads_tiled, dropout=dropout,
+            layout=layout, alibi=alibi, rel=rel, **tiles._asdict(),
+        )
+
+    flags = _cost_flags(q, k, masks, bias, sparse_bias, dropout, alibi, rel)
+    return run(_launch_tiles(q, k, block_m, block_n, run, backward=False, **flags))
 
 
 @_falls_back_to_tiled
@@ -292,11 +321,17 @@ def attention_backward(
     _check_triton_head_dim(q)
     from flash_fx.kernels import triton_backward
 
-    block_m, block_n, num_warps, num_stages = _tiles(q, block_m, block_n, backward=True)
-    layout = bias_layout(bias, masks, block_m, block_n) if sparse_bias else None
-    return triton_backward.attention_backward(
-        grad_out, q, k, v, out, lse.contiguous(), scale=scale, masks=masks, bias=bias,
-        bias_requires_grad=bias_requires_grad, kv_heads_tiled=kv_heads_tiled,
-        block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages, dropout=dropout,
-        layout=layout, alibi=alibi, rel=rel, rel_requires_grad=rel_bias_requires_grad,
-    )
+    lse = lse.contiguous()
+
+    def run(tiles: Tiles) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                   torch.Tensor | None]:
+        layout = bias_layout(bias, masks, tiles.block_m, tiles.block_n) if sparse_bias else None
+        return triton_backward.attention_backward(
+            grad_out, q, k, v, out, lse, scale=scale, masks=masks, bias=bias, bias_requires_grad=bias_requires_grad,
+            kv_heads_tiled=kv_heads_tiled, dropout=dropout, layout=layout, alibi=alibi, rel=rel,
+            rel_requires_grad=rel_bias_requires_grad, **tiles._asdict(),
+        )
+
+    flags = _cost_flags(q, k, masks, bias, sparse_bias, dropout, alibi, rel)
+    return run(_launch_tiles(q, k, block_m, block_n, run, backward=True, bias_grad=bias_requires_grad,
+                             rel_grad=rel_bias_requires_grad, **flags))

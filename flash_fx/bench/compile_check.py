@@ -1,0 +1,207 @@
+"""Offline compile check of the Triton kernels' launch configurations, for a GPU this machine need not have.
+
+    python -m flash_fx.bench.compile_check --arch 90 --head-dims 64 128 --dtypes float16 bfloat16
+
+compiles the forward, dQ and dK/dV kernels of the table's configuration and its neighbours (the autotuner's
+candidates before known spills are left out, :func:`flash_fx.kernels.tuning.neighbours`; ``--table-only``: the
+table's configuration alone) for an sm_``arch`` target with
+``triton.compile`` and the ptxas shipped with Triton, without a GPU and without running anything, and prints
+one markdown row per (kernel, configuration): the shared memory the compiled kernel asks for (its metadata's
+``shared``), registers and spilled bytes per thread (``ptxas -v``), and whether the shared memory fits the
+card's per-block budget. These are compile-time resource checks, not timings.
+
+It must run without ``TRITON_INTERPRET=1`` (the kernels are then compiled, not interpreted). The launches are
+the real ones (:func:`triton_forward.attention_forward`, :func:`triton_backward.attention_backward` on small
+CPU tensors) with each kernel swapped for a stand-in that records its arguments instead of launching.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from flash_fx.kernels import config, tuning
+from flash_fx.kernels.config import Tiles
+
+#: Kernels checked: (kernel attribute, name in the table); the forward first.
+KERNELS = (("_attention_forward_kernel", "forward"), ("_dq_kernel", "dq"), ("_dkdv_kernel", "dkdv"))
+
+#: Kernels whose launches are recorded instead of run, by module under flash_fx.kernels.
+RECORDED = {"triton_forward": ("_attention_forward_kernel",),
+            "triton_backward": ("_delta_kernel", "_dkdv_kernel", "_dq_kernel")}
+
+#: Sequence length of the recorded launches (a multiple of 16, as most real lengths are: Triton specializes on it).
+LENGTH = 256
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Compiled resources of one kernel in one configuration."""
+
+    kernel: str
+    tiles: Tiles
+    shared: int  # bytes of shared memory per program
+    registers: int  # per thread
+    spill_stores: int  # bytes per thread
+    spill_loads: int
+    budget: int
+
+    @property
+    def fits(self) -> bool:
+        """Whether the shared memory fits the card's per-block budget."""
+        return self.shared <= self.budget
+
+
+class _Recorder:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` records instead of launching."""
+
+    def __init__(self, name: str, kernel: Any, calls: dict[str, tuple]):
+        self.name, self.kernel, self.calls = name, kernel, calls
+
+    def __getitem__(self, grid: Any) -> Callable[..., None]:
+        def record(*args: Any, **kwargs: Any) -> None:
+            self.calls[self.name] = (self.kernel, args, kwargs)
+
+        return record
+
+
+@contextlib.contextmanager
+def _recording(modules: dict[str, ModuleType]) -> Iterator[dict[str, tuple]]:
+    """While inside, the kernels of :data:`RECORDED` record their launches into the yielded dict, by name."""
+    calls: dict[str, tuple] = {}
+    swapped = [(modules[module], name, getattr(modules[module], name))
+               for module, names in RECORDED.items() for name in names]
+    try:
+        for module, name, kernel in swapped:
+            setattr(module, name, _Recorder(name, kernel, calls))
+        yield calls
+    finally:
+        for module, name, kernel in swapped:
+            setattr(module, name, kernel)
+
+
+def _launches(tiles: Tiles, head_dim: int, dtype: torch.dtype, causal: bool, backward: bool) -> dict[str, tuple]:
+    """The recorded (kernel, args, kwargs) of one forward or backward launch with ``tiles``, by kernel name."""
+    from flash_fx.kernels import triton_backward, triton_forward
+    from flash_fx.kernels.dropout import Dropout
+    from flash_fx.kernels.masks import Masks
+
+    q = torch.randn(1, 2, LENGTH, head_dim).to(dtype)
+    launch = dict(scale=head_dim ** -0.5, masks=Masks.build(1, LENGTH, LENGTH, causal_offset=0 if causal else None),
+                  bias=None, kv_heads_tiled=False, dropout=Dropout.build(0.0, None, 0), **tiles._asdict())
+    with _recording({"triton_forward": triton_forward, "triton_backward": triton_backward}) as calls:
+        if backward:
+            lse = torch.zeros(1, 2, LENGTH)
+            triton_backward.attention_backward(q, q, q, q, q, lse, bias_requires_grad=False, **launch)
+        else:
+            triton_forward.attention_forward(q, q, q, **launch)
+    return calls
+
+
+def compile_for(kernel: Any, args: tuple, kwargs: dict, capability: int) -> Any:
+    """``triton.compile`` of ``kernel`` specialized for these launch arguments, for an sm_``capability`` GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def ptxas_usage(ptx: str, capability: int) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) per thread that ``ptxas -v`` reports for ``ptx``."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as file:
+            file.write(ptx)
+        command = [get_ptxas(capability).path, "-v", "--regAllocOptLevel=2",
+                   f"--gpu-name={sm_arch_from_capability(capability)}", source, "-o", os.path.join(folder, "k.o")]
+        log = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return (int(registers.group(1)) if registers else -1, *(int(g) for g in (spills.groups() if spills else (0, 0))))
+
+
+def check(tiles: Tiles, head_dim: int, dtype: torch.dtype, causal: bool, capability: int, *,
+          backward: bool) -> list[Usage]:
+    """The compiled resources of the forward kernel (or the dQ and dK/dV kernels) with ``tiles``."""
+    budget = config.sram_budget((capability // 10, capability % 10))
+    calls = _launches(tiles, head_dim, dtype, causal, backward)
+    usages = []
+    for attribute, name in KERNELS[1:] if backward else KERNELS[:1]:
+        compiled = compile_for(*calls[attribute], capability)
+        usages.append(Usage(name, tiles, compiled.metadata.shared, *ptxas_usage(compiled.asm["ptx"], capability),
+                            budget))
+    return usages
+
+
+def sweep(capability: int, head_dims: list[int], dtypes: list[torch.dtype], causal: list[bool], *,
+          table_only: bool) -> Iterator[tuple[int, torch.dtype, bool, bool, list[Usage]]]:
+    """(head dim, dtype, causal, is the table's entry, usages) for each configuration checked, table entry first."""
+    card = (capability // 10, capability % 10)
+    for head_dim in head_dims:
+        for dtype in dtypes:
+            for is_causal in causal:
+                for backward in (False, True):
+                    found = tuning.neighbours(head_dim, dtype, card, backward=backward, on_gpu=True)
+                    for index, tiles in enumerate(found[:1] if table_only else found):
+                        yield head_dim, dtype, is_causal, index == 0, check(tiles, head_dim, dtype, is_causal,
+                                                                             capability, backward=backward)
+
+
+def markdown_rows(capability: int, head_dim: int, dtype: torch.dtype, causal: bool, in_table: bool,
+                  usages: list[Usage]) -> list[str]:
+    """One markdown row per usage; the table's own entries are marked with a star."""
+    rows = []
+    for usage in usages:
+        tiles = usage.tiles
+        estimate = config.sram_bytes(*tiles[:2], head_dim, dtype, tiles.num_stages, backward=usage.kernel != "forward")
+        cells = [f"sm_{capability}", usage.kernel, head_dim, str(dtype).removeprefix("torch."),
+                 "yes" if causal else "no", f"{tiles.block_m} x {tiles.block_n}{' *' if in_table else ''}",
+                 tiles.num_warps, tiles.num_stages, estimate // 1024, f"{usage.shared / 1024:g}", usage.registers,
+                 f"{usage.spill_stores}/{usage.spill_loads}", "yes" if usage.fits else "**no**"]
+        rows.append("| " + " | ".join(map(str, cells)) + " |")
+    return rows
+
+
+HEADER = ("| target | kernel | head dim | dtype | causal | BLOCK_M x BLOCK_N | warps | stages | estimate KB | "
+          "shared KB | registers | spill st/ld B | fits |\n" + "| --- " * 13 + "|")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Compile the candidate configurations for the target and print the markdown table of their resources."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer: 80, 90, ...")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
+    parser.add_argument("--causal", choices=("no", "yes", "both"), default="both")
+    parser.add_argument("--table-only", action="store_true", help="only the table's entry, not its neighbours")
+    args = parser.parse_args(argv)
+    if config.interpreter_active():
+        raise SystemExit("compile_check compiles the kernels: run it without TRITON_INTERPRET=1")
+    causal = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
+    dtypes = [getattr(torch, name) for name in args.dtypes]
+    print(HEADER, flush=True)
+    for found in sweep(args.arch, args.head_dims, dtypes, causal, table_only=args.table_only):
+        print("\n".join(markdown_rows(args.arch, *found)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
