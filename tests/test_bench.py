@@ -159,8 +159,9 @@ def test_memory_bench_needs_cuda(tmp_path):
 
 def test_all_within_a_budget(tmp_path):
     """`all` runs the chosen sections in order, skips what would start after its budget, and writes the bars."""
-    out, folder = bench(tmp_path, "all", "--sections", "check", "models", "--budget-s", "0")
+    out, folder = bench(tmp_path, "all", "--sections", "check", "autotune", "models", "--budget-s", "0")
     assert "check: deadline reached" in out and "models: deadline reached" in out
+    assert "tuned on CUDA only" in out
     (bar_file,) = [p for p in folder.iterdir() if p.name == "bars.csv"]
     assert {row["met"] for row in rows(folder, "bars")} == {"not measured"}
     assert bar_file.exists()

@@ -2,6 +2,7 @@
 
     python -m flash_fx.bench check     # the kernels against float64 on this device (run first by `all`)
     python -m flash_fx.bench kernels   # flash_fx vs SDPA backends vs eager, TFLOP/s and fraction of the roofline
+    python -m flash_fx.bench autotune  # the table's launch configurations against the autotuner's (CUDA)
     python -m flash_fx.bench sparse    # block-sparse: time against tile density
     python -m flash_fx.bench models    # training step and inference of small transformers
     python -m flash_fx.bench memory    # peak memory of forward + backward against N (CUDA)
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from flash_fx.bench import bars, check, kernels, memory, models, report, roofline, sparse
+from flash_fx.bench import autotune, bars, check, kernels, memory, models, report, roofline, sparse
 from flash_fx.bench.timing import NO_DEADLINE, Deadline, environment
 
 GPU = torch.cuda.is_available()
@@ -59,6 +60,10 @@ def kernels_command(args: argparse.Namespace, deadline: Deadline) -> Iterator[di
     return kernels.run(args.device, sizes, args.head_dims or [128, 64], dtypes, args.tokens or (16384 if on_gpu
                        else 512), args.heads or (16 if on_gpu else 2), args.reps or (5 if on_gpu else 2), args.modes,
                        args.ceilings, deadline)
+
+
+def autotune_command(args: argparse.Namespace, deadline: Deadline) -> Iterator[dict]:
+    return autotune.run(args.device, 4096, args.tokens or 16384, args.heads or 16, args.reps or 5, deadline)
 
 
 def sparse_command(args: argparse.Namespace, deadline: Deadline) -> Iterator[dict]:
@@ -98,8 +103,8 @@ def memory_command(args: argparse.Namespace, deadline: Deadline) -> Iterator[dic
 
 #: Each command, and its share of ``all``'s budget (time a section leaves unused passes to the next).
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, Deadline], Iterator[dict]], float]] = {
-    "check": (check_command, 0.08), "kernels": (kernels_command, 0.32), "sparse": (sparse_command, 0.14),
-    "memory": (memory_command, 0.06), "models": (models_command, 0.40),
+    "check": (check_command, 0.08), "kernels": (kernels_command, 0.30), "autotune": (autotune_command, 0.06),
+    "sparse": (sparse_command, 0.14), "memory": (memory_command, 0.06), "models": (models_command, 0.36),
 }
 
 
@@ -127,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"))
         sub.add_argument("--heads", type=int, default=None)
         sub.add_argument("--head-dim", type=int, default=64)
-        if name in ("kernels", "models", "all"):
+        if name in ("kernels", "autotune", "models", "all"):
             sub.add_argument("--tokens", type=int, default=None,
                              help="batch x N (default on a GPU: 16K for kernels, 8K for models)")
         if name in ("kernels", "all"):

@@ -60,7 +60,7 @@ def attention_flops(batch: int, heads: int, n: int, head_dim: int, causal: bool,
     return {"forward": forward, "backward": 2.5 * forward, "forward+backward": 3.5 * forward}[mode]
 
 
-def _timed_call(method: Callable, inputs: list[list[torch.Tensor]], causal: bool, mode: str) -> Callable[[], None]:
+def timed_call(method: Callable, inputs: list[list[torch.Tensor]], causal: bool, mode: str) -> Callable[[], None]:
     cycle = itertools.cycle(inputs)
     if mode == "forward":
         def forward() -> None:
@@ -110,7 +110,7 @@ def run(device: str, sizes: list[int], head_dims: list[int], dtypes: list[torch.
             if not _fits(name, n, device):
                 continue
             try:
-                seconds = median_seconds(_timed_call(method, inputs, causal, mode), device, reps)
+                seconds = median_seconds(timed_call(method, inputs, causal, mode), device, reps)
             except Exception as error:  # a backend that does not support this shape/dtype is reported, not fatal
                 print(f"# {name} {mode} N={n} d={head_dim} {dtype} causal={causal}: {type(error).__name__}: "
                       f"{str(error)[:120]}")
