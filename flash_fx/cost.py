@@ -125,8 +125,9 @@ def flash_bytes(s: AttentionShape, block_r: int, block_c: int) -> sp.Expr:
     mask = s.nq * s.nk * _num(bias_bytes) * visible
     if s.layout_pass:  # one read of the whole mask to classify its tiles (upper bound: broadcast dims count)
         mask += s.nq * s.nk * _num(bias_bytes)
-    # Q read and O written once; K and V once per visited query tile; the LSE written (float32).
-    forward = (2 * s.nq * d + sp.Max(1, q_tiles * visible) * 2 * s.nk * d) * e + 4 * s.nq + mask
+    # Q read and O written once; K and V once per visited query tile; the LSE written (a float32 pair: the rounded
+    # value and its residual; the backward reads the residual only with a bias, which this count leaves out).
+    forward = (2 * s.nq * d + sp.Max(1, q_tiles * visible) * 2 * s.nk * d) * e + 8 * s.nq + mask
     if not s.training:
         return sp.expand(s.batch_heads * forward)
     preprocess = 2 * s.nq * d * e + 4 * s.nq  # delta = rowsum(dO * O)

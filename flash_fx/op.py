@@ -96,7 +96,7 @@ def _attention_fake(q, k, v, bias, scale, causal_offset, kv_heads_tiled=False, w
                     alibi_symmetric=False, rel_bias=None):
     q, k, v = _broadcast_qkv(q, k, v)
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
-    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    lse = q.new_empty((*q.shape[:-1], 2), dtype=torch.float32)
     return out, lse, torch.empty(1, dtype=torch.int64, device="cpu")
 
 

@@ -185,8 +185,9 @@ def _per_batch(graph: fx.Graph, node: fx.Node, key_axis: bool, batch: fx.Node) -
 
 
 def _zero_dead_rows(graph: fx.Graph, out: fx.Node, lse: fx.Node) -> fx.Node:
-    """Rows with no visible key give 0, as scaled_dot_product_attention does (softmax would give NaN)."""
-    dead = graph.call_function(operator.eq, (graph.call_method("unsqueeze", (lse, -1)), float("-inf")))
+    """Rows with no visible key give 0, as scaled_dot_product_attention does (softmax would give NaN); the rounded
+    log-sum-exp ``lse[..., :1]`` is -inf on those rows."""
+    dead = graph.call_function(operator.eq, (graph.call_method("narrow", (lse, -1, 0, 1)), float("-inf")))
     return graph.call_function(torch.where, (dead, 0.0, out))
 
 

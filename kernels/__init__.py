@@ -61,7 +61,9 @@ If a Triton kernel fails to compile or launch on this machine (an error raised b
 once and take the tiled PyTorch path from then on (:func:`triton_failure` says why); results are the same.
 
 Fully masked rows give a NaN output row and LSE -inf, as eager softmax does after a ``-inf`` fill;
-in the backward they contribute no gradient (their dq and dbias rows are 0).
+in the backward they contribute no gradient (their dq and dbias rows are 0). Rows hidden entirely by a finite
+fill (finfo.min) are eager's uniform average over their keys, forward and backward: the saved LSE is a pair
+(rounded value, rounding residual), so their normalizer survives the rounding of ``fill + log(n)`` to ``fill``.
 """
 
 from __future__ import annotations
@@ -206,7 +208,11 @@ def attention_forward(
     alibi_symmetric: bool = False,
     rel_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out [B,Hq,Nq,D] in q.dtype, lse [B,Hq,Nq] float32).
+    """Returns (out [B,Hq,Nq,D] in q.dtype, lse [B,Hq,Nq,2] float32).
+
+    ``lse[..., 0] + lse[..., 1]`` is each row's natural-log log-sum-exp as an unevaluated sum: ``lse[..., 0]`` is
+    the rounded float32 value and ``lse[..., 1]`` what rounding lost, which keeps the normalizer of a row hidden
+    entirely by a finite fill (finfo.min), whose log-sum-exp ``fill + log(n)`` rounds to ``fill`` in float32.
 
     ``block_m`` / ``block_n`` override the tile sizes (the tiled PyTorch path uses only ``block_n``, and
     ``block_m`` too with ``sparse_bias``). ``sparse_bias`` skips the tiles a mask-like ``bias`` hides
@@ -216,7 +222,8 @@ def attention_forward(
     ``alibi_slopes`` (float [B or 1, Hq or 1], a ValueError otherwise) adds ``slope * (j - i)`` to the scores,
     ``slope * -|j - i|`` with ``alibi_symmetric`` (ignored without slopes).
     ``rel_bias`` (float [B or 1, Hq or 1, Nq + Nk - 1], a ValueError otherwise) adds ``rel_bias[b, h, j - i + Nq - 1]``.
-    With no keys (Nk == 0) the output is zeros and the LSE -inf, as eager ``softmax(...) @ v`` gives.
+    With no keys (Nk == 0) the output is zeros and the LSE -inf (pairs (-inf, 0)), as eager ``softmax(...) @ v``
+    gives.
     """
     _check_inputs(q, k, v)
     _check_sparse_bias(sparse_bias, bias)
@@ -229,7 +236,9 @@ def attention_forward(
     n_k = k.shape[2]
     if q.numel() == 0 or n_k == 0:
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-        return out, torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        lse = torch.zeros((*q.shape[:3], 2), dtype=torch.float32, device=q.device)
+        lse[..., 0] = float("-inf")
+        return out, lse
     if not uses_triton(q):
         block_m, block_n = _tiled_blocks(block_m, block_n, sparse_bias)
         layout = bias_layout(bias, masks, block_m, block_n) if sparse_bias else None

@@ -205,10 +205,10 @@ def _tile_grads(
     s: torch.Tensor, lse: torch.Tensor, do: torch.Tensor, delta: torch.Tensor, q: torch.Tensor,
     k_tile: torch.Tensor, v_tile: torch.Tensor, drop: torch.Tensor | None, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dS, dQ, dK, dV)`` of one score tile ``s`` [B, Hkv, group, rows, n] from the (grouped) rows' LSE,
-    dO, delta and Q and the tile's K, V [B, Hkv, n, D]; ``drop`` is the dropout keep mask times 1 / (1 - p).
-    dK, dV are summed over the group."""
-    p = torch.exp(s - lse[..., None])
+    """``(dS, dQ, dK, dV)`` of one score tile ``s`` [B, Hkv, group, rows, n] from the (grouped) rows' LSE pairs
+    (see :func:`_lse_pair`; +inf for fully masked rows), dO, delta and Q and the tile's K, V [B, Hkv, n, D];
+    ``drop`` is the dropout keep mask times 1 / (1 - p). dK, dV are summed over the group."""
+    p = torch.exp((s - lse[..., 0, None]) - lse[..., 1, None])
     dp = torch.matmul(do, v_tile.unsqueeze(2).transpose(-1, -2))
     p_kept = p
     if drop is not None:
@@ -218,6 +218,17 @@ def _tile_grads(
     dq = torch.matmul(ds, k_tile.unsqueeze(2)) * scale
     dk = torch.matmul(ds.transpose(-1, -2), q).sum(2) * scale
     return ds, dq, dk, dv
+
+
+def _lse_pair(row_max: torch.Tensor, row_sum: torch.Tensor) -> torch.Tensor:
+    """The rows' natural-log LSE as float32 ``[..., 2]`` pairs ``(hi, lo)``: ``hi`` the rounded LSE, ``lo`` what
+    rounding lost. ``lo`` keeps ``log(row_sum)`` of a row hidden entirely by a finite fill, whose ``hi`` is its max:
+    the backward computes ``exp((s - hi) - lo)``. Fully masked rows get ``(-inf, 0)``."""
+    log_sum = torch.log(row_sum)
+    hi = (row_max + log_sum).to(torch.float32)
+    lo = (row_max - hi.to(row_max.dtype)) + log_sum
+    lo = lo.masked_fill(hi == float("-inf"), 0.0).to(torch.float32)
+    return torch.stack([hi, lo], -1)
 
 
 def attention_forward(
@@ -235,7 +246,7 @@ def attention_forward(
     alibi: Alibi | None = None,
     rel: RelativeBias | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tiled forward: ``(out [B, Hq, Nq, D] in q.dtype, lse [B, Hq, Nq] float32)``.
+    """Tiled forward: ``(out [B, Hq, Nq, D] in q.dtype, lse [B, Hq, Nq, 2] float32 pairs)`` (see :func:`_lse_pair`).
 
     ``bias``, if given, is broadcastable to [B, Hq, Nq, Nk] and already expanded to that shape.
     ``masks`` are the structural masks (:meth:`Masks.build`); ``kv_heads_tiled`` selects the GQA head
@@ -266,8 +277,7 @@ def attention_forward(
     out = acc / row_sum[..., None]
     if dropout.enabled:
         out = out * dropout.scale
-    lse = row_max + torch.log(row_sum)
-    return _ungrouped(out, kv_heads_tiled).to(q.dtype), _ungrouped(lse, kv_heads_tiled).to(torch.float32)
+    return _ungrouped(out, kv_heads_tiled).to(q.dtype), _ungrouped(_lse_pair(row_max, row_sum), kv_heads_tiled)
 
 
 def _sparse_forward(
@@ -289,7 +299,7 @@ def _sparse_forward(
     num_kv_heads, n_k = k.shape[1], k.shape[2]
     qg = _grouped(q.to(dtype), num_kv_heads, kv_heads_tiled)
     out = qg.new_empty(qg.shape[:-1] + v.shape[-1:])
-    lse = qg.new_empty(qg.shape[:-1])
+    lse = qg.new_empty(qg.shape[:-1] + (2,), dtype=torch.float32)
     plain_masks = _without_band(masks)
     for rows, chunks in _sparse_plan(layout, q.shape[2], n_k, masks):
         q_tile = qg[..., rows, :]
@@ -308,10 +318,10 @@ def _sparse_forward(
             row_max, row_sum, acc = _softmax_step(row_max, row_sum, acc, s, v_tile, keep)
         # No visited tile (or no visible key): 0 / 0 = NaN and LSE -inf, as in the dense pass.
         out[..., rows, :] = acc / row_sum[..., None]
-        lse[..., rows] = row_max + torch.log(row_sum)
+        lse[..., rows, :] = _lse_pair(row_max, row_sum)
     if dropout.enabled:
         out = out * dropout.scale
-    return _ungrouped(out, kv_heads_tiled).to(q.dtype), _ungrouped(lse, kv_heads_tiled).to(torch.float32)
+    return _ungrouped(out, kv_heads_tiled).to(q.dtype), _ungrouped(lse, kv_heads_tiled)
 
 
 def attention_backward(
@@ -353,10 +363,10 @@ def attention_backward(
 
     qg = grouped(q.to(dtype))
     dog = grouped(grad_out.to(dtype))
-    lse_g = grouped(lse.to(dtype))
-    fully_masked = lse_g == float("-inf")
+    lse_hi, lse_lo = grouped(lse.to(dtype)).unbind(-1)
+    fully_masked = lse_hi == float("-inf")
     # Fully masked rows get probability 0 everywhere (LSE -> +inf) and delta 0: no gradient flows from them.
-    lse_g = lse_g.masked_fill(fully_masked, float("inf"))
+    lse_g = torch.stack([lse_hi.masked_fill(fully_masked, float("inf")), lse_lo], -1)
     delta = (dog * grouped(out.to(dtype))).sum(-1).masked_fill(fully_masked, 0.0)
     dq = torch.zeros_like(qg)
     dk = k.new_zeros(k.shape, dtype=dtype)
@@ -409,7 +419,7 @@ def attention_backward(
             s = _tile_scores(q_tile, k_tile, cols, scale=scale, masks=masks if reads_bias else plain_masks,
                              bias=bias if reads_bias else None, kv_heads_tiled=kv_heads_tiled, rows=rows,
                              alibi=alibi, rel=rel)
-            ds, dq_tile, dk_tile, dv_tile = _tile_grads(s, lse_g[..., rows], do_tile, delta[..., rows], q_tile,
+            ds, dq_tile, dk_tile, dv_tile = _tile_grads(s, lse_g[..., rows, :], do_tile, delta[..., rows], q_tile,
                                                         k_tile, v_tile, keep(cols, rows), scale)
             if dbias is not None:
                 _add_at(grouped(dbias)[..., rows, :], -1, cols, ds)  # each entry is written once: += 0 is =

@@ -41,12 +41,12 @@ from flash_fx.kernels.triton_common import (
     doc_range,
     dot,
     dropout_keep,
-    exp_units,
     kv_head,
     layout_list,
     load_ids,
+    load_lse,
     load_rows,
-    lse_to_units,
+    probabilities,
     query_head,
     scores,
     store_rows,
@@ -80,7 +80,7 @@ def _delta_kernel(
     do = load_rows(DOut + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, n_q, HEAD_DIM,
                    True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    lse = tl.load(Lse + bh * n_q + offs_m, mask=offs_m < n_q, other=0.0)
+    lse = tl.load(Lse + (bh * n_q + offs_m) * 2, mask=offs_m < n_q, other=0.0)
     delta = tl.where(lse == float("-inf"), 0.0, delta)
     tl.store(Delta + bh * n_q + offs_m, delta, mask=offs_m < n_q)
 
@@ -116,7 +116,7 @@ def _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_bas
         rows = start_m + offs_m
         q = load_rows(q_base, rows, offs_d, stride_qm, stride_qd, n_q, HEAD_DIM, True)
         do = load_rows(do_base, rows, offs_d, stride_dom, stride_dod, n_q, HEAD_DIM, True)
-        lse = lse_to_units(tl.load(lse_base + rows, mask=rows < n_q, other=0.0), HAS_BIAS)
+        lse_hi, lse_lo = load_lse(lse_base, rows, n_q, HAS_BIAS)
         delta = tl.load(delta_base + rows, mask=rows < n_q, other=0.0)
         s_t = scores(dot(k, tl.trans(q), UPCAST_DOT, INPUT_PRECISION), bias_base, rows[None, :], offs_n[:, None],
                      stride_bm, stride_bn, n_q, n_k, sm_scale, slope, rel_base, stride_rel, HAS_BIAS, LOAD_BIAS,
@@ -126,7 +126,7 @@ def _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_bas
                            s_t, float("-inf"))
         q_ids = load_ids(q_doc_base, rows, stride_qdm, n_q, HAS_DOCS)
         s_t = structural_mask(s_t, q_ids[None, :], k_ids[:, None], key_ok[:, None], HAS_DOCS, HAS_KEY_VALID)
-        p_t = exp_units(s_t - lse[None, :], HAS_BIAS)
+        p_t = probabilities(s_t, lse_hi[None, :], lse_lo[None, :], HAS_BIAS)
         dp_t = dot(v, tl.trans(do), UPCAST_DOT, INPUT_PRECISION)
         p_kept = p_t
         if DROPOUT:
@@ -206,7 +206,7 @@ def _dkdv_kernel(
             slope = alibi_slope(Slopes, b, h, stride_sb, stride_sh, HAS_ALIBI)
             rel_base = Rel + b * stride_rb + h * stride_rh
             bh = b * num_heads + h
-            lse_base = Lse + bh * n_q
+            lse_base = Lse + bh * n_q * 2
             delta_base = Delta + bh * n_q
             if LAYOUT:
                 # This key tile's partial query tiles (band mask, bias), then its full ones (neither).
@@ -254,7 +254,8 @@ def _dkdv_kernel(
 
 
 @triton.jit
-def _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
+def _dq_tiles(dq, q, q_ids, do, lse_hi, lse_lo, delta, k_base, v_base, bias_base, dbias_base, key_valid_base,
+              k_doc_base,
               key_start, key_end, tile_list, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
               stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope, rel_base,
               stride_rel, drel_base, stride_drel, upper, lower, bh, seed, offset, threshold, drop_scale,
@@ -300,7 +301,7 @@ def _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_bas
                              s, float("-inf"))
             k_ids = load_ids(k_doc_base, cols, stride_kdn, n_k, HAS_DOCS)
             s = structural_mask(s, q_ids[:, None], k_ids[None, :], key_ok[None, :], HAS_DOCS, HAS_KEY_VALID)
-            p = exp_units(s - lse[:, None], HAS_BIAS)
+            p = probabilities(s, lse_hi[:, None], lse_lo[:, None], HAS_BIAS)
             dp = dot(do, tl.trans(v), UPCAST_DOT, INPUT_PRECISION)
             if DROPOUT:
                 keep = dropout_keep(seed, offset, bh, offs_m[:, None], cols[None, :], n_q, n_k, threshold)
@@ -353,7 +354,7 @@ def _dq_kernel(
     q_ids = load_ids(QDoc + b * stride_qdb, offs_m, stride_qdm, n_q, HAS_DOCS)
     do = load_rows(DOut + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, n_q, HEAD_DIM,
                    True)
-    lse = lse_to_units(tl.load(Lse + bh * n_q + offs_m, mask=offs_m < n_q, other=0.0), HAS_BIAS)
+    lse_hi, lse_lo = load_lse(Lse + bh * n_q * 2, offs_m, n_q, HAS_BIAS)
     delta = tl.load(Delta + bh * n_q + offs_m, mask=offs_m < n_q, other=0.0)
     k_base = K + b * stride_kb + h_kv * stride_kh
     v_base = V + b * stride_vb + h_kv * stride_vh
@@ -370,14 +371,16 @@ def _dq_kernel(
         # Block-sparse layout: partial key tiles (band mask, bias), then full ones (neither).
         tile_list, n_partial, n_full = layout_list(Counts, Indices, stride_cb, stride_ch, stride_ib, stride_ih, b, h,
                                                    tile, tl.cdiv(n_k, BLOCK_N))
-        dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
+        dq = _dq_tiles(dq, q, q_ids, do, lse_hi, lse_lo, delta, k_base, v_base, bias_base, dbias_base, key_valid_base,
+                       k_doc_base,
                        0, n_partial, tile_list, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                        stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope,
                        rel_base, stride_rr, drel_base, stride_drr, upper, lower, bh, seed, offset, threshold,
                        drop_scale, HEAD_DIM, BLOCK_N, True, True, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
                        HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL,
                        WRITE_DREL)
-        dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
+        dq = _dq_tiles(dq, q, q_ids, do, lse_hi, lse_lo, delta, k_base, v_base, bias_base, dbias_base, key_valid_base,
+                       k_doc_base,
                        n_partial, n_partial + n_full, tile_list, offs_m, offs_n, offs_d, stride_kn, stride_kd,
                        stride_vn, stride_vd, stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q,
                        n_k, sm_scale, slope, rel_base, stride_rr, drel_base, stride_drr, upper, lower, bh, seed, offset,
@@ -389,21 +392,24 @@ def _dq_kernel(
         lo, hi = doc_range(DocBounds + b * n_tiles * 2, tile, n_tiles, n_k, SORTED_DOCS)
         begin, full_begin, full_end, end = tile_stages(start_m, n_q, n_k, upper, lower, lo, hi, BLOCK_M, BLOCK_N,
                                                        HAS_UPPER, HAS_LOWER)
-        dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
+        dq = _dq_tiles(dq, q, q_ids, do, lse_hi, lse_lo, delta, k_base, v_base, bias_base, dbias_base, key_valid_base,
+                       k_doc_base,
                        begin, full_begin, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                        stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope,
                        rel_base, stride_rr, drel_base, stride_drr, upper, lower, bh, seed, offset, threshold,
                        drop_scale, HEAD_DIM, BLOCK_N, True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
                        HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL,
                        WRITE_DREL)
-        dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
+        dq = _dq_tiles(dq, q, q_ids, do, lse_hi, lse_lo, delta, k_base, v_base, bias_base, dbias_base, key_valid_base,
+                       k_doc_base,
                        full_begin, full_end, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                        stride_vd, stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k,
                        sm_scale, slope, rel_base, stride_rr, drel_base, stride_drr, upper, lower, bh, seed, offset,
                        threshold, drop_scale, HEAD_DIM, BLOCK_N, False, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS,
                        HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
                        ALIBI_SYMMETRIC, HAS_REL, WRITE_DREL)
-        dq = _dq_tiles(dq, q, q_ids, do, lse, delta, k_base, v_base, bias_base, dbias_base, key_valid_base, k_doc_base,
+        dq = _dq_tiles(dq, q, q_ids, do, lse_hi, lse_lo, delta, k_base, v_base, bias_base, dbias_base, key_valid_base,
+                       k_doc_base,
                        full_end, end, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                        stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope,
                        rel_base, stride_rr, drel_base, stride_drr, upper, lower, bh, seed, offset, threshold,

@@ -130,16 +130,55 @@ def exp_units(x, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def lse_to_units(lse, HAS_BIAS: tl.constexpr):
-    """Convert a saved natural-log LSE to exponent units; fully masked rows (-inf) become +inf.
+def split_lse(m_i, l_i, HAS_BIAS: tl.constexpr):
+    """The natural-log LSE of rows with running max ``m_i`` and sum ``l_i`` (in exponent units) as an unevaluated
+    sum ``hi + lo``: ``hi`` the rounded float32 LSE, ``lo`` what rounding lost (exact TwoSum).
 
-    With +inf every probability of a fully masked row is exactly 0, so such rows contribute no
-    gradient instead of spreading NaN (exp(-inf - -inf)) into dK and dV.
+    ``lo`` matters where ``log(l)`` vanishes beside ``m``: a row hidden entirely by a finite fill (finfo.min) has
+    ``hi = m`` and ``lo = log(l)``, so the backward still finds its probabilities 1/l. Fully masked rows
+    (``l = 0``) get ``hi = -inf``, ``lo = 0``.
     """
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    if not HAS_BIAS:
-        lse = lse * LOG2E
-    return lse
+    if HAS_BIAS:
+        a = m_i
+        b = tl.log(l_i)
+    else:
+        a = m_i * LN2
+        b = tl.log2(l_i) * LN2
+    hi = a + b
+    b_part = hi - a
+    lo = (a - (hi - b_part)) + (b - b_part)
+    lo = tl.where(hi == float("-inf"), 0.0, lo)
+    return hi, lo
+
+
+@triton.jit
+def load_lse(lse_base, rows, n_rows, HAS_BIAS: tl.constexpr):
+    """The saved ``(hi, lo)`` LSE pairs of ``rows`` (a [rows, 2] float32 block at ``lse_base``) in exponent units;
+    fully masked rows (-inf) become +inf.
+
+    With +inf every probability of a fully masked row is exactly 0, so such rows contribute no gradient instead of
+    spreading NaN (exp(-inf - -inf)) into dK and dV. Without a bias no finite fill can hide a row and ``lo`` is
+    rounding noise, returned as 0 (see :func:`probabilities`).
+    """
+    hi = tl.load(lse_base + rows * 2, mask=rows < n_rows, other=0.0)
+    hi = tl.where(hi == float("-inf"), float("inf"), hi)
+    if HAS_BIAS:
+        lo = tl.load(lse_base + rows * 2 + 1, mask=rows < n_rows, other=0.0)
+    else:
+        hi = hi * LOG2E
+        lo = tl.zeros_like(hi)
+    return hi, lo
+
+
+@triton.jit
+def probabilities(s, lse_hi, lse_lo, HAS_BIAS: tl.constexpr):
+    """``exp(s - (hi + lo))`` of scores in exponent units, ``hi`` subtracted first (exact for rows whose scores
+    all sit at a finite fill); ``lo`` is only read with a bias (see :func:`load_lse`)."""
+    if HAS_BIAS:
+        out = exp_units((s - lse_hi) - lse_lo, HAS_BIAS)
+    else:
+        out = exp_units(s - lse_hi, HAS_BIAS)
+    return out
 
 
 @triton.jit

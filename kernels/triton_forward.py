@@ -27,7 +27,6 @@ from flash_fx.kernels.dropout import Dropout
 from flash_fx.kernels.layout import BlockLayout
 from flash_fx.kernels.masks import Alibi, Masks, RelativeBias, doc_bounds
 from flash_fx.kernels.triton_common import (
-    LN2,
     alibi_slope,
     band_visible,
     doc_range,
@@ -39,6 +38,7 @@ from flash_fx.kernels.triton_common import (
     load_ids,
     load_rows,
     scores,
+    split_lse,
     store_rows,
     structural_mask,
     tile_stages,
@@ -122,7 +122,8 @@ def _attention_forward_kernel(
     UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, LAYOUT: tl.constexpr, HAS_ALIBI: tl.constexpr,
     ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr,
 ):
-    """Grid: (query tiles, batch * query heads). Lse is a contiguous [B, Hq, Nq] float32 tensor; DocBounds
+    """Grid: (query tiles, batch * query heads). Lse is a contiguous [B, Hq, Nq, 2] float32 tensor
+    (see :func:`triton_common.split_lse`); DocBounds
     the int32 [B, query tiles, 2] key ranges of :func:`masks.doc_bounds` (read only with SORTED_DOCS).
 
     With ``DROPOUT`` probabilities are dropped as :func:`triton_common.dropout_keep` says for (``seed``,
@@ -211,12 +212,10 @@ def _attention_forward_kernel(
     out = acc / l_i[:, None]
     if DROPOUT:
         out = out * drop_scale
-    if HAS_BIAS:
-        lse = m_i + tl.log(l_i)
-    else:
-        lse = (m_i + tl.log2(l_i)) * LN2
+    lse_hi, lse_lo = split_lse(m_i, l_i, HAS_BIAS)
     store_rows(Out + b * stride_ob + h * stride_oh, out, offs_m, offs_d, stride_om, stride_od, n_q, HEAD_DIM)
-    tl.store(Lse + bh * n_q + offs_m, lse, mask=offs_m < n_q)
+    tl.store(Lse + (bh * n_q + offs_m) * 2, lse_hi, mask=offs_m < n_q)
+    tl.store(Lse + (bh * n_q + offs_m) * 2 + 1, lse_lo, mask=offs_m < n_q)
 
 
 def bias_arguments(bias: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -339,7 +338,7 @@ def attention_forward(
     batch, num_heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, num_heads, n_q), dtype=torch.float32, device=q.device)
+    lse = torch.empty((batch, num_heads, n_q, 2), dtype=torch.float32, device=q.device)
     bias_ptr, bias_strides = bias_arguments(bias, q)
     mask_args = mask_arguments(masks, q, block_m, keys_own_tiles=False)
     layout_args = layout_arguments(layout, q, by_keys=False)

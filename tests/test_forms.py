@@ -964,14 +964,14 @@ def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor)
     attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.3535533905932738, None)
     getitem = attention_default[0]
     getitem_1 = attention_default[1]
-    unsqueeze = getitem_1.unsqueeze(-1)
-    eq = unsqueeze == -inf
+    narrow = getitem_1.narrow(-1, 0, 1)
+    eq = narrow == -inf
     where = torch.where(eq, 0.0, getitem)
     attention_default_1 = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.2, 0)
     getitem_2 = attention_default_1[0]
     getitem_3 = attention_default_1[1]
-    unsqueeze_1 = getitem_3.unsqueeze(-1)
-    eq_1 = unsqueeze_1 == -inf
+    narrow_1 = getitem_3.narrow(-1, 0, 1)
+    eq_1 = narrow_1 == -inf
     where_1 = torch.where(eq_1, 0.0, getitem_2)
     add = where + where_1
     return (add,)
@@ -1000,14 +1000,14 @@ def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor)
     attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.3535533905932738, 0)
     getitem = attention_default[0]
     getitem_1 = attention_default[1]
-    unsqueeze = getitem_1.unsqueeze(-1)
-    eq = unsqueeze == -inf
+    narrow = getitem_1.narrow(-1, 0, 1)
+    eq = narrow == -inf
     where = torch.where(eq, 0.0, getitem)
     attention_default_1 = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.3535533905932738, 0)
     getitem_2 = attention_default_1[0]
     getitem_3 = attention_default_1[1]
-    unsqueeze_1 = getitem_3.unsqueeze(-1)
-    eq_1 = unsqueeze_1 == -inf
+    narrow_1 = getitem_3.narrow(-1, 0, 1)
+    eq_1 = narrow_1 == -inf
     where_1 = torch.where(eq_1, 0.0, getitem_2)
     add = where + where_1
     return (add,)
@@ -1029,8 +1029,8 @@ def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor)
     attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.3535533905932738, None)
     getitem = attention_default[0]
     getitem_1 = attention_default[1]
-    unsqueeze = getitem_1.unsqueeze(-1)
-    eq = unsqueeze == -inf
+    narrow = getitem_1.narrow(-1, 0, 1)
+    eq = narrow == -inf
     where = torch.where(eq, 0.0, getitem)
     return (where,)
 """)
