@@ -101,7 +101,7 @@ def _launches(tiles: Tiles, head_dim: int, dtype: torch.dtype, causal: bool, bac
                   bias=None, kv_heads_tiled=False, dropout=Dropout.build(0.0, None, 0), **tiles._asdict())
     with _recording({"triton_forward": triton_forward, "triton_backward": triton_backward}) as calls:
         if backward:
-            lse = torch.zeros(1, 2, LENGTH)
+            lse = torch.zeros(1, 2, LENGTH, 2)
             triton_backward.attention_backward(q, q, q, q, q, lse, bias_requires_grad=False, **launch)
         else:
             triton_forward.attention_forward(q, q, q, **launch)
