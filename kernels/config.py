@@ -155,10 +155,19 @@ def choose_tiles(
 
 
 def input_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` precision: IEEE for float32 unless the user allowed TF32 (as eager matmul does)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """``tl.dot`` precision: IEEE for float32 unless the user allowed TF32 for CUDA matmuls (as eager matmul does),
+    with either API: ``torch.backends.cuda.matmul.fp32_precision = "tf32"`` (or the global
+    ``torch.backends.fp32_precision`` it inherits with "none") or the legacy ``allow_tf32``, which sets it too.
+    (Reading ``allow_tf32`` after the new API was used raises in recent PyTorch, so the new setting is read.)"""
+    if dtype != torch.float32:
+        return "ieee"
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # a PyTorch without the fp32_precision API
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    if precision == "none":
+        precision = torch.backends.fp32_precision
+    return "tf32" if precision == "tf32" else "ieee"
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:

@@ -6,6 +6,8 @@ for the output and for dq, dk, dv (and dbias / drel when the bias / relative-bia
 """
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -438,6 +440,25 @@ def test_input_precision():
         assert config.input_precision(torch.float16) == "ieee"
     finally:
         matmul.allow_tf32 = allowed
+
+
+def test_input_precision_new_tf32_api():
+    """With PyTorch's fp32_precision API (after which reading allow_tf32 raises), in a fresh process: mixing the
+    two APIs is sticky for the process."""
+    script = """
+import torch
+from flash_fx.kernels import config
+matmul = torch.backends.cuda.matmul
+matmul.fp32_precision = "ieee"
+assert config.input_precision(torch.float32) == "ieee"
+matmul.fp32_precision = "tf32"
+assert config.input_precision(torch.float32) == "tf32"
+matmul.fp32_precision, torch.backends.fp32_precision = "none", "tf32"
+assert config.input_precision(torch.float32) == "tf32"
+assert config.input_precision(torch.bfloat16) == "ieee"
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------- bias gradient
