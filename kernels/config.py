@@ -166,7 +166,7 @@ def input_precision(dtype: torch.dtype) -> str:
     if precision is None:  # a PyTorch without the fp32_precision API
         return "tf32" if matmul.allow_tf32 else "ieee"
     if precision == "none":
-        precision = torch.backends.fp32_precision
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
     return "tf32" if precision == "tf32" else "ieee"
 
 
