@@ -108,11 +108,11 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, Deadline], Iterator[dict
 }
 
 
-def _write(name: str, rows: list[dict], folder: Path, env: dict[str, str]) -> None:
-    """The CSV (unless streamed already), markdown table and plot of one section."""
+def _write(name: str, rows: list[dict], folder: Path, env: dict[str, str], *, streamed: bool = False) -> None:
+    """The CSV (unless ``streamed`` there already), markdown table and plot of one section."""
     if not rows:
         return
-    if not (folder / f"{name}.csv").exists():
+    if not streamed:
         report.write_csv(rows, folder / f"{name}.csv")
     table = report.markdown_table(rows, env)
     (folder / f"{name}.md").write_text(table)
@@ -162,7 +162,7 @@ def _section(name: str, args: argparse.Namespace, deadline: Deadline, folder: Pa
         _ceilings(args, folder, env)
     command, _ = COMMANDS[name]
     rows = report.stream_csv(command(args, deadline), folder / f"{name}.csv")
-    _write(name, rows, folder, env)
+    _write(name, rows, folder, env, streamed=True)
     if name == "check" and rows:
         failed = [r for r in rows if not r["ok"]]
         print(f"# check: {len(rows) - len(failed)} of {len(rows)} passed" + (

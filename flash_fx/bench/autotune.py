@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from flash_fx.bench.kernels import flash_fx_attention, timed_call
+from flash_fx.bench.kernels import flash_fx_attention, rotated_inputs, timed_call
 from flash_fx.bench.timing import NO_DEADLINE, Deadline, median_seconds
 from flash_fx.kernels import tuning
 
@@ -36,9 +36,7 @@ def run(device: str, n: int, tokens: int, heads: int, reps: int,
         if deadline.expired():
             print(f"# autotune: deadline reached; skipped from d={head_dim} {dtype} causal={causal} on")
             return
-        batch = max(1, tokens // n)
-        inputs = [[torch.randn(batch, heads, n, head_dim, device=device, dtype=dtype, requires_grad=True)
-                   for _ in range(3)] for _ in range(3)]
+        inputs = rotated_inputs(max(1, tokens // n), heads, n, head_dim, device, dtype)
         step = timed_call(flash_fx_attention, inputs, causal, "forward+backward")
         try:
             tuning.set_autotune(False)

@@ -79,6 +79,12 @@ def reference_attention(q, k, v, *, scale: float, causal_offset: int | None = No
     return scores.masked_fill(hidden, float("-inf")).softmax(-1) @ v
 
 
+def _fields(case: Case) -> dict:
+    """The columns that name a case in its rows."""
+    return {"case": case.name, "dtype": str(case.dtype).removeprefix("torch."), "head_dim": case.head_dim,
+            "n": case.n, "heads": f"{case.heads}/{case.kv_heads}"}
+
+
 def _relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref).norm() / ref.norm()).item()
 
@@ -109,9 +115,8 @@ def run_case(case: Case, device: str, seed: int = 0) -> list[dict]:
     for name, mine, ref, theirs in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), reference, eager, strict=True):
         error, eager_error = _relative_error(mine, ref), _relative_error(theirs, ref)
         bound = 2 * eager_error + 1e-6
-        rows.append({"case": case.name, "dtype": str(case.dtype).removeprefix("torch."), "head_dim": case.head_dim,
-                     "n": case.n, "heads": f"{case.heads}/{case.kv_heads}", "tensor": name,
-                     "flash_fx_error": error, "eager_error": eager_error, "bound": bound, "ok": error <= bound})
+        rows.append({**_fields(case), "tensor": name, "flash_fx_error": error, "eager_error": eager_error,
+                     "bound": bound, "ok": error <= bound})
     return rows
 
 
@@ -124,7 +129,5 @@ def run(device: str, deadline: Deadline = NO_DEADLINE) -> Iterator[dict]:
         try:
             yield from run_case(case, device)
         except Exception as error:  # reported as a failure, and the timings go on
-            yield {"case": case.name, "dtype": str(case.dtype).removeprefix("torch."), "head_dim": case.head_dim,
-                   "n": case.n, "heads": f"{case.heads}/{case.kv_heads}",
-                   "tensor": f"raised {type(error).__name__}: {str(error)[:120]}", "flash_fx_error": float("nan"),
-                   "eager_error": float("nan"), "bound": float("nan"), "ok": False}
+            yield {**_fields(case), "tensor": f"raised {type(error).__name__}: {str(error)[:120]}",
+                   "flash_fx_error": float("nan"), "eager_error": float("nan"), "bound": float("nan"), "ok": False}

@@ -55,6 +55,13 @@ def sdpa_methods(device: str) -> dict[str, Callable]:
     return methods
 
 
+def rotated_inputs(batch: int, heads: int, n: int, head_dim: int, device: str,
+                   dtype: torch.dtype) -> list[list[torch.Tensor]]:
+    """``ROTATION`` sets of random (q, k, v) leaves [batch, heads, n, head_dim] for :func:`timed_call` to cycle."""
+    return [[torch.randn(batch, heads, n, head_dim, device=device, dtype=dtype, requires_grad=True)
+             for _ in range(3)] for _ in range(ROTATION)]
+
+
 def attention_flops(batch: int, heads: int, n: int, head_dim: int, causal: bool, mode: str) -> float:
     forward = 4 * batch * heads * n * n * head_dim / (2 if causal else 1)
     return {"forward": forward, "backward": 2.5 * forward, "forward+backward": 3.5 * forward}[mode]
@@ -104,8 +111,7 @@ def run(device: str, sizes: list[int], head_dims: list[int], dtypes: list[torch.
             print(f"# kernels: deadline reached; skipped from d={head_dim} {dtype} N={n} causal={causal} on")
             return
         batch = max(1, tokens // n)
-        inputs = [[torch.randn(batch, heads, n, head_dim, device=device, dtype=dtype, requires_grad=True)
-                   for _ in range(3)] for _ in range(ROTATION)]
+        inputs = rotated_inputs(batch, heads, n, head_dim, device, dtype)
         for mode, (name, method) in itertools.product(modes, _methods(device).items()):
             if not _fits(name, n, device):
                 continue
