@@ -31,8 +31,17 @@ from flash_fx.patterns.masks import (
     mask_bias_condition,
     strip_copies,
 )
-from flash_fx.patterns.match import RSQRT_HEAD_DIM, AttentionMatch, NearMiss, ScoreTerm, anchor_nodes, match_anchor
+from flash_fx.patterns.match import (
+    RSQRT_HEAD_DIM,
+    AttentionMatch,
+    NearMiss,
+    ScoreTerm,
+    anchor_nodes,
+    location,
+    match_anchor,
+)
 from flash_fx.patterns.mha import MhaMatch, is_mha_call, match_mha
+from flash_fx.patterns.mutation import forget, forward_in_place_results, writes_of
 from flash_fx.patterns.positions import (
     Alibi,
     RelativeTable,
@@ -105,6 +114,7 @@ def _rewrite_graph(gm: fx.GraphModule, example_inputs: list[Any] | None, options
                    result: PassResult) -> None:
     """Match, plan and rewrite every attention of one graph, adding to `result`."""
     rewrites = len(result.report.rewrites)
+    forward_in_place_results(gm.graph)
     for call in [node for node in gm.graph.nodes if is_mha_call(node)]:
         outcome = _plan_and_rewrite_mha(match_mha(call), options, apply)
         if isinstance(outcome, SkipRecord):
@@ -123,6 +133,7 @@ def _rewrite_graph(gm: fx.GraphModule, example_inputs: list[Any] | None, options
         record, proofs = outcome
         result.report.rewrites.append(record)
         result.proofs += proofs
+    forget(gm.graph)
     if apply and len(result.report.rewrites) > rewrites:
         gm.graph.lint()
         gm.recompile()
@@ -143,6 +154,9 @@ def _plan_and_rewrite(graph: fx.Graph, match: AttentionMatch, example_inputs: li
                       apply: bool) -> tuple[RewriteRecord, list[Proof]] | str:
     """Rewrite one match if its masks are supported and the cost model predicts a win; else the reason."""
     nq, nk = concrete(match.q_shape[-2]), concrete(match.k_shape[-2])
+    moved = _moved_read(match)
+    if moved is not None:
+        return moved
     masks = _decide_masks(graph, match, example_inputs, nq, nk)
     if isinstance(masks, str):
         return masks
@@ -167,9 +181,11 @@ def _plan_and_rewrite(graph: fx.Graph, match: AttentionMatch, example_inputs: li
     if not plan.rewrite:
         return plan.reason
     if apply:
+        copy_output = writes_of(graph).written_after([match.output], match.output) is not None
         replace_attention(graph, match, KernelCall(match.scale, masks.band, masks.bias_terms, masks.key_valid,
                                                    masks.documents, sparse_bias=sparse,
-                                                   alibi=masks.alibi, relative=masks.relative))
+                                                   alibi=masks.alibi, relative=masks.relative,
+                                                   copy_output=copy_output))
     scale = f"{match.scale:.4g}" + "".join(
         " / sqrt(head_dim)" if d == RSQRT_HEAD_DIM else f" {'/' if d.reciprocal else '*'} {d.factor.name}"
         for d in match.dynamic_scales)
@@ -182,6 +198,34 @@ def _plan_and_rewrite(graph: fx.Graph, match: AttentionMatch, example_inputs: li
         tile_density=density, **_plan_fields(plan),
     )
     return record, masks.proofs
+
+
+def _moved_read(match: AttentionMatch) -> str | None:
+    """Why the rewrite may not move the reads of this attention's tensors to the op call, or None.
+
+    Eager reads q, k, v, masks and biases where the matched ops stand; the op reads them where P @ V stood and
+    keeps them for the backward. A write to any of them (or an alias) after the first matched op would change
+    what the op reads or the saved tensors its backward needs."""
+    reads = [match.q.node, match.k.node, match.v.node]
+    reads += [f.factor for f in match.dynamic_scales if isinstance(getattr(f, "factor", None), fx.Node)]
+    for term in match.terms:
+        reads += _ancestor_tensors(term.tensor)
+    writer = writes_of(match.anchor.graph).written_after(reads, match.nodes[0])
+    if writer is None:
+        return None
+    return (f"an input of the attention is written in place at {location(writer)} ({writer.name}) while the "
+            "attention still reads it")
+
+
+def _ancestor_tensors(node: fx.Node) -> list[fx.Node]:
+    """`node` and every node it is computed from."""
+    seen, stack = [], [node]
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.append(current)
+            stack.extend(current.all_input_nodes)
+    return seen
 
 
 def _plan(match: AttentionMatch, masks: MaskDecision, options: Options, device: cost.Device,

@@ -16,6 +16,7 @@ from torch import fx
 from flash_fx.patterns.canonical import AddBias, MaskedFill, Operand
 from flash_fx.patterns.masks import Band, Literal
 from flash_fx.patterns.match import RSQRT_HEAD_DIM, AttentionMatch, ScoreTerm
+from flash_fx.patterns.mutation import written_args
 from flash_fx.patterns.positions import Alibi, RelativeTable
 
 # Finite mask fills (finfo.min, -1e9, ...) become this bias: large enough to absorb any score, small
@@ -38,6 +39,7 @@ class KernelCall:
     sparse_bias: bool = False  # the bias holds masks: the kernels skip its tiles that hide every key
     alibi: tuple[Alibi, float] | None = None  # ALiBi computed in the kernels, and the factor applied after it
     relative: tuple[RelativeTable, float] | None = None  # a T5 table read per relative position, and its factor
+    copy_output: bool = False  # the program writes the output in place later: give it its own copy
 
 
 def replace_attention(graph: fx.Graph, match: AttentionMatch, call: KernelCall) -> fx.Node:
@@ -68,6 +70,8 @@ def replace_attention(graph: fx.Graph, match: AttentionMatch, call: KernelCall) 
         out = graph.call_function(operator.getitem, (result, 0))
         if match.zero_dead_rows:
             out = _zero_dead_rows(graph, out, graph.call_function(operator.getitem, (result, 1)))
+        if call.copy_output:  # the op keeps its output for the backward; a later write must not reach it
+            out = graph.call_method("clone", (out,))
         out = _from_op_layout(graph, out, match)
     out.meta["example_value"] = match.output.meta["example_value"]  # later matches may read it
     match.output.replace_all_uses_with(out)
@@ -225,4 +229,4 @@ def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:
 
 
 def _has_side_effects(node: fx.Node) -> bool:
-    return node.is_impure() or (node.op == "call_method" and str(node.target).endswith("_"))
+    return node.is_impure() or bool(written_args(node))

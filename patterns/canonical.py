@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from flash_fx.patterns.mutation import is_written
+
 Scalar = float | fx.Node  # a Python number, or a node producing a 0-d tensor / SymFloat / SymInt
 
 
@@ -455,7 +457,7 @@ def constant_float(value: Any) -> float | None:
         return None
     if isinstance(value, int | float):
         return float(value)
-    if isinstance(value, fx.Node) and value.op == "call_function":
+    if isinstance(value, fx.Node) and value.op == "call_function" and not is_written(value):
         if value.target is torch.tensor and value.args and not isinstance(value.args[0], fx.Node):
             return constant_float(value.args[0])
         if value.target is torch.full and len(value.args) >= 2 and tuple(value.args[0]) == ():

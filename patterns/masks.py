@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from flash_fx.patterns.canonical import constant_float
+from flash_fx.patterns.mutation import first_writer, is_written
 from torch import fx
 
 
@@ -81,6 +82,7 @@ class MaskProgram:
         self.data_inputs = [n.name for n in self.input_nodes
                             if (n is mask or _reads_values(n, nodes)) and not _is_module_state(n)]
         self.has_get_attr = any(n.op == "get_attr" for n in nodes)
+        self.writer = first_writer(nodes)  # a node writing one of its tensors in place: the copy would miss it
 
     def evaluate(self, graph_args: list[Any] | None) -> torch.Tensor:
         """Run the mask subgraph on the graph's (concrete) arguments (None: a graph without concrete inputs,
@@ -180,6 +182,8 @@ def analyze_visibility(graph: fx.Graph, visible: fx.Node, negated: bool, nq: int
         program = MaskProgram(graph, literal.node)
         if program.has_get_attr:
             return Unrecognized("mask reads module attributes the proof cannot track")
+        if program.writer is not None:
+            return Unrecognized(f"mask is written in place ({program.writer.name}): read as a tensor")
         if not program.data_inputs:
             static.append((program, literal.negated))
             continue
@@ -388,8 +392,8 @@ def strip_copies(node: fx.Node) -> fx.Node:
 
 
 def is_zeros(node: Any) -> bool:
-    """True for a `torch.zeros` / `torch.zeros_like` / `new_zeros` node."""
-    if not isinstance(node, fx.Node):
+    """True for a `torch.zeros` / `torch.zeros_like` / `new_zeros` node that nothing writes in place."""
+    if not isinstance(node, fx.Node) or is_written(node):
         return False
     return ((node.op == "call_function" and node.target in (torch.zeros, torch.zeros_like))
             or (node.op == "call_method" and node.target == "new_zeros"))

@@ -91,7 +91,7 @@ def analyze_alibi(graph: fx.Graph, bias: fx.Node, nq: int, nk: int, graph_args: 
         if slope_value.requires_grad:
             return "learned ALiBi slopes (their gradient needs the dense bias)"
         program = MaskProgram(graph, positions)
-        if program.data_inputs or program.has_get_attr:
+        if program.data_inputs or program.has_get_attr or program.writer is not None:
             continue
         try:
             value = program.evaluate(graph_args)
@@ -164,8 +164,8 @@ def analyze_relative_table(graph: fx.Graph, bias: fx.Node, nq: int, nk: int,
     if not isinstance(buckets, fx.Node):
         return "not a permuted embedding lookup"
     program = MaskProgram(graph, buckets)
-    if program.data_inputs or program.has_get_attr:
-        return "relative buckets read input data"
+    if program.data_inputs or program.has_get_attr or program.writer is not None:
+        return "relative buckets read input data or are written in place"
     try:
         value = program.evaluate(graph_args)
     except Exception as error:  # the analysis must never break compilation
