@@ -13,10 +13,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from flash_fx.patterns.mutation import is_written
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-from flash_fx.patterns.mutation import is_written
 
 Scalar = float | fx.Node  # a Python number, or a node producing a 0-d tensor / SymFloat / SymInt
 

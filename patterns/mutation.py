@@ -43,7 +43,8 @@ def written_args(node: fx.Node) -> list[fx.Node]:
             return [first] if first is not None and name in _IN_PLACE_DUNDERS else []
         return [first] if first is not None and name.endswith("_") and name not in _NOT_VALUE_WRITES else []
     if isinstance(target, torch._ops.OpOverload):
-        mutated = [i for i, a in enumerate(target._schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+        schema = target._schema.arguments
+        mutated = [i for i, a in enumerate(schema) if a.alias_info is not None and a.alias_info.is_write]
         return [a for i, a in enumerate(node.args) if i in mutated and isinstance(a, fx.Node)] + out
     try:
         if target in _IN_PLACE_OPERATORS:
