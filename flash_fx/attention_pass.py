@@ -12,6 +12,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from flash_fx import cost
+from flash_fx.exactness import is_mask_fill
 from flash_fx.kernels import tile_density
 from flash_fx.kernels.layout import bias_layout
 from flash_fx.kernels.masks import Masks
@@ -53,7 +54,6 @@ from flash_fx.report import Report, RewriteRecord, SkipRecord
 from flash_fx.rewrite import UNBOUNDED, KernelCall, replace_attention
 
 Proof = MaskProof | ValueProof  # a fact about static mask/position subgraphs, re-checked at run time
-LARGEST_MASK_FILL = -1e4  # masked_fill values at or below this (or -inf) act as masks
 
 
 @dataclass
@@ -78,6 +78,12 @@ class MaskDecision:
     constant_masks: list[torch.Tensor] = field(default_factory=list)  # values of the constant ones
     alibi: tuple[Alibi, float] | None = None  # an ALiBi term the kernels compute, and the factor applied after it
     relative: tuple[RelativeTable, float] | None = None  # a T5 table read per relative position, and its factor
+    excluded_fill: float | None = None  # the largest finite fill the kernels exclude (proved per call)
+
+    def exclude(self, fill: float) -> None:
+        """Note that the kernels exclude entries filled with `fill` (as the softmax sees it)."""
+        if fill != -math.inf:
+            self.excluded_fill = fill if self.excluded_fill is None else max(self.excluded_fill, fill)
 
     @property
     def variant(self) -> str:
@@ -185,7 +191,7 @@ def _plan_and_rewrite(graph: fx.Graph, match: AttentionMatch, example_inputs: li
         replace_attention(graph, match, KernelCall(match.scale, masks.band, masks.bias_terms, masks.key_valid,
                                                    masks.documents, sparse_bias=sparse,
                                                    alibi=masks.alibi, relative=masks.relative,
-                                                   copy_output=copy_output))
+                                                   copy_output=copy_output, excluded_fill=masks.excluded_fill))
     scale = f"{match.scale:.4g}" + "".join(
         " / sqrt(head_dim)" if d == RSQRT_HEAD_DIM else f" {'/' if d.reciprocal else '*'} {d.factor.name}"
         for d in match.dynamic_scales)
@@ -311,7 +317,7 @@ def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[A
             return (f"mask/bias of shape {_concrete_shape(tensor.shape)} does not broadcast to the scores' "
                     f"shape {_concrete_shape(term.scores_shape)}")
         shape = "x".join(map(str, _concrete_shape(tensor.shape)))
-        condition = _mask_condition(op)
+        condition = _mask_condition(term)
         if condition is None:
             if not tensor.dtype.is_floating_point:
                 return f"additive term of dtype {tensor.dtype} is not a float bias"
@@ -338,18 +344,23 @@ def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[A
         if isinstance(condition, str):
             return condition
         mask, hidden_when_true, fill = condition
+        replaces = isinstance(op, MaskedFill)  # masked_fill / where replace the score; an added mask adds to it
         analysis = analyze_visibility(graph, mask, hidden_when_true, nq, nk, example_inputs)
         if isinstance(analysis, ConstantMask):
             decision.bias_terms.append(term)
             decision.masks_in_bias += 1
             decision.constant_masks.append(analysis.visible)
             decision.parts.append(f"{analysis.describe()}[{shape}] (block layout)")
-            continue
-        why = _use_structural(decision, analysis, fill)
-        if why is not None:
+        else:
+            why = _use_structural(decision, analysis, fill, replaces)
+            if why is None:
+                decision.exclude(fill)
+                continue
             decision.bias_terms.append(term)
             decision.masks_in_bias += 1
             decision.parts.append(f"mask[{shape}] ({why}; empty tiles skipped at run time)")
+        if replaces:  # the bias holds -inf where it hides: the kernels exclude those entries
+            decision.exclude(fill)
     return decision
 
 
@@ -396,7 +407,7 @@ def _masked_bias(node: fx.Node) -> tuple[fx.Node, fx.Node, float] | None:
         return None
     if not isinstance(bias_value, torch.Tensor) or not bias_value.dtype.is_floating_point or fill is None:
         return None
-    if not (fill == -math.inf or fill <= LARGEST_MASK_FILL):
+    if not is_mask_fill(fill):  # (a sum's factor is applied to both parts alike: the check is repeated later)
         return None
     return visible, bias, fill
 
@@ -414,25 +425,31 @@ def _is_float_sum(node: fx.Node) -> bool:
     return all(isinstance(v, torch.Tensor) and v.dtype.is_floating_point for v in values)
 
 
-def _mask_condition(op: MaskedFill | AddBias) -> tuple[fx.Node, bool, float] | str | None:
-    """(boolean mask, True if it marks hidden entries, fill) for a mask term; None for a genuine bias."""
+def _mask_condition(term: ScoreTerm) -> tuple[fx.Node, bool, float] | str | None:
+    """(boolean mask, True if it marks hidden entries, fill as the scores see it) for a mask term; None for a
+    genuine bias; a reason for a fill that is part of the scores (the block is left alone)."""
+    op = term.op
     if isinstance(op, MaskedFill):
-        if not (op.value == -math.inf or op.value <= LARGEST_MASK_FILL):
-            return f"masked_fill with value {op.value} is not a mask fill (-inf or a large negative number)"
-        return op.mask, not op.inverted, op.value
-    return mask_bias_condition(op.bias, LARGEST_MASK_FILL)
+        fill = op.value * term.factor_after
+        if not is_mask_fill(fill):
+            return (f"masked_fill with value {op.value} (as the softmax sees it: {fill:g}) is not a mask fill (-inf "
+                    "or a large negative number)")
+        return op.mask, not op.inverted, fill
+    found = mask_bias_condition(op.bias, term.factor_after)  # factor_after includes the term's own factor
+    return None if found is None else (*found[:2], found[2] * term.factor_after)
 
 
-def _use_structural(decision: MaskDecision, analysis: MaskAnalysis | Unrecognized, fill: float) -> str | None:
-    """Record the analyzed mask as kernel inputs; or return why it stays a dense bias."""
+def _use_structural(decision: MaskDecision, analysis: MaskAnalysis | Unrecognized, fill: float,
+                    replaces: bool) -> str | None:
+    """Record the analyzed mask as kernel inputs; or return why it stays in the bias."""
     if isinstance(analysis, Unrecognized):
         return analysis.reason
     if decision.band is not None or decision.key_valid is not None or decision.documents is not None:
         return "a second structural mask is streamed as a bias"
     band = analysis.band.spec if analysis.band else None
-    if fill != -math.inf and not _no_dead_rows(band, analysis):
-        # eager gives fully masked rows the uniform average of a finite fill; the bias path does the same
-        return "finite fill and rows that may be fully masked (key padding or a shifted band)"
+    if fill != -math.inf and not replaces and not _no_dead_rows(band, analysis):
+        # an added finite fill keeps eager's gradient and dead rows exactly in the bias
+        return "added finite fill and rows that may be fully masked (key padding or a shifted band)"
     decision.band = band
     decision.key_valid = analysis.key_valid
     decision.documents = analysis.documents

@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from torch import fx
 
+from flash_fx import exactness
 from flash_fx.attention_pass import PassResult, run_attention_pass
 from flash_fx.cache_salt import inductor_config_patches
 from flash_fx.options import Options, parse_options
+from flash_fx.patterns.mutation import Writes
 from flash_fx.report import Report, SkipRecord, record
 from flash_fx.verify import verify_outputs
 
@@ -98,9 +100,12 @@ def _inner_compile(inner: str, gm: fx.GraphModule, example_inputs: list[Any]) ->
 
 
 class _Guarded:
-    """The compiled rewritten graph, behind the run-time checks its rewrites rest on.
+    """The compiled rewritten graph, behind the run-time checks its rewrites rest on. Each call that a check
+    does not pass runs the original graph instead (that call only; later calls are checked again):
 
-    - mask proofs: re-checked for each new shape/buffer version (cached); a failure runs the original graph;
+    - proofs of static masks and positions: re-checked for each new shape and buffer contents;
+    - exactness (flash_fx.exactness): the ops prove their excluded finite fills negligible per call; the
+      graph's own writes to its inputs are undone before the original graph reruns;
     - verify: on the first call, compare with the original graph (SPEC.md tolerances).
     """
 
@@ -111,18 +116,30 @@ class _Guarded:
         self.options = options
         self.use_original = False
         self.verified = not options.verify
+        self.written_inputs = written_inputs(original)
+        self.reported: set[str] = set()
 
     def __call__(self, *args: Any) -> Any:
-        if not self.use_original and not all(proof.holds(list(args)) for proof in self.result.proofs):
-            self._revert("a mask proof no longer holds on these inputs (mask buffer changed?)")
         if self.use_original:
             return self.original(*args)
-        if not self.verified:
-            self.verified = True
-            return self._verified_call(args)
-        return self.compiled(*args)
+        if not all(proof.holds(list(args)) for proof in self.result.proofs):
+            self._note("a mask or position proof does not hold on these inputs (buffer changed?)")
+            return self.original(*args)
+        saved = [(args[i], args[i].detach().clone()) for i in self.written_inputs]
+        exactness.take_inexact()
+        outputs = self._verified_call(args) if not self.verified else self.compiled(*args)
+        why = exactness.take_inexact()
+        if why is None:
+            return outputs
+        del outputs
+        with torch.no_grad():
+            for tensor, before in saved:
+                tensor.copy_(before)
+        self._note(why)
+        return self.original(*args)
 
     def _verified_call(self, args: tuple) -> Any:
+        self.verified = True
         outputs = self.compiled(*args)
         problem = verify_outputs(self.original, args, outputs)
         if problem is None:
@@ -131,10 +148,23 @@ class _Guarded:
         message = f"flash_fx verify: graph {self.result.report.graph_id} ({where}) differs from eager: {problem}"
         if self.options.verify != "fallback":
             raise RuntimeError(message)
-        self._revert(message)
+        self._note(message)
+        self.use_original = True
         return self.original(*args)
 
-    def _revert(self, why: str) -> None:
-        warnings.warn(f"flash_fx: running the original graph {self.result.report.graph_id}: {why}", stacklevel=3)
-        self.result.report.skipped.append(SkipRecord("<graph>", f"reverted at run time: {why}"))
-        self.use_original = True
+    def _note(self, why: str) -> None:
+        """Warn and add a report line, once per reason, that a call ran the original graph."""
+        if why in self.reported:
+            return
+        self.reported.add(why)
+        warnings.warn(f"flash_fx: graph {self.result.report.graph_id} ran its original ops on a call: {why}",
+                      stacklevel=3)
+        self.result.report.skipped.append(SkipRecord("<graph>", f"original ops run at run time when: {why}"))
+
+
+def written_inputs(gm: fx.GraphModule) -> list[int]:
+    """Positions of the graph inputs that the graph writes in place (restored before a rerun)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    writes = Writes.of(gm.graph)
+    return [i for i, node in enumerate(placeholders) if writes.writers_of(node)
+            and isinstance(node.meta.get("example_value"), torch.Tensor)]

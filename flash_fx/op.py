@@ -31,9 +31,12 @@ h, j - i + Nq - 1]`: a learned relative-position bias (T5) read per relative pos
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from flash_fx import kernels
+from flash_fx import exactness, kernels
+from flash_fx.kernels.layout import masked_threshold
 
 
 def _broadcast_qkv(
@@ -68,9 +71,13 @@ def attention(
     alibi_slopes: torch.Tensor | None = None,
     alibi_symmetric: bool = False,
     rel_bias: torch.Tensor | None = None,
+    excluded_fill: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dropout(softmax(q @ k^T * scale + bias, masks), dropout_p) @ v, the row log-sum-exp (float32) of the
-    undropped softmax, and the dropout seed (int64 [1] on the CPU; 0 without dropout) for the backward."""
+    undropped softmax, and the dropout seed (int64 [1] on the CPU; 0 without dropout) for the backward.
+
+    `excluded_fill`: the largest finite value eager gives an entry the masks exclude (None: only -inf fills);
+    each call proves its exclusions exact or records why not (flash_fx.exactness)."""
     q, k, v = _broadcast_qkv(q, k, v)
     seed = draw_seed() if dropout_p > 0 else 0
     out, lse = kernels.attention_forward(
@@ -78,6 +85,9 @@ def attention(
         window=_window(window), key_valid=key_valid, q_doc=q_doc, k_doc=k_doc, dropout_p=dropout_p, seed=seed,
         sparse_bias=sparse_bias, alibi_slopes=alibi_slopes, alibi_symmetric=alibi_symmetric, rel_bias=rel_bias,
     )
+    if sparse_bias and bias is not None:  # the layout skips entries at or below its threshold: a finite fill
+        excluded_fill = max(excluded_fill if excluded_fill is not None else -math.inf, masked_threshold(bias.dtype))
+    exactness.check_call(lse, q, k, scale, bias, excluded_fill, alibi_slopes, rel_bias)
     return out.contiguous(), lse.contiguous(), torch.tensor([seed], dtype=torch.int64)
 
 
@@ -93,7 +103,7 @@ def _window(window: list[int] | None) -> tuple[int, int] | None:
 @attention.register_fake
 def _attention_fake(q, k, v, bias, scale, causal_offset, kv_heads_tiled=False, window=None, key_valid=None,
                     q_doc=None, k_doc=None, dropout_p=0.0, sparse_bias=False, alibi_slopes=None,
-                    alibi_symmetric=False, rel_bias=None):
+                    alibi_symmetric=False, rel_bias=None, excluded_fill=None):
     q, k, v = _broadcast_qkv(q, k, v)
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     lse = q.new_empty((*q.shape[:-1], 2), dtype=torch.float32)
@@ -165,7 +175,7 @@ def _attention_backward_fake(
 
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, scale, causal_offset, kv_heads_tiled, window, key_valid, q_doc, k_doc, dropout_p = inputs[:12]
-    sparse_bias, alibi_slopes, alibi_symmetric, rel_bias = inputs[12:]
+    sparse_bias, alibi_slopes, alibi_symmetric, rel_bias = inputs[12:16]
     out, lse, seed = output
     ctx.save_for_backward(q, k, v, out, lse, bias, key_valid, q_doc, k_doc, seed, alibi_slopes, rel_bias)
     ctx.scale, ctx.causal_offset, ctx.kv_heads_tiled, ctx.window = scale, causal_offset, kv_heads_tiled, window
@@ -187,7 +197,13 @@ def _backward(ctx, grad_out, _grad_lse, _grad_seed):
     dbias = dbias.sum_to_size(bias.shape).to(bias.dtype) if bias_requires_grad else None
     drel = drel.sum_to_size(rel_bias.shape).to(rel_bias.dtype) if rel_bias_requires_grad else None
     # The masks (window, key_valid, q_doc, k_doc), dropout_p, sparse_bias and the ALiBi slopes get no gradient.
-    return dq, dk, dv, dbias, None, None, None, None, None, None, None, None, None, None, None, drel
+    return dq, dk, dv, dbias, None, None, None, None, None, None, None, None, None, None, None, drel, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def zero_dead_rows(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """`out` with 0 in the rows that no key reaches (log-sum-exp -inf), as scaled_dot_product_attention and
+    nn.MultiheadAttention give them (softmax would give NaN)."""
+    return torch.where(lse.narrow(-1, 0, 1) == float("-inf"), 0.0, out)

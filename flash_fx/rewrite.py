@@ -13,16 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from flash_fx.op import zero_dead_rows
 from flash_fx.patterns.canonical import AddBias, MaskedFill, Operand
 from flash_fx.patterns.masks import Band, Literal
 from flash_fx.patterns.match import RSQRT_HEAD_DIM, AttentionMatch, ScoreTerm
 from flash_fx.patterns.mutation import written_args
 from flash_fx.patterns.positions import Alibi, RelativeTable
-
-# Finite mask fills (finfo.min, -1e9, ...) become this bias: large enough to absorb any score, small
-# enough that several overlapping masks do not overflow to -inf (a fully masked row stays uniform).
-FINITE_FILL = torch.finfo(torch.float32).min / 8
-
 
 UNBOUNDED = 2**31 - 1  # a window side without a limit
 
@@ -40,6 +36,7 @@ class KernelCall:
     alibi: tuple[Alibi, float] | None = None  # ALiBi computed in the kernels, and the factor applied after it
     relative: tuple[RelativeTable, float] | None = None  # a T5 table read per relative position, and its factor
     copy_output: bool = False  # the program writes the output in place later: give it its own copy
+    excluded_fill: float | None = None  # the largest finite fill the kernels exclude (the op proves it per call)
 
 
 def replace_attention(graph: fx.Graph, match: AttentionMatch, call: KernelCall) -> fx.Node:
@@ -63,13 +60,15 @@ def replace_attention(graph: fx.Graph, match: AttentionMatch, call: KernelCall) 
             kwargs["sparse_bias"] = True
         if match.dropout_p:
             kwargs["dropout_p"] = match.dropout_p
+        if call.excluded_fill is not None:
+            kwargs["excluded_fill"] = call.excluded_fill
         causal_offset = call.band.right if call.band is not None else None
         result = graph.call_function(
             torch.ops.flash_fx.attention.default, (q, k, v, bias, call.scale, causal_offset), kwargs
         )
         out = graph.call_function(operator.getitem, (result, 0))
         if match.zero_dead_rows:
-            out = _zero_dead_rows(graph, out, graph.call_function(operator.getitem, (result, 1)))
+            out = graph.call_function(zero_dead_rows, (out, graph.call_function(operator.getitem, (result, 1))))
         if call.copy_output:  # the op keeps its output for the backward; a later write must not reach it
             out = graph.call_method("clone", (out,))
         out = _from_op_layout(graph, out, match)
@@ -188,28 +187,26 @@ def _per_batch(graph: fx.Graph, node: fx.Node, key_axis: bool, batch: fx.Node) -
     return graph.call_method("expand", (node, batch, -1))
 
 
-def _zero_dead_rows(graph: fx.Graph, out: fx.Node, lse: fx.Node) -> fx.Node:
-    """Rows with no visible key give 0, as scaled_dot_product_attention does (softmax would give NaN); the rounded
-    log-sum-exp ``lse[..., :1]`` is -inf on those rows."""
-    dead = graph.call_function(operator.eq, (graph.call_method("narrow", (lse, -1, 0, 1)), float("-inf")))
-    return graph.call_function(torch.where, (dead, 0.0, out))
-
-
 def _bias(graph: fx.Graph, terms: list[ScoreTerm]) -> fx.Node | None:
-    """The sum of the additive terms (masks as 0 / fill, biases times the scale applied after them)."""
+    """The bias the kernels add to the scores: the score terms replayed in program order on zero scores.
+
+    An added term adds (times the scales applied after it); a masked_fill / where term overwrites what came
+    before it with -inf where it hides (so a NaN it hides never reaches the kernels), which the pass proves
+    exact (finite fills: flash_fx.exactness, per call)."""
     total = None
     for term in terms:
         op = term.op
         if isinstance(op, MaskedFill):
-            fill = op.value if op.value == float("-inf") else FINITE_FILL
-            hidden, visible = (0.0, fill) if op.inverted else (fill, 0.0)
-            part = graph.call_function(torch.where, (op.mask, hidden, visible))
+            kept = total if total is not None else 0.0
+            hidden = float("-inf")
+            args = (op.mask, kept, hidden) if op.inverted else (op.mask, hidden, kept)
+            total = graph.call_function(torch.where, args)
         else:
             assert isinstance(op, AddBias)
             part = op.bias
             if term.factor_after != 1.0:
                 part = graph.call_function(operator.mul, (part, term.factor_after))
-        total = part if total is None else graph.call_function(operator.add, (total, part))
+            total = part if total is None else graph.call_function(operator.add, (total, part))
     return total
 
 

@@ -21,6 +21,8 @@ from flash_fx.patterns.canonical import constant_float
 from flash_fx.patterns.mutation import first_writer, is_written
 from torch import fx
 
+from flash_fx.exactness import is_mask_fill
+
 
 @dataclass(frozen=True)
 class Band:
@@ -358,35 +360,35 @@ def _reads_values(node: fx.Node, within: set[fx.Node]) -> bool:
     return False
 
 
-def mask_bias_condition(bias: fx.Node, largest_fill: float) -> tuple[fx.Node, bool, float] | None:
+def mask_bias_condition(bias: fx.Node, factor: float = 1.0) -> tuple[fx.Node, bool, float] | None:
     """(boolean mask, True if it marks hidden entries, fill) when an additive bias only encodes a mask.
 
     Recognizes `where(visible, 0, fill)`, `where(hidden, fill, 0)` and `zeros.masked_fill(hidden, fill)`,
-    with fill -inf or at most `largest_fill` (transformers builds its masks this way).
+    with `fill * factor` (the fill as the softmax sees it) a mask fill (transformers builds its masks this way).
     """
+    def _is_fill(value: float) -> bool:
+        return is_mask_fill(value * factor)
+
     if bias.op not in ("call_function", "call_method"):
         return None
     args = bias.args
     if bias.target is torch.where and len(args) == 3 and isinstance(args[0], fx.Node) and _is_bool(args[0]):
         a, b = constant_float(args[1]), constant_float(args[2])
-        if a == 0.0 and b is not None and _is_fill(b, largest_fill):
+        if a == 0.0 and b is not None and _is_fill(b):
             return args[0], False, b
-        if b == 0.0 and a is not None and _is_fill(a, largest_fill):
+        if b == 0.0 and a is not None and _is_fill(a):
             return args[0], True, a
     if bias.target in ("masked_fill", torch.masked_fill) and len(args) == 3 and isinstance(args[1], fx.Node):
         fill = constant_float(args[2])
-        if is_zeros(args[0]) and fill is not None and _is_fill(fill, largest_fill):
+        if is_zeros(args[0]) and fill is not None and _is_fill(fill):
             return args[1], True, fill
     return None
 
 
-def _is_fill(value: float, largest_fill: float) -> bool:
-    return value == float("-inf") or value <= largest_fill
-
-
 def strip_copies(node: fx.Node) -> fx.Node:
     """`node` with value-preserving copies (`.contiguous()`, `.clone()`) looked through."""
-    while node.op == "call_method" and node.target in ("contiguous", "clone") and len(node.args) == 1:
+    while (node.op == "call_method" and node.target in ("contiguous", "clone") and len(node.args) == 1
+           and not is_written(node)):
         node = node.args[0]
     return node
 
