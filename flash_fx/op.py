@@ -42,10 +42,12 @@ from flash_fx.kernels.layout import masked_threshold
 def _broadcast_qkv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Views of q, k, v with one batch size, and k, v with one head count (size-1 dims expanded)."""
+    """Views of q, k, v with one batch size, k and v with one head count, and a one-head q against several KV
+    heads broadcast to them (size-1 dims expanded, as eager's matmul broadcasts)."""
     batch = torch.broadcast_shapes(q.shape[:1], k.shape[:1], v.shape[:1])[0]
     kv_heads = torch.broadcast_shapes(k.shape[1:2], v.shape[1:2])[0]
-    return q.expand(batch, -1, -1, -1), k.expand(batch, kv_heads, -1, -1), v.expand(batch, kv_heads, -1, -1)
+    heads = kv_heads if q.shape[1] == 1 else q.shape[1]
+    return q.expand(batch, heads, -1, -1), k.expand(batch, kv_heads, -1, -1), v.expand(batch, kv_heads, -1, -1)
 
 
 def draw_seed() -> int:

@@ -127,18 +127,16 @@ def _from_op_layout(graph: fx.Graph, out: fx.Node, match: AttentionMatch) -> fx.
 def _structural_masks(graph: fx.Graph, call: KernelCall, q: fx.Node) -> dict:
     """Keyword arguments of the op for a sliding window, key padding and document ids."""
     kwargs: dict = {}
-    if call.key_valid is not None or call.documents is not None:
-        batch = graph.call_method("size", (q, 0))
     if call.band is not None and call.band.left is not None:
         right = call.band.right if call.band.right is not None else UNBOUNDED
         kwargs["window"] = [call.band.left, right]
     if call.key_valid is not None:
-        valid = _per_batch(graph, call.key_valid.node, key_axis=True, batch=batch)
+        valid = _per_batch(graph, call.key_valid.node, key_axis=True)
         kwargs["key_valid"] = graph.call_function(operator.invert, (valid,)) if call.key_valid.negated else valid
     if call.documents is not None:
         q_ids, k_ids = call.documents
-        kwargs["q_doc"] = _per_batch(graph, q_ids, key_axis=False, batch=batch)
-        kwargs["k_doc"] = _per_batch(graph, k_ids, key_axis=True, batch=batch)
+        kwargs["q_doc"] = _per_batch(graph, q_ids, key_axis=False)
+        kwargs["k_doc"] = _per_batch(graph, k_ids, key_axis=True)
     if call.alibi is not None:
         alibi, factor = call.alibi
         kwargs["alibi_slopes"] = _slopes(graph, alibi.slopes, alibi.sign * factor)
@@ -177,14 +175,14 @@ def _slopes(graph: fx.Graph, node: fx.Node, factor: float) -> fx.Node:
     return node
 
 
-def _per_batch(graph: fx.Graph, node: fx.Node, key_axis: bool, batch: fx.Node) -> fx.Node:
-    """A [B?, 1, Nq, 1] or [B?, 1, 1, Nk] mask factor (any rank up to 4) as a [B, N] tensor."""
+def _per_batch(graph: fx.Graph, node: fx.Node, key_axis: bool) -> fx.Node:
+    """A [B?, 1, Nq, 1] or [B?, 1, 1, Nk] mask factor (any rank up to 4) as a [B or 1, N] tensor (the op
+    broadcasts a batch of 1)."""
     for _ in range(4 - node.meta["example_value"].dim()):
         node = graph.call_method("unsqueeze", (node, 0))
     full = slice(None, None, None)
     index = (full, 0, 0, full) if key_axis else (full, 0, full, 0)
-    node = graph.call_function(operator.getitem, (node, index))
-    return graph.call_method("expand", (node, batch, -1))
+    return graph.call_function(operator.getitem, (node, index))
 
 
 def _bias(graph: fx.Graph, terms: list[ScoreTerm]) -> fx.Node | None:

@@ -57,8 +57,11 @@ class Masks:
         ``key_valid`` must be bool [B or 1, Nk]; ``q_doc`` and ``k_doc`` (both or neither) integer
         [B or 1, Nq] and [B or 1, Nk].
         """
+        reach = n_q + n_k  # an offset beyond every index difference: the same band, and no int32 overflow
         if window is not None:
-            window = (int(window[0]), int(window[1]))
+            window = (_clamp(window[0], reach), _clamp(window[1], reach))
+        if causal_offset is not None:
+            causal_offset = _clamp(causal_offset, reach)
         if key_valid is not None:
             if key_valid.dtype != torch.bool:
                 raise ValueError(f"key_valid must be a bool tensor, got {key_valid.dtype}")
@@ -67,11 +70,9 @@ class Masks:
             raise ValueError("q_doc and k_doc must be given together")
         docs_sorted = False
         if q_doc is not None and k_doc is not None:
-            for name, ids in (("q_doc", q_doc), ("k_doc", k_doc)):
-                if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-                    raise ValueError(f"{name} must hold integer ids, got {ids.dtype}")
-            q_doc = _batch_rows(q_doc.to(torch.int32), batch, n_q, "q_doc")
-            k_doc = _batch_rows(k_doc.to(torch.int32), batch, n_k, "k_doc")
+            q_doc, k_doc = _int32_ids(q_doc, k_doc)
+            q_doc = _batch_rows(q_doc, batch, n_q, "q_doc")
+            k_doc = _batch_rows(k_doc, batch, n_k, "k_doc")
             docs_sorted = bool((q_doc[:, 1:] >= q_doc[:, :-1]).all() and (k_doc[:, 1:] >= k_doc[:, :-1]).all())
         return Masks(causal_offset, window, key_valid, q_doc, k_doc, docs_sorted)
 
@@ -193,6 +194,26 @@ def _check_float_tensor(name: str, value: object) -> None:
 def _check_device(name: str, value: torch.Tensor, device: torch.device) -> None:
     if value.device != device:
         raise ValueError(f"{name} must be on {device}, like q, got {value.device}")
+
+
+def _clamp(offset: int, reach: int) -> int:
+    return max(-reach, min(int(offset), reach))
+
+
+def _int32_ids(q_doc: torch.Tensor, k_doc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer (or bool) document ids as int32 with the same equalities and order: ids outside int32's range
+    are replaced by their ranks among all ids (a ValueError for float ids)."""
+    for name, ids in (("q_doc", q_doc), ("k_doc", k_doc)):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex:
+            raise ValueError(f"{name} must hold integer ids, got {ids.dtype}")
+    if q_doc.dtype == torch.bool or k_doc.dtype == torch.bool:
+        return q_doc.to(torch.int32), k_doc.to(torch.int32)
+    both = torch.cat([q_doc.reshape(-1).long(), k_doc.reshape(-1).long()])
+    info = torch.iinfo(torch.int32)
+    if both.numel() and (int(both.min()) < info.min or int(both.max()) > info.max):
+        ranks = torch.unique(both, return_inverse=True)[1].to(torch.int32)
+        return ranks[: q_doc.numel()].view(q_doc.shape), ranks[q_doc.numel():].view(k_doc.shape)
+    return q_doc.to(torch.int32), k_doc.to(torch.int32)
 
 
 def _and(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:

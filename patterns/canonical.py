@@ -396,8 +396,10 @@ def _add(node: fx.Node) -> AddBias | None:
 
 
 def _cast(node: fx.Node) -> Cast | None:
+    """A conversion to a floating-point dtype (a cast through an integer or bool dtype changes values)."""
     x = node.args[0] if node.args else None
-    if not isinstance(x, fx.Node):
+    value = node.meta.get("example_value")
+    if not isinstance(x, fx.Node) or not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
         return None
     if node.target in _DTYPE_METHODS:
         return Cast(x, _DTYPE_METHODS[node.target])

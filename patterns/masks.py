@@ -190,7 +190,7 @@ def analyze_visibility(graph: fx.Graph, visible: fx.Node, negated: bool, nq: int
             static.append((program, literal.negated))
             continue
         shape = _right_aligned(value.shape)
-        if key_valid is None and _is_one(shape[1]) and _is_one(shape[2]):
+        if key_valid is None and _is_one(shape[1]) and _is_one(shape[2]) and concrete(shape[3]) == nk:
             key_valid = literal
             continue
         ids = _document_ids(literal)
@@ -273,6 +273,8 @@ def _document_ids(literal: Literal) -> tuple[fx.Node, fx.Node] | None:
     shapes = [a.meta.get("example_value"), b.meta.get("example_value")]
     if not all(isinstance(x, torch.Tensor) for x in shapes):
         return None
+    if any(x.dtype.is_floating_point or x.dtype.is_complex for x in shapes):
+        return None  # float ids (NaN never equals itself): the mask stays a tensor
     (_, ha, qa, ka), (_, hb, qb, kb) = (_right_aligned(x.shape) for x in shapes)
     if _is_one(ha) and _is_one(hb) and _is_one(ka) and _is_one(qb):
         return a, b

@@ -156,6 +156,8 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
             return f"scores come from {_op_name(node)}, not from a Q @ K^T product"
         if _only_user(node) is None:
             return f"scores ({node.name}) are also used outside the attention" + WEIGHTS_HINT
+        if isinstance(desc, Cast) and _narrows(desc.x, node):
+            return f"scores are cast to {_value(node).dtype} ({node.name}), which rounds them before the softmax"
         back.append(node)
         node = desc.x
     qk, qk_desc = node, desc
@@ -211,6 +213,16 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
         k_is_transposed=True, v=pv_desc.b, scale=scale, dynamic_scales=dynamic_scales, terms=terms, causal=False,
         batch_view=batch_view, out_perm=pv_desc.out_perm, dropout_p=dropout_p,
     )
+
+
+def _narrows(source: fx.Node, cast: fx.Node) -> bool:
+    """True if the cast from `source` to `cast` loses range or precision (float32 -> float16, ...)."""
+    before, after = _value(source), _value(cast)
+    if before is None or after is None or before.dtype == after.dtype:
+        return False
+    wider = {torch.float64: 3, torch.float32: 2, torch.float16: 1, torch.bfloat16: 1}
+    return wider.get(after.dtype, 0) < wider.get(before.dtype, 0) or {before.dtype, after.dtype} == {
+        torch.float16, torch.bfloat16}
 
 
 def _non_scalar_factor(node: fx.Node) -> tuple | None:
