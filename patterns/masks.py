@@ -93,16 +93,32 @@ class MaskProgram:
             raise ValueError("the mask reads inputs of a graph whose concrete inputs are unknown")
         return self.module(*(concrete(graph_args[p]) for p in self.input_positions))
 
-    def cache_key(self, graph_args: list[Any]) -> tuple:
-        """What the mask's value can depend on: symbolic sizes, shapes and buffer identities/versions."""
-        key = []
-        for position in self.input_positions:
-            value = graph_args[position]
-            if isinstance(value, torch.Tensor):
-                key.append((tuple(value.shape), value.data_ptr(), value._version))
-            else:
-                key.append(concrete(value))
-        return tuple(key)
+    def inputs(self, graph_args: list[Any]) -> list[Any]:
+        """The program's inputs among the graph's arguments (concrete sizes for symbolic ones)."""
+        return [concrete(graph_args[p]) for p in self.input_positions]
+
+
+class Snapshots:
+    """The inputs a proof last held on, per input shape: a proof is re-checked whenever any input differs in
+    shape, dtype or any value from those (whatever changed it: in place, `.data`, NumPy, a new tensor at a
+    reused address). The check costs one comparison of each input tensor with its copy per call: a read of
+    the mask buffers (a 1024 x 1024 bool buffer is 1 MB), no evaluation of the program."""
+
+    def __init__(self) -> None:
+        self._held: dict[tuple, list[Any]] = {}
+
+    @staticmethod
+    def _key(values: list[Any]) -> tuple:
+        return tuple((tuple(v.shape), v.dtype, str(v.device)) if isinstance(v, torch.Tensor) else ("value", v)
+                     for v in values)
+
+    def unchanged(self, values: list[Any]) -> bool:
+        held = self._held.get(self._key(values))
+        return held is not None and all(
+            torch.equal(v, h) if isinstance(v, torch.Tensor) else v == h for v, h in zip(values, held, strict=True))
+
+    def record(self, values: list[Any]) -> None:
+        self._held[self._key(values)] = [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in values]
 
 
 @dataclass
@@ -111,16 +127,16 @@ class MaskProof:
 
     programs: list[tuple[MaskProgram, bool]]  # (program, negated)
     spec: Band
-    _proven: set = field(default_factory=set)  # cache keys already checked
+    _held: Snapshots = field(default_factory=Snapshots)
 
     def holds(self, graph_args: list[Any]) -> bool:
-        """True if the literals equal the spec on these arguments (cached per shape and buffer version)."""
-        key = tuple(program.cache_key(graph_args) for program, _ in self.programs)
-        if key in self._proven:
+        """True if the literals equal the spec on these arguments (re-evaluated when an input changed)."""
+        values = [x for program, _ in self.programs for x in program.inputs(graph_args)]
+        if self._held.unchanged(values):
             return True
         ok = _band_of(_and_of(self.programs, graph_args)) == self.spec
         if ok:
-            self._proven.add(key)
+            self._held.record(values)
         return ok
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from flash_fx.patterns.masks import MaskProgram, strip_copies
+from flash_fx.patterns.masks import MaskProgram, Snapshots, strip_copies
 from torch import fx
 
 _MUL = {operator.mul, torch.mul, "mul", "__mul__"}
@@ -43,15 +43,16 @@ class ValueProof:
 
     program: MaskProgram
     check: Callable[[torch.Tensor], bool]
-    _proven: set = field(default_factory=set)
+    _held: Snapshots = field(default_factory=Snapshots)
 
     def holds(self, graph_args: list[Any]) -> bool:
-        key = self.program.cache_key(graph_args)
-        if key in self._proven:
+        """True if the program's value passes the check on these arguments (re-evaluated when an input changed)."""
+        values = self.program.inputs(graph_args)
+        if self._held.unchanged(values):
             return True
         ok = self.check(self.program.evaluate(graph_args))
         if ok:
-            self._proven.add(key)
+            self._held.record(values)
         return ok
 
 

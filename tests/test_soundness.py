@@ -1,0 +1,340 @@
+"""One regression test per class of silently wrong result: compiled must equal eager, values and gradients,
+on the Triton kernels (interpreter) and on the tiled PyTorch path; where a rewrite cannot be proved exact the
+block is left alone, or the call reruns the original ops, with a report line saying why."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from soundness import compare, reran, skips, variants
+
+MIN = torch.finfo(torch.float32).min
+B, H, N, D = 2, 2, 8, 8
+PATHS = pytest.mark.parametrize("path", ["triton", "tiled"])
+
+
+def qkv(nq=N, nk=N, b=B, h=H, hk=H, grad=True):
+    torch.manual_seed(nq * 31 + nk)
+    return (torch.randn(b, h, nq, D, requires_grad=grad), torch.randn(b, hk, nk, D, requires_grad=grad),
+            torch.randn(b, hk, nk, D, requires_grad=grad))
+
+
+def attend(s, v):
+    return s.softmax(-1) @ v
+
+
+# 1. Writes in place to masks, biases, positions, scores and outputs.
+
+def reference_sdpa_bias(q, k, v):  # the reference implementation in PyTorch's SDPA documentation
+    L, S = q.size(-2), k.size(-2)
+    b = torch.zeros(L, S, dtype=q.dtype)
+    b.masked_fill_(torch.ones(L, S, dtype=torch.bool).triu(1), float("-inf"))
+    return attend(q @ k.mT / math.sqrt(q.size(-1)) + b, v)
+
+
+def tril_in_place(q, k, v):
+    m = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool)
+    m.tril_()
+    return attend((q @ k.mT).masked_fill(~m, float("-inf")), v)
+
+
+def setitem_mask(q, k, v):
+    m = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool).tril()
+    m[:, :3] = True
+    return attend((q @ k.mT).masked_fill(~m, float("-inf")), v)
+
+
+def clamped_positions(q, k, v):
+    i, j = torch.arange(q.size(-2))[:, None], torch.arange(k.size(-2))[None]
+    pos = (j - i).float()
+    pos.clamp_(max=0)
+    return attend(q @ k.mT + 0.5 * pos, v)
+
+
+def scores_add_in_place(q, k, v):
+    s = q @ k.mT
+    s.add_(torch.ones(N, N).triu(1) * -3.0)
+    return attend(s, v)
+
+
+def scores_masked_fill_in_place(q, k, v):
+    s = q @ k.mT
+    s.masked_fill_(torch.ones(N, N, dtype=torch.bool).triu(1), float("-inf"))
+    return attend(s, v)
+
+
+def output_written(q, k, v):
+    o = attend(q @ k.mT, v)
+    o.mul_(2)
+    return o
+
+
+@PATHS
+@pytest.mark.parametrize("fn", [reference_sdpa_bias, tril_in_place, setitem_mask, clamped_positions,
+                                scores_add_in_place, scores_masked_fill_in_place, output_written],
+                         ids=lambda f: f.__name__)
+def test_writes_in_place_are_seen(fn, path):
+    reports = compare(fn, *qkv(), path=path)
+    assert len(variants(reports)) == 1
+
+
+@PATHS
+def test_logical_or_in_place_and_buffer_copy(path):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mask", torch.ones(N, N, dtype=torch.bool).tril())
+
+        def forward(self, q, k, v, extra):
+            self.mask.copy_(extra)  # the mask read below is `extra`, not the registered causal mask
+            m = self.mask.clone()
+            m.logical_or_(torch.eye(N, dtype=torch.bool))
+            return attend((q @ k.mT).masked_fill(~m, float("-inf")), v)
+
+    extra = torch.rand(N, N) > 0.5
+    reports = compare(Model(), *qkv(), extra, path=path)
+    assert variants(reports) == ["bias"]
+
+
+@PATHS
+def test_bias_written_after_the_attention_is_left_alone(path):
+    def fn(q, k, v, bias):
+        b = bias.clone()
+        o = attend(q @ k.mT + b, v)
+        b.zero_()
+        return o * b.sum()
+
+    reports = compare(fn, *qkv(), torch.randn(N, N, requires_grad=True), path=path)
+    assert variants(reports) == [] and any("written in place" in r for r in skips(reports))
+
+
+# 2 and 3. Rows hidden entirely by finite fills (masked_fill / where block the gradient; added masks do not),
+# alone or by the combination of several terms.
+
+def dead_row_mask():
+    m = torch.zeros(N, N, dtype=torch.bool)
+    m[3] = True
+    m[:, 5] = True
+    return m
+
+
+@PATHS
+@pytest.mark.parametrize("form", ["masked_fill", "where", "masked_fill_1e4", "added"])
+def test_rows_hidden_by_one_finite_fill(form, path):
+    def fn(q, k, v, hidden):
+        s = q @ k.mT
+        if form == "masked_fill":
+            s = s.masked_fill(hidden, MIN)
+        elif form == "where":
+            s = torch.where(hidden, MIN, s)
+        elif form == "masked_fill_1e4":
+            s = s.masked_fill(hidden, -1e4)
+        else:
+            s = s + torch.zeros(N, N).masked_fill(hidden, MIN)
+        return attend(s, v)
+
+    reports = compare(fn, *qkv(), dead_row_mask(), path=path)
+    assert variants(reports) == ["bias"]
+
+
+def left_padding():
+    valid = torch.ones(B, N, dtype=torch.bool)
+    valid[0, :3] = False
+    return valid
+
+
+@PATHS
+@pytest.mark.parametrize("form", ["causal_and_padding", "where_causal_plus_added_padding", "two_added_min"])
+def test_rows_hidden_by_a_combination_of_masks(form, path):
+    def fn(q, k, v, valid):
+        causal = torch.ones(N, N, dtype=torch.bool).tril()
+        s = q @ k.mT
+        if form == "causal_and_padding":
+            return attend(s.masked_fill(~(causal & valid[:, None, None, :]), MIN), v)
+        padding = torch.zeros(B, 1, 1, N).masked_fill(~valid[:, None, None, :], MIN)
+        if form == "where_causal_plus_added_padding":
+            return attend(torch.where(causal, s, MIN) + padding, v)
+        return attend(s + torch.zeros(N, N).masked_fill(~causal, MIN) + padding, v)
+
+    reports = compare(fn, *qkv(), left_padding(), path=path)
+    assert len(variants(reports)) == 1 and reran(reports)
+
+
+@PATHS
+def test_rows_not_hidden_run_the_kernels(path):
+    def fn(q, k, v):
+        causal = torch.ones(N, N, dtype=torch.bool).tril()
+        return attend((q @ k.mT).masked_fill(~causal, MIN), v)
+
+    reports = compare(fn, *qkv(), path=path)
+    assert variants(reports) == ["causal"] and not reran(reports)
+
+
+# 4. A band with more queries than keys leaves rows without a key.
+
+@PATHS
+@pytest.mark.parametrize("fill", [MIN, float("-inf")])
+def test_bottom_right_band_with_more_queries_than_keys(fill, path):
+    def fn(q, k, v):
+        visible = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool).tril(k.size(-2) - q.size(-2))
+        return attend((q @ k.mT).masked_fill(~visible, fill), v)
+
+    reports = compare(fn, *qkv(nq=10, nk=6), path=path)
+    assert variants(reports) == ["causal"]
+
+
+# 5. Buffers changed between calls by any means.
+
+@pytest.mark.parametrize("change", ["data", "numpy", "new_tensor"])
+def test_changed_mask_buffer_is_always_seen(change):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mask", torch.ones(N, N, dtype=torch.bool).tril())
+
+        def forward(self, q, k, v):
+            return attend((q @ k.mT).masked_fill(~self.mask, float("-inf")), v)
+
+    model = Model()
+    q, k, v = qkv(grad=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="flash_fx", options={"inner": "eager", "report": False, "force": True})
+    torch.testing.assert_close(compiled(q, k, v), model(q, k, v))
+    new = torch.ones(N, N, dtype=torch.bool).tril(-1) | torch.eye(N, dtype=torch.bool).flip(0)
+    if change == "data":
+        model.mask.data.copy_(new)
+    elif change == "numpy":
+        model.mask.numpy()[...] = new.numpy()
+    else:
+        del model.mask
+        model.register_buffer("mask", new)
+    torch.testing.assert_close(compiled(q, k, v), model(q, k, v))
+    torch._dynamo.reset()
+
+
+# 6. NaN and +inf that eager overwrites.
+
+@PATHS
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_values_hidden_by_a_later_fill_never_reach_the_result(value, path):
+    def fn(q, k, v, bias, visible):
+        return attend((q @ k.mT + bias).masked_fill(~visible, float("-inf")), v)
+
+    visible = torch.rand(N, N) > 0.4
+    visible[:, 0] = True
+    bias = torch.randn(N, N)
+    bias[~visible] = value
+    compare(fn, *qkv(), bias, visible, path=path)
+
+
+@PATHS
+def test_nan_in_a_bias_under_a_causal_fill(path):
+    def fn(q, k, v, bias):
+        causal = torch.ones(N, N, dtype=torch.bool).tril()
+        return attend((q @ k.mT + bias).masked_fill(~causal, float("-inf")), v)
+
+    bias = torch.randn(N, N)
+    bias[0, 5] = float("nan")
+    compare(fn, *qkv(), bias, path=path)
+
+
+# 7. A fill that the scores do not dwarf.
+
+@PATHS
+def test_fill_that_is_not_negligible(path):
+    def rescaled(q, k, v):
+        causal = torch.ones(N, N, dtype=torch.bool).tril()
+        return attend((q @ k.mT * 1e4).masked_fill(~causal, -1e4) * 1e-4, v)
+
+    def large_scores(q, k, v):
+        causal = torch.ones(N, N, dtype=torch.bool).tril()
+        return attend((q @ k.mT * 3e3).masked_fill(~causal, -1e4), v)
+
+    assert variants(compare(rescaled, *qkv(), path=path)) == []
+    reports = compare(large_scores, *qkv(), path=path)
+    assert variants(reports) == ["causal"] and reran(reports)
+
+
+# 8. Document ids and casts.
+
+@PATHS
+@pytest.mark.parametrize("kind", ["int64_wide", "bool", "float"])
+def test_document_ids_of_any_dtype(kind, path):
+    def fn(q, k, v, ids):
+        same = ids[:, None, :, None] == ids[:, None, None, :]
+        return attend((q @ k.mT).masked_fill(~same, float("-inf")), v)
+
+    ids = torch.zeros(B, N, dtype=torch.int64)
+    ids[:, 4:] = 2**32  # equal to 0 once truncated to int32
+    ids = {"int64_wide": ids, "bool": ids != 0, "float": (ids != 0).float()}[kind]
+    reports = compare(fn, *qkv(), ids, path=path)
+    assert variants(reports) == ["bias" if kind == "float" else "document"]
+
+
+def test_integer_cast_of_the_scores_is_left_alone():
+    def fn(q, k, v):
+        return attend((q @ k.mT * 10).to(torch.int32).float(), v)
+
+    assert variants(compare(fn, *qkv())) == []
+
+
+# 9. One-sided windows.
+
+@PATHS
+def test_one_sided_window(path):
+    def fn(q, k, v):
+        i, j = torch.arange(q.size(-2))[:, None], torch.arange(k.size(-2))[None]
+        return attend((q @ k.mT).masked_fill(j < i - 2, float("-inf")), v)
+
+    assert variants(compare(fn, *qkv(), path=path)) == ["sliding_window"]
+
+
+# 10. nn.MultiheadAttention with a fully padded sequence.
+
+@PATHS
+def test_multihead_attention_fully_padded_sequence(path):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+
+    def fn(x, padding):
+        return mha(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+
+    padding = torch.zeros(2, N, dtype=torch.bool)
+    padding[1] = True
+    assert variants(compare(fn, torch.randn(2, N, 16, requires_grad=True), padding, path=path)) == ["bias"]
+
+
+# Shapes that used to crash.
+
+@PATHS
+def test_broadcast_shapes(path):
+    def masked(q, k, v, m):
+        return attend((q @ k.mT).masked_fill(~m, float("-inf")), v)
+
+    valid = left_padding()
+    q1, (_, k, v) = qkv(b=1)[0], qkv()
+    assert variants(compare(masked, q1, k, v, valid[:, None, None, :], path=path)) == ["key_padding"]
+    flag = torch.tensor([True, True]).view(B, 1, 1, 1)
+    assert variants(compare(masked, *qkv(), flag, path=path)) == ["bias"]
+    one_head = qkv(h=1)[0]
+    assert variants(compare(lambda q, k, v: attend(q @ k.mT, v), one_head, k, v, path=path)) == ["dense"]
+    flat = torch.randn(N, D, requires_grad=True)
+    assert variants(compare(lambda q, k, v: attend(q @ k.mT, v), flat, k, v, path=path)) == ["dense"]
+
+
+def test_graph_writing_its_inputs_reruns_from_the_state_before_the_call():
+    """A call that reruns the original ops first undoes the compiled graph's own writes to its inputs."""
+    def fn(q, k, v, counter, hidden):
+        counter.add_(1)
+        return attend((q @ k.mT).masked_fill(hidden, MIN), v) * counter
+
+    counter = torch.zeros(())
+    twin = torch.zeros(())
+    q, k, v = qkv(grad=False)
+    expected = fn(q, k, v, twin, dead_row_mask())
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="flash_fx", options={"inner": "eager", "report": False, "force": True})
+    torch.testing.assert_close(compiled(q, k, v, counter, dead_row_mask()), expected)
+    assert counter.item() == twin.item() == 1.0
+    torch._dynamo.reset()
