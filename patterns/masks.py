@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from flash_fx.patterns.canonical import constant_float
-from flash_fx.patterns.mutation import first_writer, is_written
+from flash_fx.patterns.mutation import is_written, unreplayed_writer
 from torch import fx
 
 from flash_fx.exactness import is_mask_fill
@@ -84,7 +84,7 @@ class MaskProgram:
         self.data_inputs = [n.name for n in self.input_nodes
                             if (n is mask or _reads_values(n, nodes)) and not _is_module_state(n)]
         self.has_get_attr = any(n.op == "get_attr" for n in nodes)
-        self.writer = first_writer(nodes)  # a node writing one of its tensors in place: the copy would miss it
+        self.writer = unreplayed_writer(nodes)  # a write in place that the copy would not replay
 
     def evaluate(self, graph_args: list[Any] | None) -> torch.Tensor:
         """Run the mask subgraph on the graph's (concrete) arguments (None: a graph without concrete inputs,

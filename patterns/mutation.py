@@ -27,6 +27,7 @@ _IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itr
                        operator.irshift, operator.imatmul, operator.setitem}
 _IN_PLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__",
                      "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__", "__setitem__"}
+_PURE_OPERATORS = {operator.and_, operator.or_, operator.not_, operator.xor, operator.is_, operator.is_not}
 _NOT_VALUE_WRITES = {"requires_grad_", "retain_grad", "share_memory_", "record_stream"}
 
 
@@ -52,8 +53,8 @@ def written_args(node: fx.Node) -> list[fx.Node]:
     except TypeError:
         pass
     name = getattr(target, "__name__", "")
-    if (name.endswith("_") and not name.startswith("__") and name not in _NOT_VALUE_WRITES) or \
-            node.kwargs.get("inplace") is True:
+    in_place_name = name.endswith("_") and not name.startswith("__") and name not in _NOT_VALUE_WRITES
+    if (in_place_name and target not in _PURE_OPERATORS) or node.kwargs.get("inplace") is True:
         return ([first] if first is not None else []) + out
     return out
 
@@ -141,12 +142,14 @@ def is_written(node: fx.Node) -> bool:
     return isinstance(node, fx.Node) and bool(writes_of(node.graph).writers_of(node))
 
 
-def first_writer(nodes: Iterable[fx.Node]) -> fx.Node | None:
-    """A node writing the storage of one of `nodes` in place, or None."""
+def unreplayed_writer(nodes: set[fx.Node]) -> fx.Node | None:
+    """A write that a copy of the subgraph `nodes` would not replay faithfully, or None: a node outside it that
+    writes one of its tensors, or a node inside it that writes a graph input (the copy runs before the graph and
+    must not change its inputs). Writes between the subgraph's own nodes are replayed in program order."""
     for node in nodes:
-        writers = writes_of(node.graph).writers_of(node)
-        if writers:
-            return writers[0]
+        for writer in writes_of(node.graph).writers_of(node):
+            if writer not in nodes or node.op in ("placeholder", "get_attr"):
+                return writer
     return None
 
 

@@ -564,7 +564,7 @@ def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor)
     l_q_ = L_q_
     l_k_ = L_k_
     l_v_ = L_v_
-    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.3, 0)
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.3, 0, excluded_fill = -3.4028234663852886e+38)
     getitem = attention_default[0]
     return (getitem,)
 """)
@@ -810,7 +810,7 @@ def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_bias_ : torch.Tens
     l_k_ = L_k_
     l_bias_ = L_bias_
     l_v_ = L_v_
-    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, l_bias_, 0.5, 0)
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, l_bias_, 0.5, 0, excluded_fill = -3.4028234663852886e+38)
     getitem = attention_default[0]
     return (getitem,)
 """)
@@ -818,7 +818,7 @@ def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_bias_ : torch.Tens
     def test_padding_mask_input(self):
         padding = torch.ones(B, N, dtype=torch.long)
         padding[0, -3:] = 0
-        self.check(padding_mask_input, [*qkv(), padding], "bias", """\
+        self.check(padding_mask_input, [*qkv(), padding], "key_padding", """\
 def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_padding_ : torch.Tensor, L_v_ : torch.Tensor):
     l_k_ = L_k_
     l_q_ = L_q_
@@ -840,10 +840,11 @@ def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_padding_ : torch.T
     l_v_ = L_v_
     getitem = l_padding_[(slice(None, None, None), None, None, slice(None, None, None))]
     eq = getitem == 0
-    where = torch.where(eq, -4.2535293329816107e+37, 0.0)
-    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, where, 1.0, None, sparse_bias = True)
-    getitem_1 = attention_default[0]
-    return (getitem_1,)
+    getitem_1 = eq[(slice(None, None, None), 0, 0, slice(None, None, None))]
+    invert = ~getitem_1
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 1.0, None, key_valid = invert, excluded_fill = -1000000000.0)
+    getitem_2 = attention_default[0]
+    return (getitem_2,)
 """)
 
     def test_repeat_kv_expand(self):
@@ -964,16 +965,12 @@ def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor)
     attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.3535533905932738, None)
     getitem = attention_default[0]
     getitem_1 = attention_default[1]
-    narrow = getitem_1.narrow(-1, 0, 1)
-    eq = narrow == -inf
-    where = torch.where(eq, 0.0, getitem)
+    zero_dead_rows = flash_fx_op_zero_dead_rows(getitem, getitem_1)
     attention_default_1 = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.2, 0)
     getitem_2 = attention_default_1[0]
     getitem_3 = attention_default_1[1]
-    narrow_1 = getitem_3.narrow(-1, 0, 1)
-    eq_1 = narrow_1 == -inf
-    where_1 = torch.where(eq_1, 0.0, getitem_2)
-    add = where + where_1
+    zero_dead_rows_1 = flash_fx_op_zero_dead_rows(getitem_2, getitem_3)
+    add = zero_dead_rows + zero_dead_rows_1
     return (add,)
 """)
 
@@ -1000,16 +997,12 @@ def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor)
     attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.3535533905932738, 0)
     getitem = attention_default[0]
     getitem_1 = attention_default[1]
-    narrow = getitem_1.narrow(-1, 0, 1)
-    eq = narrow == -inf
-    where = torch.where(eq, 0.0, getitem)
-    attention_default_1 = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.3535533905932738, 0)
+    zero_dead_rows = flash_fx_op_zero_dead_rows(getitem, getitem_1)
+    attention_default_1 = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.3535533905932738, 0, excluded_fill = -3.4028234663852886e+38)
     getitem_2 = attention_default_1[0]
     getitem_3 = attention_default_1[1]
-    narrow_1 = getitem_3.narrow(-1, 0, 1)
-    eq_1 = narrow_1 == -inf
-    where_1 = torch.where(eq_1, 0.0, getitem_2)
-    add = where + where_1
+    zero_dead_rows_1 = flash_fx_op_zero_dead_rows(getitem_2, getitem_3)
+    add = zero_dead_rows + zero_dead_rows_1
     return (add,)
 """)
 
@@ -1029,10 +1022,8 @@ def forward(self, L_q_ : torch.Tensor, L_k_ : torch.Tensor, L_v_ : torch.Tensor)
     attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 0.3535533905932738, None)
     getitem = attention_default[0]
     getitem_1 = attention_default[1]
-    narrow = getitem_1.narrow(-1, 0, 1)
-    eq = narrow == -inf
-    where = torch.where(eq, 0.0, getitem)
-    return (where,)
+    zero_dead_rows = flash_fx_op_zero_dead_rows(getitem, getitem_1)
+    return (zero_dead_rows,)
 """)
 
     def test_module_called_in_a_loop(self):
