@@ -57,8 +57,9 @@ capability. With autotuning on (``FLASH_FX_AUTOTUNE=1`` for CUDA tensors, or :fu
 ``block_m`` / ``block_n`` given, the first call of each :class:`tuning.TuneKey` times a few candidates around the
 table's entry and later calls use the fastest; :func:`tuned_configs` lists the choices and their times.
 
-If a Triton kernel fails to compile or launch on this machine (an error raised by Triton), both entry points warn
-once and take the tiled PyTorch path from then on (:func:`triton_failure` says why); results are the same.
+If a Triton kernel fails to compile or launch on this machine (an error raised by Triton), the entry point warns
+once for that configuration (entry, dtype, head dim, features) and runs it on the tiled PyTorch path from then on
+(:func:`triton_failures` lists them); results are the same, and other configurations keep the Triton kernels.
 
 Fully masked rows give a NaN output row and LSE -inf, as eager softmax does after a ``-inf`` fill;
 in the backward they contribute no gradient (their dq and dbias rows are 0). Rows hidden entirely by a finite
@@ -68,6 +69,7 @@ fill (finfo.min) are eager's uniform average over their keys, forward and backwa
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
 import warnings
@@ -82,41 +84,65 @@ from flash_fx.kernels.masks import Alibi, Masks, RelativeBias, tile_density
 from flash_fx.kernels.tuning import set_autotune, tuned_configs
 
 __all__ = ["attention_backward", "attention_forward", "dropout_keep_mask", "set_autotune", "tile_density",
-           "triton_failure", "tuned_configs", "uses_triton"]
+           "triton_failure", "triton_failures", "tuned_configs", "uses_triton"]
 
-_TRITON_FAILURE: str | None = None  # why the Triton kernels were turned off in this process (None: they run)
+_TRITON_FAILURES: dict[tuple, str] = {}  # configuration (see _configuration) -> why its Triton kernels failed
+_FORCED_TILED = contextvars.ContextVar("flash_fx_forced_tiled", default=False)
 
 
 def uses_triton(t: torch.Tensor) -> bool:
     """True if attention on ``t`` runs the Triton kernels: CUDA tensors, or CPU ones with TRITON_INTERPRET=1,
-    unless a Triton kernel failed to compile or launch in this process (see :func:`triton_failure`)."""
+    unless the call's configuration failed in Triton before in this process (see :func:`triton_failures`)."""
     on_device = t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-    return on_device and _TRITON_FAILURE is None
+    return on_device and not _FORCED_TILED.get()
+
+
+def triton_failures() -> dict[tuple, str]:
+    """The configurations whose Triton kernels failed in this process, and why (their errors)."""
+    return dict(_TRITON_FAILURES)
 
 
 def triton_failure() -> str | None:
-    """Why the Triton kernels were turned off in this process (their error), or None while they run."""
-    return _TRITON_FAILURE
+    """Why a Triton kernel first failed in this process, or None while none has."""
+    return next(iter(_TRITON_FAILURES.values()), None)
+
+
+def _configuration(entry: Callable, args: tuple, kwargs: dict) -> tuple:
+    """What selects a compiled Triton kernel: the entry, the dtype, the head dim and the features given."""
+    q = args[1] if entry.__name__ == "attention_backward" else args[0]
+    features = tuple(sorted(name for name, value in kwargs.items() if name != "scale" and value is not None
+                            and not (isinstance(value, bool | int | float) and not value)))
+    return entry.__name__, str(q.dtype), q.shape[-1], q.device.type, features
 
 
 def _falls_back_to_tiled(entry: Callable) -> Callable:
     """Run ``entry``; if a Triton kernel fails to compile or launch (an error raised by Triton itself: an old GPU
-    architecture, too little shared memory, a Triton version the kernels do not support), warn once, turn the
-    Triton path off for the process and rerun ``entry``, which then takes the tiled PyTorch path: the same
-    algorithm and semantics (dropout stream included), in PyTorch ops."""
+    architecture, too little shared memory, a Triton version the kernels do not support), warn once for that
+    configuration and run it, then and later, on the tiled PyTorch path: the same algorithm and semantics
+    (dropout stream included), in PyTorch ops. Other configurations keep the Triton kernels."""
+
+    def tiled(*args, **kwargs):
+        token = _FORCED_TILED.set(True)
+        try:
+            return entry(*args, **kwargs)
+        finally:
+            _FORCED_TILED.reset(token)
 
     @functools.wraps(entry)
     def run(*args, **kwargs):
-        global _TRITON_FAILURE
+        key = _configuration(entry, args, kwargs)
+        if key in _TRITON_FAILURES:
+            return tiled(*args, **kwargs)
         try:
             return entry(*args, **kwargs)
         except Exception as error:
-            if _TRITON_FAILURE is not None or not tuning.is_triton_error(error):
+            if _FORCED_TILED.get() or not tuning.is_triton_error(error):
                 raise
-            _TRITON_FAILURE = f"{type(error).__name__}: {error}"[:500]
-            warnings.warn(f"flash_fx: the Triton attention kernels failed ({_TRITON_FAILURE}); attention runs the "
-                          "tiled PyTorch implementation of the same algorithm from now on", stacklevel=2)
-            return entry(*args, **kwargs)
+            _TRITON_FAILURES[key] = f"{type(error).__name__}: {error}"[:500]
+            warnings.warn(f"flash_fx: the Triton attention kernels failed ({_TRITON_FAILURES[key]}) for {key}; "
+                          "this configuration runs the tiled PyTorch implementation of the same algorithm from now "
+                          "on", stacklevel=2)
+            return tiled(*args, **kwargs)
 
     return run
 

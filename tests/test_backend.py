@@ -118,7 +118,7 @@ def test_verify_catches_a_wrong_kernel(monkeypatch):
     torch._dynamo.reset()
     q, k, v = inputs()
     compiled_fn = torch.compile(attention, backend="flash_fx", options={"inner": "eager", "verify": "fallback"})
-    with pytest.warns(UserWarning, match="running the original graph"):
+    with pytest.warns(UserWarning, match="ran its original ops"):
         torch.testing.assert_close(compiled_fn(q, k, v), attention(q, k, v))
     torch._dynamo.reset()
 
@@ -150,16 +150,25 @@ class BufferCausal(nn.Module):
         return scores.softmax(-1) @ v
 
 
-def test_mutated_mask_buffer_falls_back_to_original():
+def test_mutated_mask_buffer_falls_back_to_original(monkeypatch):
+    from flash_fx import kernels
+
     model = BufferCausal()
     compiled_model = torch.compile(model, backend="flash_fx", options={"inner": "eager", "report": False})
     q, k, v = inputs()
     torch.testing.assert_close(compiled_model(q, k, v), model(q, k, v))
     with torch.no_grad():
         model.mask[2, 0] = False  # no longer causal
-    with pytest.warns(UserWarning, match="mask proof no longer holds"):
+    with pytest.warns(UserWarning, match="proof does not hold"):
         out = compiled_model(q, k, v)
     torch.testing.assert_close(out, model(q, k, v))
+    with torch.no_grad():
+        model.mask[2, 0] = True  # causal again: the kernels run again (the revert was for those calls only)
+    calls = []
+    real = kernels.attention_forward
+    monkeypatch.setattr(kernels, "attention_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    torch.testing.assert_close(compiled_model(q, k, v), model(q, k, v))
+    assert calls
     torch._dynamo.reset()
 
 

@@ -180,7 +180,7 @@ def test_bottom_right_band_with_more_queries_than_keys(fill, path):
         visible = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool).tril(k.size(-2) - q.size(-2))
         return attend((q @ k.mT).masked_fill(~visible, fill), v)
 
-    reports = compare(fn, *qkv(nq=10, nk=6), path=path)
+    reports = compare(fn, *qkv(nq=10, nk=6), path=path, dead_rows=True)
     assert variants(reports) == ["causal"]
 
 
@@ -337,4 +337,36 @@ def test_graph_writing_its_inputs_reruns_from_the_state_before_the_call():
     compiled = torch.compile(fn, backend="flash_fx", options={"inner": "eager", "report": False, "force": True})
     torch.testing.assert_close(compiled(q, k, v, counter, dead_row_mask()), expected)
     assert counter.item() == twin.item() == 1.0
+    torch._dynamo.reset()
+
+
+def test_explain_keeps_the_users_compiled_code():
+    import flash_fx
+
+    def fn(q, k, v):
+        return attend(q @ k.mT, v)
+
+    q, k, v = qkv(grad=False)
+    torch._dynamo.reset()
+    flash_fx.clear_reports()
+    compiled = torch.compile(fn, backend="flash_fx", options={"inner": "eager", "report": False, "force": True})
+    compiled(q, k, v)
+    flash_fx.explain(fn, q, k, v, force=True)
+    compiled(q, k, v)
+    assert len(flash_fx.reports()) == 1  # the second call ran the code compiled before explain, no recompile
+    torch._dynamo.reset()
+
+
+def test_verify_does_not_compare_two_dropout_draws():
+    import flash_fx
+
+    def dropped(q, k, v):
+        return torch.nn.functional.dropout((q @ k.mT).softmax(-1), 0.3, training=True) @ v
+
+    torch._dynamo.reset()
+    flash_fx.clear_reports()
+    compiled = torch.compile(dropped, backend="flash_fx",
+                             options={"inner": "eager", "report": False, "force": True, "verify": True})
+    compiled(*qkv(grad=False))
+    assert any("verify: not compared" in reason for reason in skips(flash_fx.reports()))
     torch._dynamo.reset()
