@@ -186,25 +186,30 @@ def _per_batch(graph: fx.Graph, node: fx.Node, key_axis: bool) -> fx.Node:
 
 
 def _bias(graph: fx.Graph, terms: list[ScoreTerm]) -> fx.Node | None:
-    """The bias the kernels add to the scores: the score terms replayed in program order on zero scores.
+    """The bias the kernels add to the scores: the score terms replayed in program order on zero scores, with
+    the scales between them where the program applies them (so sums overflow where eager's overflow).
 
-    An added term adds (times the scales applied after it); a masked_fill / where term overwrites what came
-    before it with -inf where it hides (so a NaN it hides never reaches the kernels), which the pass proves
-    exact (finite fills: flash_fx.exactness, per call)."""
-    total = None
+    An added term adds; a masked_fill / where term overwrites what came before it with -inf where it hides (so a
+    NaN it hides never reaches the kernels), which the pass proves exact (finite fills: flash_fx.exactness, per
+    call)."""
+    total, scale_after = None, 1.0
     for term in terms:
         op = term.op
+        own = op.factor if isinstance(op, AddBias) else 1.0  # baddbmm's beta scales its own input only
+        after = term.factor_after / own
+        if total is not None and after != scale_after:
+            total = graph.call_function(operator.mul, (total, scale_after / after))
+        scale_after = after
         if isinstance(op, MaskedFill):
             kept = total if total is not None else 0.0
             hidden = float("-inf")
             args = (op.mask, kept, hidden) if op.inverted else (op.mask, hidden, kept)
             total = graph.call_function(torch.where, args)
         else:
-            assert isinstance(op, AddBias)
-            part = op.bias
-            if term.factor_after != 1.0:
-                part = graph.call_function(operator.mul, (part, term.factor_after))
+            part = op.bias if own == 1.0 else graph.call_function(operator.mul, (op.bias, own))
             total = part if total is None else graph.call_function(operator.add, (total, part))
+    if total is not None and scale_after != 1.0:
+        total = graph.call_function(operator.mul, (total, scale_after))
     return total
 
 
