@@ -160,12 +160,12 @@ def _plan_and_rewrite(graph: fx.Graph, match: AttentionMatch, example_inputs: li
                       apply: bool) -> tuple[RewriteRecord, list[Proof]] | str:
     """Rewrite one match if its masks are supported and the cost model predicts a win; else the reason."""
     nq, nk = concrete(match.q_shape[-2]), concrete(match.k_shape[-2])
-    moved = _moved_read(match)
-    if moved is not None:
-        return moved
     masks = _decide_masks(graph, match, example_inputs, nq, nk)
     if isinstance(masks, str):
         return masks
+    moved = _moved_read(match, masks)
+    if moved is not None:
+        return moved
     variant = masks.variant
     if variant not in options.variants:
         return _not_allowed(variant, options)
@@ -206,32 +206,27 @@ def _plan_and_rewrite(graph: fx.Graph, match: AttentionMatch, example_inputs: li
     return record, masks.proofs
 
 
-def _moved_read(match: AttentionMatch) -> str | None:
-    """Why the rewrite may not move the reads of this attention's tensors to the op call, or None.
+def _moved_read(match: AttentionMatch, masks: MaskDecision) -> str | None:
+    """Why the rewrite may not read this attention's tensors where the op call stands, or None.
 
-    Eager reads q, k, v, masks and biases where the matched ops stand; the op reads them where P @ V stood and
-    keeps them for the backward. A write to any of them (or an alias) after the first matched op would change
-    what the op reads or the saved tensors its backward needs."""
-    reads = [match.q.node, match.k.node, match.v.node]
+    The op reads q, k, v (after looking through their scales, views and head expansion), the masks, biases,
+    ids and position terms where P @ V stood, and keeps some for the backward. Each must hold its own value
+    there: a write to it (or an alias) after its definition, anywhere in the program, would change what the op
+    reads (`q.mul_(s)` looked through as a scale of q) or the tensors its backward needs."""
+    reads = [match.q.node, match.k.node, match.v.node, *(term.tensor for term in match.terms)]
     reads += [f.factor for f in match.dynamic_scales if isinstance(getattr(f, "factor", None), fx.Node)]
-    for term in match.terms:
-        reads += _ancestor_tensors(term.tensor)
-    writer = writes_of(match.anchor.graph).written_after(reads, match.nodes[0])
-    if writer is None:
-        return None
-    return (f"an input of the attention is written in place at {location(writer)} ({writer.name}) while the "
-            "attention still reads it")
-
-
-def _ancestor_tensors(node: fx.Node) -> list[fx.Node]:
-    """`node` and every node it is computed from."""
-    seen, stack = [], [node]
-    while stack:
-        current = stack.pop()
-        if current not in seen:
-            seen.append(current)
-            stack.extend(current.all_input_nodes)
-    return seen
+    reads += [masks.key_valid.node] if masks.key_valid is not None else []
+    reads += list(masks.documents or ())
+    reads += [masks.alibi[0].slopes] if masks.alibi is not None else []
+    if masks.relative is not None:
+        reads += [a for a in masks.relative[0].lookup.all_input_nodes]
+    writes = writes_of(match.anchor.graph)
+    for node in reads:
+        writer = writes.written_after([node], node)
+        if writer is not None:
+            return (f"an input of the attention ({node.name}) is written in place at {location(writer)} "
+                    f"({writer.name}) after it is made")
+    return None
 
 
 def _plan(match: AttentionMatch, masks: MaskDecision, options: Options, device: cost.Device,

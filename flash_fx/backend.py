@@ -19,6 +19,7 @@ from torch import fx
 from flash_fx import exactness
 from flash_fx.attention_pass import PassResult, run_attention_pass
 from flash_fx.cache_salt import inductor_config_patches
+from flash_fx.kernels import AttentionInputError
 from flash_fx.options import Options, parse_options
 from flash_fx.patterns.mutation import Writes
 from flash_fx.report import Report, SkipRecord, record
@@ -124,8 +125,11 @@ class _Guarded:
             return self.original(*args)
         saved = [(args[i], args[i].detach().clone()) for i in self.written_inputs]
         exactness.take_inexact()
-        outputs = self._verified_call(args) if not self.verified else self.compiled(*args)
-        why = exactness.take_inexact()
+        try:
+            outputs = self._verified_call(args) if not self.verified else self.compiled(*args)
+            why = exactness.take_inexact()
+        except AttentionInputError as error:
+            outputs, why = None, self._input_error(error)
         if why is None:
             return outputs
         del outputs
@@ -154,6 +158,13 @@ class _Guarded:
         self._note(message)
         self.use_original = True
         return self.original(*args)
+
+    def _input_error(self, error: AttentionInputError) -> str:
+        """The report line for a call whose inputs the kernels could not take (its original ops run instead)."""
+        blocks = ", ".join(f"{r.variant} attention at {r.location}" for r in self.result.report.rewrites)
+        variants = sorted({r.variant for r in self.result.report.rewrites})
+        return (f"the kernels cannot take these inputs of the {blocks} ({error}); to keep flash_fx off such blocks, "
+                f"leave their variant out of options={{'variants': [...]}} (here {variants})")
 
     def _note(self, why: str) -> None:
         """Warn and add a report line, once per reason, that a call ran the original graph."""

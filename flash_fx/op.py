@@ -37,6 +37,7 @@ import torch
 
 from flash_fx import exactness, kernels
 from flash_fx.kernels.layout import masked_threshold
+from flash_fx.kernels.masks import AttentionInputError
 
 
 def _broadcast_qkv(
@@ -98,7 +99,7 @@ def _window(window: list[int] | None) -> tuple[int, int] | None:
     if window is None:
         return None
     if len(window) != 2:
-        raise ValueError(f"window must be [left, right], got {window}")
+        raise AttentionInputError(f"window must be [left, right], got {window}")
     return window[0], window[1]
 
 

@@ -80,11 +80,11 @@ from flash_fx.kernels import config, tiled_torch, tuning
 from flash_fx.kernels.config import Tiles
 from flash_fx.kernels.dropout import Dropout, dropout_keep_mask
 from flash_fx.kernels.layout import bias_layout
-from flash_fx.kernels.masks import Alibi, Masks, RelativeBias, tile_density
+from flash_fx.kernels.masks import Alibi, AttentionInputError, Masks, RelativeBias, tile_density
 from flash_fx.kernels.tuning import set_autotune, tuned_configs
 
-__all__ = ["attention_backward", "attention_forward", "dropout_keep_mask", "set_autotune", "tile_density",
-           "triton_failure", "triton_failures", "tuned_configs", "uses_triton"]
+__all__ = ["AttentionInputError", "attention_backward", "attention_forward", "dropout_keep_mask", "set_autotune",
+           "tile_density", "triton_failure", "triton_failures", "tuned_configs", "uses_triton"]
 
 _TRITON_FAILURES: dict[tuple, str] = {}  # configuration (see _configuration) -> why its Triton kernels failed
 _FORCED_TILED = contextvars.ContextVar("flash_fx_forced_tiled", default=False)
@@ -149,11 +149,11 @@ def _falls_back_to_tiled(entry: Callable) -> Callable:
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"expected 4-d q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise AttentionInputError(f"expected 4-d q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise AttentionInputError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+        raise AttentionInputError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
 
 
 def _expand_bias(bias: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
@@ -194,7 +194,7 @@ def _launch_tiles(q: torch.Tensor, k: torch.Tensor, block_m: int | None, block_n
 
 def _check_sparse_bias(sparse_bias: bool, bias: torch.Tensor | None) -> None:
     if sparse_bias and bias is None:
-        raise ValueError("sparse_bias=True needs a bias (the mask whose empty tiles are skipped)")
+        raise AttentionInputError("sparse_bias=True needs a bias (the mask whose empty tiles are skipped)")
 
 
 def _tiled_blocks(block_m: int | None, block_n: int | None, sparse_bias: bool) -> tuple[int, int]:
@@ -207,7 +207,8 @@ def _tiled_blocks(block_m: int | None, block_n: int | None, sparse_bias: bool) -
 
 def _check_triton_head_dim(q: torch.Tensor) -> None:
     if q.shape[-1] > config.MAX_HEAD_DIM:
-        raise ValueError(f"the Triton kernels support head dims up to {config.MAX_HEAD_DIM}, got {q.shape[-1]}")
+        raise AttentionInputError(f"the Triton kernels support head dims up to {config.MAX_HEAD_DIM}, "
+                                  f"got {q.shape[-1]}")
 
 
 @_falls_back_to_tiled
@@ -329,6 +330,9 @@ def attention_backward(
     with ``j - i + Nq - 1 = r`` (in the Triton kernels with float32 atomics: not bitwise deterministic).
     """
     _check_inputs(q, k, v)
+    if tuple(lse.shape) != (*q.shape[:3], 2):
+        raise AttentionInputError(f"lse must be the forward's [B, Hq, Nq, 2] log-sum-exp pairs "
+                                  f"{(*q.shape[:3], 2)}, got {tuple(lse.shape)}")
     _check_sparse_bias(sparse_bias, bias)
     bias = _expand_bias(bias, q, k)
     masks = Masks.build(q.shape[0], q.shape[2], k.shape[2], causal_offset=causal_offset, window=window,
@@ -337,7 +341,7 @@ def attention_backward(
     alibi = Alibi.build(alibi_slopes, alibi_symmetric, q.shape[0], q.shape[1], q.device)
     rel = RelativeBias.build(rel_bias, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
     if rel_bias_requires_grad and rel is None:
-        raise ValueError("rel_bias_requires_grad=True needs a rel_bias")
+        raise AttentionInputError("rel_bias_requires_grad=True needs a rel_bias")
     if q.numel() == 0 or k.numel() == 0:
         dbias = drel = None
         if bias_requires_grad:

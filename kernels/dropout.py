@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from flash_fx.kernels.masks import AttentionInputError
 
 __all__ = ["Dropout", "dropout_keep_mask", "keep_tile", "threshold"]
 
@@ -37,7 +38,7 @@ FMIX_C2 = 0xC2B2AE35
 def check_dropout_p(dropout_p: float) -> None:
     """Raise unless ``0 <= dropout_p < 1``."""
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+        raise AttentionInputError(f"dropout_p must lie in [0, 1), got {dropout_p}")
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,9 @@ class Dropout:
         if dropout_p == 0.0:
             return Dropout()
         if seed is None or not 0 <= seed < 2**31:
-            raise ValueError(f"dropout_p > 0 needs a seed in [0, 2**31), got {seed}")
+            raise AttentionInputError(f"dropout_p > 0 needs a seed in [0, 2**31), got {seed}")
         if offset < 0:
-            raise ValueError(f"the dropout offset must be non-negative, got {offset}")
+            raise AttentionInputError(f"the dropout offset must be non-negative, got {offset}")
         return Dropout(float(dropout_p), int(seed), int(offset))
 
     @property

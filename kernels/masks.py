@@ -26,7 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Alibi", "Masks", "RelativeBias", "doc_bounds", "tile_density"]
+__all__ = ["Alibi", "AttentionInputError", "Masks", "RelativeBias", "doc_bounds", "tile_density"]
+
+
+class AttentionInputError(ValueError):
+    """Inputs the attention kernels cannot take (a shape, dtype or device that does not fit). The backend
+    catches it at run time and runs the original ops for that call instead."""
 
 
 @dataclass(frozen=True)
@@ -64,10 +69,10 @@ class Masks:
             causal_offset = _clamp(causal_offset, reach)
         if key_valid is not None:
             if key_valid.dtype != torch.bool:
-                raise ValueError(f"key_valid must be a bool tensor, got {key_valid.dtype}")
+                raise AttentionInputError(f"key_valid must be a bool tensor, got {key_valid.dtype}")
             key_valid = _batch_rows(key_valid, batch, n_k, "key_valid")
         if (q_doc is None) != (k_doc is None):
-            raise ValueError("q_doc and k_doc must be given together")
+            raise AttentionInputError("q_doc and k_doc must be given together")
         docs_sorted = False
         if q_doc is not None and k_doc is not None:
             q_doc, k_doc = _int32_ids(q_doc, k_doc)
@@ -128,7 +133,8 @@ class Alibi:
             return None
         _check_float_tensor("alibi_slopes", slopes)
         if slopes.dim() != 2 or slopes.shape[0] not in (1, batch) or slopes.shape[1] not in (1, heads):
-            raise ValueError(f"alibi_slopes must have shape [{batch} or 1, {heads} or 1], got {tuple(slopes.shape)}")
+            raise AttentionInputError(f"alibi_slopes must have shape [{batch} or 1, {heads} or 1], "
+                                      f"got {tuple(slopes.shape)}")
         _check_device("alibi_slopes", slopes, device)
         return Alibi(slopes.detach().to(torch.float32).expand(batch, heads), bool(symmetric))
 
@@ -160,8 +166,9 @@ class RelativeBias:
         length = max(n_q + n_k - 1, 0)
         if (rel_bias.dim() != 3 or rel_bias.shape[0] not in (1, batch) or rel_bias.shape[1] not in (1, heads)
                 or rel_bias.shape[2] != length):
-            raise ValueError(f"rel_bias must have shape [{batch} or 1, {heads} or 1, {length}] (the Nq + Nk - 1 = "
-                             f"{n_q} + {n_k} - 1 relative positions), got {tuple(rel_bias.shape)}")
+            raise AttentionInputError(f"rel_bias must have shape [{batch} or 1, {heads} or 1, {length}] (the "
+                                      f"Nq + Nk - 1 = {n_q} + {n_k} - 1 relative positions), got "
+                                      f"{tuple(rel_bias.shape)}")
         _check_device("rel_bias", rel_bias, device)
         return RelativeBias(rel_bias.detach().expand(batch, heads, length), n_q)
 
@@ -186,14 +193,14 @@ class RelativeBias:
 
 def _check_float_tensor(name: str, value: object) -> None:
     if not isinstance(value, torch.Tensor):
-        raise ValueError(f"{name} must be a float tensor, got {type(value).__name__}")
+        raise AttentionInputError(f"{name} must be a float tensor, got {type(value).__name__}")
     if not value.dtype.is_floating_point:
-        raise ValueError(f"{name} must be a float tensor, got {value.dtype}")
+        raise AttentionInputError(f"{name} must be a float tensor, got {value.dtype}")
 
 
 def _check_device(name: str, value: torch.Tensor, device: torch.device) -> None:
     if value.device != device:
-        raise ValueError(f"{name} must be on {device}, like q, got {value.device}")
+        raise AttentionInputError(f"{name} must be on {device}, like q, got {value.device}")
 
 
 def _clamp(offset: int, reach: int) -> int:
@@ -205,7 +212,7 @@ def _int32_ids(q_doc: torch.Tensor, k_doc: torch.Tensor) -> tuple[torch.Tensor, 
     are replaced by their ranks among all ids (a ValueError for float ids)."""
     for name, ids in (("q_doc", q_doc), ("k_doc", k_doc)):
         if ids.dtype.is_floating_point or ids.dtype.is_complex:
-            raise ValueError(f"{name} must hold integer ids, got {ids.dtype}")
+            raise AttentionInputError(f"{name} must hold integer ids, got {ids.dtype}")
     if q_doc.dtype == torch.bool or k_doc.dtype == torch.bool:
         return q_doc.to(torch.int32), k_doc.to(torch.int32)
     both = torch.cat([q_doc.reshape(-1).long(), k_doc.reshape(-1).long()])
@@ -222,7 +229,7 @@ def _and(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
 
 def _batch_rows(x: torch.Tensor, batch: int, n: int, name: str) -> torch.Tensor:
     if x.dim() != 2 or x.shape[1] != n or x.shape[0] not in (1, batch):
-        raise ValueError(f"{name} must have shape [{batch} or 1, {n}], got {tuple(x.shape)}")
+        raise AttentionInputError(f"{name} must have shape [{batch} or 1, {n}], got {tuple(x.shape)}")
     return x.expand(batch, n)
 
 

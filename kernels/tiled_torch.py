@@ -34,7 +34,7 @@ import math
 import torch
 from flash_fx.kernels.dropout import Dropout, keep_tile
 from flash_fx.kernels.layout import EMPTY, FULL, BlockLayout
-from flash_fx.kernels.masks import Alibi, Masks, RelativeBias
+from flash_fx.kernels.masks import Alibi, AttentionInputError, Masks, RelativeBias
 
 NO_MASKS = Masks()
 NO_DROPOUT = Dropout()
@@ -378,7 +378,7 @@ def attention_backward(
     drel = None
     if rel_requires_grad:
         if rel is None:
-            raise ValueError("rel_requires_grad=True needs a relative-position bias (rel)")
+            raise AttentionInputError("rel_requires_grad=True needs a relative-position bias (rel)")
         drel = q.new_zeros((*q.shape[:2], q.shape[2] + n_k - 1), dtype=dtype)
 
     def add_drel(ds: torch.Tensor, rows: slice, cols: Columns) -> None:

@@ -29,6 +29,7 @@ from flash_fx.patterns.canonical import (
     canonicalize,
     swapped_last_two,
 )
+from flash_fx.patterns.mutation import returns_self
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
@@ -346,7 +347,8 @@ def _constant_factor(desc: object) -> float | None:
 def _strip_scales(operand: Operand) -> tuple[Operand, float]:
     """Fold constant scales on an operand (q * d**-0.5, k / 2, ...) into the attention scale."""
     node, factor = operand.node, 1.0
-    while (f := _constant_factor(canonicalize(node))) is not None:
+    # an in-place scale (`q.mul_(c)`) is q itself afterwards: reading its input would read the scaled q again
+    while returns_self(node) is None and (f := _constant_factor(canonicalize(node))) is not None:
         factor *= f
         node = canonicalize(node).x
     return Operand(node, operand.perm), factor

@@ -895,7 +895,7 @@ def test_sparse_bias_api(monkeypatch):
     with pytest.raises(ValueError, match="sparse_bias"):
         attention_forward(q, k, v, scale=0.25, sparse_bias=True)
     with pytest.raises(ValueError, match="sparse_bias"):
-        attention_backward(q, q, k, v, q, q[..., 0], scale=0.25, sparse_bias=True)
+        attention_backward(q, q, k, v, q, q[..., :2], scale=0.25, sparse_bias=True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     visible = torch.rand(3, 3, generator=torch.Generator().manual_seed(48)) < 0.5
     visible[:, 0] = True
@@ -1021,7 +1021,7 @@ def test_alibi_validation(backward):
 
     def call(slopes):
         if backward:
-            return attention_backward(q, q, k, v, q, q[..., 0], scale=0.25, alibi_slopes=slopes)
+            return attention_backward(q, q, k, v, q, q[..., :2], scale=0.25, alibi_slopes=slopes)
         return attention_forward(q, k, v, scale=0.25, alibi_slopes=slopes)
 
     bad = [
@@ -1179,7 +1179,7 @@ def test_rel_bias_validation(backward):
 
     def call(rel, **kwargs):
         if backward:
-            return attention_backward(q, q, k, v, q, q[..., 0], scale=0.25, rel_bias=rel, **kwargs)
+            return attention_backward(q, q, k, v, q, q[..., :2], scale=0.25, rel_bias=rel, **kwargs)
         return attention_forward(q, k, v, scale=0.25, rel_bias=rel)
 
     shape = r"rel_bias must have shape \[2 or 1, 4 or 1, 11\] \(the Nq \+ Nk - 1 = 5 \+ 7 - 1 relative positions\)"

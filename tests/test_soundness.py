@@ -70,8 +70,14 @@ def output_written(q, k, v):
     return o
 
 
+def query_scaled_in_place(q, k, v):
+    q = q * 1.0
+    q.mul_(0.5)  # q itself is scaled: the op must not read q and fold the scale a second time
+    return attend(q @ k.mT, v)
+
+
 @PATHS
-@pytest.mark.parametrize("fn", [reference_sdpa_bias, tril_in_place, setitem_mask, clamped_positions,
+@pytest.mark.parametrize("fn", [query_scaled_in_place, reference_sdpa_bias, tril_in_place, setitem_mask, clamped_positions,
                                 scores_add_in_place, scores_masked_fill_in_place, output_written],
                          ids=lambda f: f.__name__)
 def test_writes_in_place_are_seen(fn, path):
@@ -369,4 +375,26 @@ def test_verify_does_not_compare_two_dropout_draws():
                              options={"inner": "eager", "report": False, "force": True, "verify": True})
     compiled(*qkv(grad=False))
     assert any("verify: not compared" in reason for reason in skips(flash_fx.reports()))
+    torch._dynamo.reset()
+
+
+def test_inputs_the_kernels_cannot_take_run_the_original_ops(monkeypatch):
+    """A run-time input error of the kernels never reaches the user: the call runs the original ops, and the
+    warning names the model line and the option that keeps flash_fx off the block."""
+    import flash_fx
+    from flash_fx import kernels
+
+    def refuses(*args, **kwargs):
+        raise kernels.AttentionInputError("q_doc must have shape [2 or 1, 8], got (3, 8)")
+
+    def fn(q, k, v):
+        return attend(q @ k.mT, v)
+
+    q, k, v = qkv(grad=False)
+    torch._dynamo.reset()
+    flash_fx.clear_reports()
+    compiled = torch.compile(fn, backend="flash_fx", options={"inner": "eager", "report": False, "force": True})
+    monkeypatch.setattr(kernels, "attention_forward", refuses)
+    with pytest.warns(UserWarning, match=r"dense attention at test_soundness.py:\d+ .*'variants'"):
+        torch.testing.assert_close(compiled(q, k, v), fn(q, k, v))
     torch._dynamo.reset()

@@ -1,6 +1,6 @@
 """Differential soundness fuzzing: masks, biases and positions built the ways model code builds them
-(functional and in place, finite and infinite fills, added or filled, combined terms, rows dead by combination,
-Nq != Nk, broadcasts, NaN in hidden positions, rescaled fills), compiled with force=True so the rewrite is
+(functional and in place, finite and infinite fills, added, filled or SDPA masks, combined terms, rows dead by
+combination, Nq != Nk, broadcast K/V heads, NaN in hidden positions, rescaled fills, positions clamped in place), compiled with force=True so the rewrite is
 exercised, on both kernel paths; output and input gradients must equal eager's (NaN exactly where eager has NaN;
 the documented exception: rows that -inf hides entirely have finite gradients where eager's are NaN).
 
@@ -26,9 +26,12 @@ D = 8
 class Program:
     structure: str  # which keys the mask keeps visible
     build: str  # how the mask tensor is built: functional, in place, or by index assignment
-    apply: str  # masked_fill / where (replace the score) or added (a 0 / fill bias)
+    apply: str  # masked_fill / where / in-place masked_fill_ (replace the score), added (a 0 / fill bias), or
+    # SDPA's attn_mask (bool, or a 0 / fill float mask)
     fill: float
-    second: str  # a second term: none, added padding, a bias (before the mask, NaN where it hides), a bias after
+    second: str  # a second term: none, added padding, a bias (before the mask, NaN where it hides), a bias after,
+    # ALiBi-like positions clamped in place
+    kv_heads: int  # 1: K and V broadcast over the query heads
     factor: float  # a scale applied after the mask terms
     dead: bool  # the padding hides every key of one batch row
     path: str
@@ -45,9 +48,10 @@ def programs(draw) -> Program:
     n_k = n_q if structure == "causal" else draw(st.integers(1, 9))
     return Program(
         structure=structure, build=draw(st.sampled_from(["functional", "in_place", "setitem"])),
-        apply=draw(st.sampled_from(["masked_fill", "where", "added"])),
+        apply=draw(st.sampled_from(["masked_fill", "where", "added", "masked_fill_", "sdpa_bool", "sdpa_float"])),
         fill=draw(st.sampled_from([-math.inf, MIN, -1e9, -1e4])),
-        second=draw(st.sampled_from(["none", "added_padding", "bias_before", "bias_after"])),
+        second=draw(st.sampled_from(["none", "added_padding", "bias_before", "bias_after", "alibi_clamped"])),
+        kv_heads=draw(st.sampled_from([1, 2])),
         factor=draw(st.sampled_from([1.0, 0.5, 1e-4])), dead=draw(st.booleans()),
         path=draw(st.sampled_from(["triton", "tiled"])), batch=draw(st.integers(1, 2)), n_q=n_q, n_k=n_k,
     )
@@ -89,13 +93,21 @@ def visible_mask(p: Program, valid: torch.Tensor, ids_q: torch.Tensor, ids_k: to
 
 def make(p: Program):
     def fn(q, k, v, valid, ids_q, ids_k, random, bias):
-        s = q @ k.mT * D**-0.5
         visible = visible_mask(p, valid, ids_q, ids_k, random)
+        if p.apply.startswith("sdpa"):
+            mask = visible
+            if visible is not None and p.apply == "sdpa_float":
+                mask = torch.where(visible, 0.0, p.fill)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                    enable_gqa=p.kv_heads == 1) * p.factor
+        s = q @ k.mT * D**-0.5
         if p.second == "bias_before":
             s = s + bias
         if visible is not None:
             if p.apply == "masked_fill":
                 s = s.masked_fill(~visible, p.fill)
+            elif p.apply == "masked_fill_":
+                s.masked_fill_(~visible, p.fill)
             elif p.apply == "where":
                 s = torch.where(visible, s, p.fill)
             elif p.build == "in_place":
@@ -108,6 +120,10 @@ def make(p: Program):
             s = s + torch.where(valid[:, None, None, :], 0.0, p.fill)
         if p.second == "bias_after":
             s = s + bias
+        if p.second == "alibi_clamped":
+            positions = (torch.arange(p.n_k)[None, :] - torch.arange(p.n_q)[:, None]).float()
+            positions.clamp_(max=0)
+            s = s + torch.tensor([0.5, 0.25])[:, None, None] * positions
         return (s * p.factor).softmax(-1) @ v
 
     return fn
@@ -117,7 +133,7 @@ def inputs(p: Program) -> list:
     torch.manual_seed(p.n_q * 100 + p.n_k)
     heads = 2
     q = torch.randn(p.batch, heads, p.n_q, D, requires_grad=True)
-    k, v = (torch.randn(p.batch, heads, p.n_k, D, requires_grad=True) for _ in range(2))
+    k, v = (torch.randn(p.batch, p.kv_heads, p.n_k, D, requires_grad=True) for _ in range(2))
     valid = torch.ones(p.batch, p.n_k, dtype=torch.bool)
     valid[0, : max(1, p.n_k // 3)] = False
     if p.dead:
@@ -126,7 +142,7 @@ def inputs(p: Program) -> list:
     ids_k = torch.arange(p.n_k).div(3, rounding_mode="floor")[None].expand(p.batch, -1).contiguous()
     random = torch.rand(p.n_q, p.n_k) > 0.4
     bias = torch.randn(p.n_q, p.n_k)
-    if p.second == "bias_before" and p.fill == -math.inf and p.apply != "added":
+    if p.second == "bias_before" and p.fill == -math.inf and p.apply in ("masked_fill", "masked_fill_", "where"):
         visible = visible_mask(p, valid, ids_q, ids_k, random)
         if visible is not None and visible.dim() == 2:
             bias = bias.masked_fill(~visible, float("nan"))  # eager overwrites these
