@@ -2,7 +2,10 @@
 (functional and in place, finite and infinite fills, added, filled or SDPA masks, combined terms, rows dead by
 combination, Nq != Nk, broadcast K/V heads, NaN in hidden positions, rescaled fills, positions clamped in place), compiled with force=True so the rewrite is
 exercised, on both kernel paths; output and input gradients must equal eager's (NaN exactly where eager has NaN;
-the documented exception: rows that -inf hides entirely have finite gradients where eager's are NaN).
+the documented exception: rows that -inf hides entirely have finite gradients where eager's are NaN). Where a
+finite fill is not entirely absorbed by float32 rounding, implementations of eager round it differently (SDPA's
+CPU kernel gives such a row's dq twice the softmax program's); a result that differs from eager's there passes
+within SPEC's bound against the program run in float64.
 
 Derandomized in CI (FLASH_FX_SOUNDNESS_EXAMPLES, default 300); a longer search:
 FLASH_FX_SOUNDNESS_EXAMPLES=3000 python -m pytest tests/test_soundness_fuzz.py
@@ -97,7 +100,7 @@ def make(p: Program):
         if p.apply.startswith("sdpa"):
             mask = visible
             if visible is not None and p.apply == "sdpa_float":
-                mask = torch.where(visible, 0.0, p.fill)
+                mask = torch.where(visible, 0.0, p.fill).to(q.dtype)
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                                     enable_gqa=p.kv_heads == 1) * p.factor
         s = q @ k.mT * D**-0.5
@@ -153,4 +156,4 @@ def inputs(p: Program) -> list:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(programs())
 def test_compiled_equals_eager(p: Program):
-    compare(make(p), *inputs(p), path=p.path, dead_rows=True)
+    compare(make(p), *inputs(p), path=p.path, dead_rows=True, reference64=True)
