@@ -24,6 +24,7 @@ import torch
 
 LARGEST_MASK_FILL = -1e4  # a masked_fill / where value (after later scales) at or below this may be a mask
 UNDERFLOW_MARGIN = 110.0  # exp(-110) rounds to 0 in float32 (below half its smallest subnormal, e^-103.97)
+ROUNDING = 2.0**-20  # relative slack for float32 rounding (8 units in the last place) in the check
 
 _state = threading.local()
 
@@ -53,8 +54,9 @@ def check_call(lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float
     `excluded_fill` is the largest finite value eager gives an entry that the call excluded (None: only -inf
     fills were excluded). An excluded entry's eager score is at most `excluded_fill` plus a bound of the
     scores (Cauchy-Schwarz: scale * max |q_i| * max |k_j|) plus the largest additive terms; the row's visible
-    maximum is at least lse - log(Nk). A bias holding NaN or +inf (which eager may overwrite, or spread from an
-    entry the kernels exclude) is also not proved.
+    maximum is at least lse - log(Nk), less a few float32 units in the last place (so a row whose visible entries
+    are themselves fills, dead by a combination of masks, never passes by rounding). A bias holding NaN or +inf
+    (which eager may overwrite, or spread from an entry the kernels exclude) is also not proved.
     """
     bias_max = 0.0
     if bias is not None and bias.numel():
@@ -72,7 +74,9 @@ def check_call(lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float
     if rel_bias is not None and rel_bias.numel():
         bound += float(rel_bias.detach().abs().max())
     lowest = float(lse[..., 0].min())
-    if not lowest - math.log(max(n_k, 1)) - UNDERFLOW_MARGIN > bound:
+    # float32 rounding of the log-sum-exp and of the fills: a few units in the last place of the larger magnitude
+    slack = ROUNDING * (abs(lowest) + abs(bound)) if math.isfinite(lowest) and math.isfinite(bound) else math.inf
+    if not lowest - math.log(max(n_k, 1)) - UNDERFLOW_MARGIN - slack > bound:
         note_inexact("a row is hidden entirely by a finite fill, or a finite fill is not negligible beside its "
                      "row's scores")
 

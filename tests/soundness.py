@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -53,19 +53,21 @@ def max_error(actual: torch.Tensor | None, expected: torch.Tensor | None, finite
 
 
 def compare(fn: Callable, *inputs, path: str = "triton", tol: float = 1e-4, dead_rows: bool = False,
-            reference64: bool = False) -> list:
+            reference64: bool = False, eager_context: Callable = nullcontext) -> list:
     """Compile `fn` (force=True, inner eager), compare outputs and input gradients with eager; return the
     reports. Fails if a Triton test ran the tiled fallback. dead_rows: rows that -inf hides entirely may have
     finite gradients where eager's are NaN (SPEC). reference64: a result that differs from eager's in float32 still
     passes within SPEC's bound against the program run in float64 (at most 2x eager's error + 1e-6; finite fills
-    that the scores do not entirely absorb round differently in each implementation of eager, SDPA's included)."""
+    that the scores do not entirely absorb round differently in each implementation of eager, SDPA's included).
+    eager_context: entered around eager's runs (e.g. SDPA's math backend, the definition flash_fx follows)."""
     torch._dynamo.reset()
     flash_fx.clear_reports()
     leaves = [x.detach().clone().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
               for x in inputs]
     twins = [x.detach().clone().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
              for x in inputs]
-    expected = fn(*leaves)
+    with eager_context():
+        expected = fn(*leaves)
     wide = [x.detach().double().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor)
             and x.dtype.is_floating_point else x for x in inputs] if reference64 else None
     with kernel_path(path):
@@ -77,7 +79,8 @@ def compare(fn: Callable, *inputs, path: str = "triton", tol: float = 1e-4, dead
             expected.backward(grad)
             actual.backward(grad)
             if wide is not None:
-                reference = fn(*wide)
+                with eager_context():
+                    reference = fn(*wide)
                 reference.backward(grad.double())
                 pairs["out"] = (actual, expected, reference)
             for i, (leaf, twin) in enumerate(zip(leaves, twins, strict=True)):
