@@ -47,16 +47,18 @@ def take_inexact() -> str | None:
 
 
 def check_call(lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None,
-               excluded_fill: float | None, alibi_slopes: torch.Tensor | None,
-               rel_bias: torch.Tensor | None) -> None:
+               excluded_fill: float | None, alibi_slopes: torch.Tensor | None, rel_bias: torch.Tensor | None,
+               layout_threshold: float | None = None) -> None:
     """Record (note_inexact) when this call's result may differ from eager's.
 
-    `excluded_fill` is the largest finite value eager gives an entry that the call excluded (None: only -inf
-    fills were excluded). An excluded entry's eager score is at most `excluded_fill` plus a bound of the
-    scores (Cauchy-Schwarz: scale * max |q_i| * max |k_j|) plus the largest additive terms; the row's visible
-    maximum is at least lse - log(Nk), less a few float32 units in the last place (so a row whose visible entries
-    are themselves fills, dead by a combination of masks, never passes by rounding). A bias holding NaN or +inf
-    (which eager may overwrite, or spread from an entry the kernels exclude) is also not proved.
+    `excluded_fill` is the largest finite value eager gives an entry that the masks exclude (None: only -inf
+    fills were excluded); `layout_threshold` the bias value at or below which a block layout skips entries (None:
+    no layout). An excluded entry's eager score is at most the fill plus a bound of the scores (Cauchy-Schwarz:
+    scale * max |q_i| * max |k_j|) plus the largest additive terms; the row's visible maximum is at least
+    lse - log(Nk), less a few float32 units in the last place (so a row whose visible entries are themselves fills,
+    dead by a combination of masks, never passes by rounding). A layout skips nothing in a query tile holding a
+    row that the bias hides entirely, so such rows are exact unless the masks exclude entries too. A bias holding
+    NaN or +inf (which eager may overwrite, or spread from an entry the kernels exclude) is not proved either.
     """
     bias_max = 0.0
     if bias is not None and bias.numel():
@@ -65,15 +67,22 @@ def check_call(lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float
             note_inexact("the bias holds NaN or +inf")
             return
         bias_max = max(top, 0.0)
-    if excluded_fill is None or lse.numel() == 0:
+    fills = [f for f in (excluded_fill, layout_threshold) if f is not None]
+    if not fills or lse.numel() == 0:
         return
+    rows = lse[..., 0]
+    if excluded_fill is None and bias is not None:  # only the layout excludes: rows it keeps whole are exact
+        hidden_by_bias = bias.detach().amax(-1).expand(rows.shape) <= layout_threshold
+        rows = rows[~hidden_by_bias]
+        if rows.numel() == 0:
+            return
     n_k = k.shape[-2]
-    bound = excluded_fill + bias_max + scale * float(_row_norms(q).max()) * float(_row_norms(k).max())
+    bound = max(fills) + bias_max + scale * float(_row_norms(q).max()) * float(_row_norms(k).max())
     if alibi_slopes is not None:
         bound += float(alibi_slopes.detach().abs().max()) * (q.shape[-2] + n_k)
     if rel_bias is not None and rel_bias.numel():
         bound += float(rel_bias.detach().abs().max())
-    lowest = float(lse[..., 0].min())
+    lowest = float(rows.min())
     # float32 rounding of the log-sum-exp and of the fills: a few units in the last place of the larger magnitude
     slack = ROUNDING * (abs(lowest) + abs(bound)) if math.isfinite(lowest) and math.isfinite(bound) else math.inf
     if not lowest - math.log(max(n_k, 1)) - UNDERFLOW_MARGIN - slack > bound:

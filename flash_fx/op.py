@@ -31,8 +31,6 @@ h, j - i + Nq - 1]`: a learned relative-position bias (T5) read per relative pos
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from flash_fx import exactness, kernels
@@ -88,9 +86,8 @@ def attention(
         window=_window(window), key_valid=key_valid, q_doc=q_doc, k_doc=k_doc, dropout_p=dropout_p, seed=seed,
         sparse_bias=sparse_bias, alibi_slopes=alibi_slopes, alibi_symmetric=alibi_symmetric, rel_bias=rel_bias,
     )
-    if sparse_bias and bias is not None:  # the layout skips entries at or below its threshold: a finite fill
-        excluded_fill = max(excluded_fill if excluded_fill is not None else -math.inf, masked_threshold(bias.dtype))
-    exactness.check_call(lse, q, k, scale, bias, excluded_fill, alibi_slopes, rel_bias)
+    layout_threshold = masked_threshold(bias.dtype) if sparse_bias and bias is not None else None
+    exactness.check_call(lse, q, k, scale, bias, excluded_fill, alibi_slopes, rel_bias, layout_threshold)
     return out.contiguous(), lse.contiguous(), torch.tensor([seed], dtype=torch.int64)
 
 

@@ -168,6 +168,18 @@ def test_rows_hidden_by_a_combination_of_masks(form, path):
 
 
 @PATHS
+def test_added_finite_mask_with_dead_rows_stays_on_the_kernels(path):
+    """transformers' eager mask (causal & left padding, added as 0 / finfo.min): rows with no visible key are
+    eager's uniform average, which the bias variant computes itself; its layout keeps such rows' tiles whole."""
+    def fn(q, k, v, valid):
+        visible = torch.ones(N, N, dtype=torch.bool).tril() & valid[:, None, None, :]
+        return attend(q @ k.mT + torch.where(visible, 0.0, MIN), v)
+
+    reports = compare(fn, *qkv(), left_padding(), path=path)
+    assert variants(reports) == ["bias"] and not reran(reports)
+
+
+@PATHS
 def test_rows_not_hidden_run_the_kernels(path):
     def fn(q, k, v):
         causal = torch.ones(N, N, dtype=torch.bool).tril()
