@@ -1,6 +1,7 @@
 """Differential soundness fuzzing: masks, biases and positions built the ways model code builds them
 (functional and in place, finite and infinite fills, added, filled or SDPA masks, combined terms, rows dead by
-combination, Nq != Nk, broadcast K/V heads, NaN in hidden positions, rescaled fills, positions clamped in place), compiled with force=True so the rewrite is
+combination, Nq != Nk, broadcast K/V heads, NaN in hidden positions, rescaled fills, positions clamped in place, casts of the
+scores), compiled with force=True so the rewrite is
 exercised, on both kernel paths; output and input gradients must equal eager's (NaN exactly where eager has NaN;
 the documented exception: rows that -inf hides entirely have finite gradients where eager's are NaN). Where a
 finite fill is not entirely absorbed by float32 rounding, implementations of eager round it differently; a result
@@ -38,6 +39,7 @@ class Program:
     second: str  # a second term: none, added padding, a bias (before the mask, NaN where it hides), a bias after,
     # ALiBi-like positions clamped in place
     kv_heads: int  # 1: K and V broadcast over the query heads
+    cast: str  # a cast of the scores before the softmax: none, .float() (a no-op here), through float16 or int32
     factor: float  # a scale applied after the mask terms
     dead: bool  # the padding hides every key of one batch row
     path: str
@@ -58,6 +60,7 @@ def programs(draw) -> Program:
         fill=draw(st.sampled_from([-math.inf, MIN, -1e9, -1e4])),
         second=draw(st.sampled_from(["none", "added_padding", "bias_before", "bias_after", "alibi_clamped"])),
         kv_heads=draw(st.sampled_from([1, 2])),
+        cast=draw(st.sampled_from(["none", "none", "float", "half_round_trip", "int_round_trip"])),
         factor=draw(st.sampled_from([1.0, 0.5, 1e-4])), dead=draw(st.booleans()),
         path=draw(st.sampled_from(["triton", "tiled"])), batch=draw(st.integers(1, 2)), n_q=n_q, n_k=n_k,
     )
@@ -130,7 +133,14 @@ def make(p: Program):
             positions = (torch.arange(p.n_k)[None, :] - torch.arange(p.n_q)[:, None]).float()
             positions.clamp_(max=0)
             s = s + torch.tensor([0.5, 0.25])[:, None, None] * positions
-        return (s * p.factor).softmax(-1) @ v
+        s = s * p.factor
+        if p.cast == "float":
+            s = s.float().to(v.dtype)
+        elif p.cast == "half_round_trip":
+            s = s.half().to(v.dtype)
+        elif p.cast == "int_round_trip":
+            s = (s * 4).to(torch.int32).to(v.dtype)
+        return s.softmax(-1) @ v
 
     return fn
 
