@@ -48,7 +48,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], options: Option
     if not result.report.rewrites:
         return _inner_compile(options.inner, gm, example_inputs)
     compiled = _inner_compile(options.inner, rewritten, example_inputs)
-    return _Guarded(compiled, gm, result, options)
+    return _Guarded(compiled, gm, result, options, rewritten)
 
 
 def explain(model: Callable, *example_inputs: Any, **options: Any) -> list[Report]:
@@ -107,14 +107,18 @@ class _Guarded:
     - verify: on the first call, compare with the original graph (SPEC.md tolerances).
     """
 
-    def __init__(self, compiled: Callable, original: fx.GraphModule, result: PassResult, options: Options):
+    def __init__(self, compiled: Callable, original: fx.GraphModule, result: PassResult, options: Options,
+                 rewritten: fx.GraphModule):
         self.compiled = compiled
         self.original = original
         self.result = result
         self.options = options
         self.use_original = False
         self.verified = not options.verify
-        self.written_inputs = written_inputs(original)
+        # inputs the graph writes are copied before each call, to restore them for a rerun, only where an op
+        # checks its result at run time (a copy of a static KV cache per call is not free)
+        self.written_inputs = written_inputs(original) if _checks_at_run_time(
+            [m.graph for m in rewritten.modules() if isinstance(m, fx.GraphModule)]) else []
         self.reported: set[str] = set()
 
     def __call__(self, *args: Any) -> Any:
@@ -129,6 +133,8 @@ class _Guarded:
             outputs = self._verified_call(args) if not self.verified else self.compiled(*args)
             why = exactness.take_inexact()
         except AttentionInputError as error:
+            if written_inputs(self.original) and not saved:  # its writes to its inputs cannot be undone
+                raise RuntimeError(f"flash_fx: {self._input_error(error)}") from error
             outputs, why = None, self._input_error(error)
         if why is None:
             return outputs
@@ -174,6 +180,18 @@ class _Guarded:
         warnings.warn(f"flash_fx: graph {self.result.report.graph_id} ran its original ops on a call: {why}",
                       stacklevel=3)
         self.result.report.skipped.append(SkipRecord("<graph>", f"original ops run at run time when: {why}"))
+
+
+def _checks_at_run_time(graphs: list[fx.Graph]) -> bool:
+    """Whether some attention op call of these graphs proves its result at run time (flash_fx.exactness)."""
+    for graph in graphs:
+        for node in graph.nodes:
+            if node.target is torch.ops.flash_fx.attention.default:
+                structural = node.args[5] is not None or any(
+                    node.kwargs.get(name) is not None for name in ("window", "key_valid", "q_doc"))
+                if exactness.is_checked(node.kwargs.get("excluded_fill"), node.args[3] is not None, structural):
+                    return True
+    return False
 
 
 def written_inputs(gm: fx.GraphModule) -> list[int]:

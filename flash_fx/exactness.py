@@ -46,48 +46,79 @@ def take_inexact() -> str | None:
     return reason
 
 
+def layout_is_exact(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor,
+                    alibi_slopes: torch.Tensor | None, rel_bias: torch.Tensor | None, threshold: float) -> bool:
+    """Whether a block layout of `bias` (skipping entries at or below `threshold`) leaves eager's result exact,
+    decided from the inputs alone (so the forward and the backward decide alike; the op runs the dense bias pass
+    otherwise, which is exact).
+
+    The layout keeps whole every query tile holding a row that the bias hides entirely. Any other row has a bias
+    entry above the threshold; the entries it skips are at or below it, so their scores trail that entry's by at
+    least the gap between the two bias values less twice a bound of the scores (Cauchy-Schwarz) and the position
+    terms: more than UNDERFLOW_MARGIN (plus rounding slack) makes every skipped probability 0 in float32."""
+    row_max = bias.detach().amax(-1).float()
+    live = row_max > threshold  # NaN rows are not live: kept whole, they propagate NaN as eager does
+    if not bool(live.any()):
+        return True
+    lowest = float(row_max[live].min())
+    terms = 2 * _score_bound(q, k, scale) + _position_bound(q, k, alibi_slopes, rel_bias)
+    slack = ROUNDING * (abs(lowest) + abs(threshold))
+    return lowest - threshold - slack > terms + UNDERFLOW_MARGIN
+
+
+def is_checked(excluded_fill: float | None, has_bias: bool, structural: bool) -> bool:
+    """Whether a call with these arguments proves anything at run time (and so may ask for the original ops)."""
+    return excluded_fill is not None or (has_bias and structural)
+
+
 def check_call(lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None,
                excluded_fill: float | None, alibi_slopes: torch.Tensor | None, rel_bias: torch.Tensor | None,
-               layout_threshold: float | None = None) -> None:
+               structural: bool) -> None:
     """Record (note_inexact) when this call's result may differ from eager's.
 
     `excluded_fill` is the largest finite value eager gives an entry that the masks exclude (None: only -inf
-    fills were excluded); `layout_threshold` the bias value at or below which a block layout skips entries (None:
-    no layout). An excluded entry's eager score is at most the fill plus a bound of the scores (Cauchy-Schwarz:
-    scale * max |q_i| * max |k_j|) plus the largest additive terms; the row's visible maximum is at least
-    lse - log(Nk), less a few float32 units in the last place (so a row whose visible entries are themselves fills,
-    dead by a combination of masks, never passes by rounding). A layout skips nothing in a query tile holding a
-    row that the bias hides entirely, so such rows are exact unless the masks exclude entries too. A bias holding
-    NaN or +inf (which eager may overwrite, or spread from an entry the kernels exclude) is not proved either.
+    fills were excluded). An excluded entry's eager score is at most the fill plus a bound of the scores
+    (Cauchy-Schwarz: scale * max |q_i| * max |k_j|) plus the largest additive terms; the row's visible maximum is
+    at least lse - log(Nk), less a few float32 units in the last place (so a row whose visible entries are
+    themselves fills, dead by a combination of masks, never passes by rounding). With `structural` masks (which
+    replace the scores they hide) a bias holding NaN or +inf is not proved either: eager spreads it where such a
+    mask came first, the kernels do not.
     """
+    if not is_checked(excluded_fill, bias is not None, structural):
+        return
     bias_max = 0.0
     if bias is not None and bias.numel():
         top = float(bias.detach().max())
         if math.isnan(top) or top == math.inf:
-            note_inexact("the bias holds NaN or +inf")
+            note_inexact("the bias holds NaN or +inf beside masks that replace the scores")
             return
         bias_max = max(top, 0.0)
-    fills = [f for f in (excluded_fill, layout_threshold) if f is not None]
-    if not fills or lse.numel() == 0:
+    if excluded_fill is None or lse.numel() == 0:
         return
-    rows = lse[..., 0]
-    if excluded_fill is None and bias is not None:  # only the layout excludes: rows it keeps whole are exact
-        hidden_by_bias = bias.detach().amax(-1).expand(rows.shape) <= layout_threshold
-        rows = rows[~hidden_by_bias]
-        if rows.numel() == 0:
-            return
     n_k = k.shape[-2]
-    bound = max(fills) + bias_max + scale * float(_row_norms(q).max()) * float(_row_norms(k).max())
-    if alibi_slopes is not None:
-        bound += float(alibi_slopes.detach().abs().max()) * (q.shape[-2] + n_k)
-    if rel_bias is not None and rel_bias.numel():
-        bound += float(rel_bias.detach().abs().max())
-    lowest = float(rows.min())
+    bound = excluded_fill + bias_max + _score_bound(q, k, scale) + _position_bound(q, k, alibi_slopes, rel_bias)
+    lowest = float(lse[..., 0].min())
     # float32 rounding of the log-sum-exp and of the fills: a few units in the last place of the larger magnitude
     slack = ROUNDING * (abs(lowest) + abs(bound)) if math.isfinite(lowest) and math.isfinite(bound) else math.inf
     if not lowest - math.log(max(n_k, 1)) - UNDERFLOW_MARGIN - slack > bound:
         note_inexact("a row is hidden entirely by a finite fill, or a finite fill is not negligible beside its "
                      "row's scores")
+
+
+def _score_bound(q: torch.Tensor, k: torch.Tensor, scale: float) -> float:
+    """A bound of |q_i . k_j| * scale over all pairs (Cauchy-Schwarz)."""
+    return abs(scale) * float(_row_norms(q).max()) * float(_row_norms(k).max())
+
+
+def _position_bound(q: torch.Tensor, k: torch.Tensor, alibi_slopes: torch.Tensor | None,
+                    rel_bias: torch.Tensor | None) -> float:
+    """A bound of the ALiBi and relative-position terms' magnitude."""
+    bound = 0.0
+    if alibi_slopes is not None and alibi_slopes.numel():
+        bound += float(alibi_slopes.detach().abs().max()) * (q.shape[-2] + k.shape[-2])
+    if rel_bias is not None and rel_bias.numel():
+        bound += float(rel_bias.detach().abs().max())
+    return bound
 
 
 def _row_norms(x: torch.Tensor) -> torch.Tensor:

@@ -81,14 +81,24 @@ def attention(
     each call proves its exclusions exact or records why not (flash_fx.exactness)."""
     q, k, v = _broadcast_qkv(q, k, v)
     seed = draw_seed() if dropout_p > 0 else 0
+    sparse_bias = _layout_is_exact(q, k, scale, bias, sparse_bias, alibi_slopes, rel_bias)
     out, lse = kernels.attention_forward(
         q, k, v, scale=scale, causal_offset=causal_offset, bias=bias, kv_heads_tiled=kv_heads_tiled,
         window=_window(window), key_valid=key_valid, q_doc=q_doc, k_doc=k_doc, dropout_p=dropout_p, seed=seed,
         sparse_bias=sparse_bias, alibi_slopes=alibi_slopes, alibi_symmetric=alibi_symmetric, rel_bias=rel_bias,
     )
-    layout_threshold = masked_threshold(bias.dtype) if sparse_bias and bias is not None else None
-    exactness.check_call(lse, q, k, scale, bias, excluded_fill, alibi_slopes, rel_bias, layout_threshold)
+    structural = causal_offset is not None or window is not None or key_valid is not None or q_doc is not None
+    exactness.check_call(lse, q, k, scale, bias, excluded_fill, alibi_slopes, rel_bias, structural)
     return out.contiguous(), lse.contiguous(), torch.tensor([seed], dtype=torch.int64)
+
+
+def _layout_is_exact(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None, sparse_bias: bool,
+                     alibi_slopes: torch.Tensor | None, rel_bias: torch.Tensor | None) -> bool:
+    """Whether this call skips the bias's empty tiles: asked for, and exact on these inputs (else the dense bias
+    pass runs; the forward and the backward decide alike from the same inputs)."""
+    if not sparse_bias or bias is None:
+        return False
+    return exactness.layout_is_exact(q, k, scale, bias, alibi_slopes, rel_bias, masked_threshold(bias.dtype))
 
 
 def _window(window: list[int] | None) -> tuple[int, int] | None:
@@ -143,6 +153,7 @@ def attention_backward(
     expanded to [B, H, Nq + Nk - 1] if `rel_bias_requires_grad`.
     """
     q, k, v = _broadcast_qkv(q, k, v)
+    sparse_bias = _layout_is_exact(q, k, scale, bias, sparse_bias, alibi_slopes, rel_bias)
     dq, dk, dv, dbias, drel = kernels.attention_backward(
         grad_out, q, k, v, out, lse, scale=scale, causal_offset=causal_offset, bias=bias,
         bias_requires_grad=bias_requires_grad, kv_heads_tiled=kv_heads_tiled, window=_window(window),

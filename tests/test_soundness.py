@@ -410,3 +410,22 @@ def test_inputs_the_kernels_cannot_take_run_the_original_ops(monkeypatch):
     with pytest.warns(UserWarning, match=r"dense attention at test_soundness.py:\d+ .*'variants'"):
         torch.testing.assert_close(compiled(q, k, v), fn(q, k, v))
     torch._dynamo.reset()
+
+
+def test_block_layout_is_used_only_where_it_is_exact():
+    """The layout skips entries at or below its threshold; it is used only where every row that keeps a visible
+    entry beats the skipped ones by more than the scores can make up (decided from the inputs, forward and
+    backward alike); elsewhere the dense bias pass runs."""
+    from flash_fx.exactness import layout_is_exact
+    from flash_fx.kernels.layout import masked_threshold
+
+    q, k, _ = qkv(grad=False)
+    threshold = masked_threshold(torch.float32)
+    bias = torch.zeros(N, N).masked_fill(torch.ones(N, N, dtype=torch.bool).triu(1), MIN)
+    bias[3] = MIN  # a row the bias hides entirely: the layout keeps its tile whole
+    assert layout_is_exact(q, k, D**-0.5, bias, None, None, threshold)
+    near = bias.clone()
+    near[~torch.ones(N, N, dtype=torch.bool).triu(1)] = threshold * (1 - 2**-20)  # visible entries near the fills
+    assert not layout_is_exact(q * 1e14, k * 1e14, D**-0.5, near, None, None, threshold)
+    slopes = torch.full((1, H), 1e36)
+    assert not layout_is_exact(q, k, D**-0.5, bias, slopes, None, threshold)
