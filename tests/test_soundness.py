@@ -7,7 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from flash_fx.kernels.layout import masked_threshold
 from soundness import compare, reran, skips, variants
+
+from flash_fx.exactness import layout_is_exact
 
 MIN = torch.finfo(torch.float32).min
 B, H, N, D = 2, 2, 8, 8
@@ -416,9 +419,6 @@ def test_block_layout_is_used_only_where_it_is_exact():
     """The layout skips entries at or below its threshold; it is used only where every row that keeps a visible
     entry beats the skipped ones by more than the scores can make up (decided from the inputs, forward and
     backward alike); elsewhere the dense bias pass runs."""
-    from flash_fx.exactness import layout_is_exact
-    from flash_fx.kernels.layout import masked_threshold
-
     q, k, _ = qkv(grad=False)
     threshold = masked_threshold(torch.float32)
     bias = torch.zeros(N, N).masked_fill(torch.ones(N, N, dtype=torch.bool).triu(1), MIN)
