@@ -81,8 +81,9 @@ class MaskProgram:
         sub.output(env[mask])
         owner = mask.graph.owning_module
         self.module = fx.GraphModule(owner if owner is not None else torch.nn.Module(), sub)
-        self.data_inputs = [n.name for n in self.input_nodes
-                            if (n is mask or _reads_values(n, nodes)) and not _is_module_state(n)]
+        self.value_read = [n is mask or _reads_values(n, nodes) for n in self.input_nodes]
+        self.data_inputs = [n.name for n, read in zip(self.input_nodes, self.value_read, strict=True)
+                            if read and not _is_module_state(n)]
         self.has_get_attr = any(n.op == "get_attr" for n in nodes)
         self.writer = unreplayed_writer(nodes)  # a write in place that the copy would not replay
 
@@ -94,8 +95,11 @@ class MaskProgram:
         return self.module(*(concrete(graph_args[p]) for p in self.input_positions))
 
     def inputs(self, graph_args: list[Any]) -> list[Any]:
-        """The program's inputs among the graph's arguments (concrete sizes for symbolic ones)."""
-        return [concrete(graph_args[p]) for p in self.input_positions]
+        """What the program's value depends on among the graph's arguments: the tensors whose values it reads,
+        the shapes of those it reads only the sizes of (q in `q.size(-2)`), concrete sizes for symbolic ones."""
+        values = [concrete(graph_args[p]) for p in self.input_positions]
+        return [v if read or not isinstance(v, torch.Tensor) else ("shape", tuple(v.shape))
+                for v, read in zip(values, self.value_read, strict=True)]
 
 
 class Snapshots:
