@@ -210,9 +210,10 @@ def _moved_read(match: AttentionMatch, masks: MaskDecision) -> str | None:
     """Why the rewrite may not read this attention's tensors where the op call stands, or None.
 
     The op reads q, k, v (after looking through their scales, views and head expansion), the masks, biases,
-    ids and position terms where P @ V stood, and keeps some for the backward. Each must hold its own value
-    there: a write to it (or an alias) after its definition, anywhere in the program, would change what the op
-    reads (`q.mul_(s)` looked through as a scale of q) or the tensors its backward needs."""
+    ids and position terms where P @ V stood, and keeps some for the backward; eager reads them between Q @ K^T
+    and P @ V. A write to one of them (or an alias) before Q @ K^T reaches both alike; one after it would change
+    what the op reads or the tensors its backward needs. (In-place ops are never looked through: `q.mul_(c)` is
+    the operand itself, see patterns.match._strip_scales.)"""
     reads = [match.q.node, match.k.node, match.v.node, *(term.tensor for term in match.terms)]
     reads += [f.factor for f in match.dynamic_scales if isinstance(getattr(f, "factor", None), fx.Node)]
     reads += [masks.key_valid.node] if masks.key_valid is not None else []
@@ -221,11 +222,12 @@ def _moved_read(match: AttentionMatch, masks: MaskDecision) -> str | None:
     if masks.relative is not None:
         reads += [a for a in masks.relative[0].lookup.all_input_nodes]
     writes = writes_of(match.anchor.graph)
-    for node in reads:
-        writer = writes.written_after([node], node)
+    first = writes.position[match.nodes[0]]
+    for node in reads:  # (a node's own in-place write is its value: only later writes count)
+        writer = writes.written_after([node], max(node, match.nodes[0], key=lambda n: writes.position.get(n, first)))
         if writer is not None:
             return (f"an input of the attention ({node.name}) is written in place at {location(writer)} "
-                    f"({writer.name}) after it is made")
+                    f"({writer.name}) while the attention reads it")
     return None
 
 

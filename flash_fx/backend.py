@@ -20,6 +20,7 @@ from flash_fx import exactness
 from flash_fx.attention_pass import PassResult, run_attention_pass
 from flash_fx.cache_salt import inductor_config_patches
 from flash_fx.kernels import AttentionInputError
+from flash_fx.op import is_checked_call
 from flash_fx.options import Options, parse_options
 from flash_fx.patterns.mutation import Writes
 from flash_fx.report import Report, SkipRecord, record
@@ -117,7 +118,9 @@ class _Guarded:
         self.verified = not options.verify
         # inputs the graph writes are copied before each call, to restore them for a rerun, only where an op
         # checks its result at run time (a copy of a static KV cache per call is not free)
-        self.written_inputs = written_inputs(original) if _checks_at_run_time(
+        written = written_inputs(original)
+        self.writes_inputs = bool(written)
+        self.written_inputs = written if written and _checks_at_run_time(
             [m.graph for m in rewritten.modules() if isinstance(m, fx.GraphModule)]) else []
         self.reported: set[str] = set()
 
@@ -133,7 +136,7 @@ class _Guarded:
             outputs = self._verified_call(args) if not self.verified else self.compiled(*args)
             why = exactness.take_inexact()
         except AttentionInputError as error:
-            if written_inputs(self.original) and not saved:  # its writes to its inputs cannot be undone
+            if self.writes_inputs and not saved:  # its writes to its inputs cannot be undone
                 raise RuntimeError(f"flash_fx: {self._input_error(error)}") from error
             outputs, why = None, self._input_error(error)
         if why is None:
@@ -186,11 +189,10 @@ def _checks_at_run_time(graphs: list[fx.Graph]) -> bool:
     """Whether some attention op call of these graphs proves its result at run time (flash_fx.exactness)."""
     for graph in graphs:
         for node in graph.nodes:
-            if node.target is torch.ops.flash_fx.attention.default:
-                structural = node.args[5] is not None or any(
-                    node.kwargs.get(name) is not None for name in ("window", "key_valid", "q_doc"))
-                if exactness.is_checked(node.kwargs.get("excluded_fill"), node.args[3] is not None, structural):
-                    return True
+            if node.target is torch.ops.flash_fx.attention.default and is_checked_call(
+                    node.args[3], node.args[5], **{name: node.kwargs.get(name)
+                                                   for name in ("window", "key_valid", "q_doc", "excluded_fill")}):
+                return True
     return False
 
 

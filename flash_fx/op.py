@@ -87,9 +87,23 @@ def attention(
         window=_window(window), key_valid=key_valid, q_doc=q_doc, k_doc=k_doc, dropout_p=dropout_p, seed=seed,
         sparse_bias=sparse_bias, alibi_slopes=alibi_slopes, alibi_symmetric=alibi_symmetric, rel_bias=rel_bias,
     )
-    structural = causal_offset is not None or window is not None or key_valid is not None or q_doc is not None
-    exactness.check_call(lse, q, k, scale, bias, excluded_fill, alibi_slopes, rel_bias, structural)
+    exactness.check_call(lse, q, k, scale, bias, excluded_fill, alibi_slopes, rel_bias,
+                         _replaces_scores(causal_offset, window, key_valid, q_doc))
     return out.contiguous(), lse.contiguous(), torch.tensor([seed], dtype=torch.int64)
+
+
+def _replaces_scores(causal_offset: int | None, window: list[int] | None, key_valid: torch.Tensor | None,
+                     q_doc: torch.Tensor | None) -> bool:
+    """Whether a call has structural masks (which replace the scores they hide, -inf or a finite fill)."""
+    return causal_offset is not None or window is not None or key_valid is not None or q_doc is not None
+
+
+def is_checked_call(bias: object, causal_offset: int | None, window: list[int] | None = None,
+                    key_valid: object = None, q_doc: object = None, excluded_fill: float | None = None) -> bool:
+    """Whether a call with these arguments (graph nodes or values) proves its result at run time, and so may ask
+    for the original ops (flash_fx.exactness)."""
+    return exactness.is_checked(excluded_fill, bias is not None,
+                                _replaces_scores(causal_offset, window, key_valid, q_doc))
 
 
 def _layout_is_exact(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None, sparse_bias: bool,

@@ -55,7 +55,7 @@ def replace_attention(graph: fx.Graph, match: AttentionMatch, call: KernelCall) 
         v = _to_op_layout(graph, _operand(graph, match.v), len(match.v_shape), view)
         bias = _bias(graph, call.bias_terms)
         kwargs = {"kv_heads_tiled": True} if match.kv_heads_tiled else {}
-        kwargs.update(_structural_masks(graph, call, q))
+        kwargs.update(_structural_masks(graph, call))
         if call.sparse_bias and bias is not None:
             kwargs["sparse_bias"] = True
         if match.dropout_p:
@@ -124,7 +124,7 @@ def _from_op_layout(graph: fx.Graph, out: fx.Node, match: AttentionMatch) -> fx.
     return out
 
 
-def _structural_masks(graph: fx.Graph, call: KernelCall, q: fx.Node) -> dict:
+def _structural_masks(graph: fx.Graph, call: KernelCall) -> dict:
     """Keyword arguments of the op for a sliding window, key padding and document ids."""
     kwargs: dict = {}
     if call.band is not None and call.band.left is not None:

@@ -13,6 +13,7 @@ document mask. Anything else leaves the whole mask to the dense "bias" variant.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,13 +117,17 @@ class Snapshots:
         return tuple((tuple(v.shape), v.dtype, str(v.device)) if isinstance(v, torch.Tensor) else ("value", v)
                      for v in values)
 
-    def unchanged(self, values: list[Any]) -> bool:
-        held = self._held.get(self._key(values))
-        return held is not None and all(
-            torch.equal(v, h) if isinstance(v, torch.Tensor) else v == h for v, h in zip(values, held, strict=True))
-
-    def record(self, values: list[Any]) -> None:
-        self._held[self._key(values)] = [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in values]
+    def holds(self, values: list[Any], check: Callable[[], bool]) -> bool:
+        """True if `values` equal those a proof last held on, else the result of `check()` (remembered if True)."""
+        key = self._key(values)
+        held = self._held.get(key)
+        if held is not None and all(torch.equal(v, h) if isinstance(v, torch.Tensor) else v == h
+                                    for v, h in zip(values, held, strict=True)):
+            return True
+        ok = check()
+        if ok:
+            self._held[key] = [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in values]
+        return ok
 
 
 @dataclass
@@ -136,12 +141,7 @@ class MaskProof:
     def holds(self, graph_args: list[Any]) -> bool:
         """True if the literals equal the spec on these arguments (re-evaluated when an input changed)."""
         values = [x for program, _ in self.programs for x in program.inputs(graph_args)]
-        if self._held.unchanged(values):
-            return True
-        ok = _band_of(_and_of(self.programs, graph_args)) == self.spec
-        if ok:
-            self._held.record(values)
-        return ok
+        return self._held.holds(values, lambda: _band_of(_and_of(self.programs, graph_args)) == self.spec)
 
 
 @dataclass(frozen=True)

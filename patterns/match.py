@@ -221,9 +221,7 @@ def _narrows(source: fx.Node, cast: fx.Node) -> bool:
     before, after = _value(source), _value(cast)
     if before is None or after is None or before.dtype == after.dtype:
         return False
-    wider = {torch.float64: 3, torch.float32: 2, torch.float16: 1, torch.bfloat16: 1}
-    return wider.get(after.dtype, 0) < wider.get(before.dtype, 0) or {before.dtype, after.dtype} == {
-        torch.float16, torch.bfloat16}
+    return torch.finfo(after.dtype).bits <= torch.finfo(before.dtype).bits  # float16 <-> bfloat16 included
 
 
 def _non_scalar_factor(node: fx.Node) -> tuple | None:

@@ -89,10 +89,11 @@ class Writes:
 
     graph: fx.Graph
     writers: dict[StorageWeakRef, list[fx.Node]] = field(default_factory=dict)
+    position: dict[fx.Node, int] = field(default_factory=dict)  # program order of the graph's nodes
 
     @staticmethod
     def of(graph: fx.Graph) -> Writes:
-        writes = Writes(graph)
+        writes = Writes(graph, position={n: i for i, n in enumerate(graph.nodes)})
         for node in graph.nodes:
             for arg in written_args(node):
                 key = storage(arg)
@@ -108,11 +109,10 @@ class Writes:
 
     def written_after(self, nodes: Iterable[fx.Node], start: fx.Node) -> fx.Node | None:
         """A node after `start` in program order that writes the storage of one of `nodes`, or None."""
-        position = {n: i for i, n in enumerate(self.graph.nodes)}
-        begin = position.get(start, -1)
+        begin = self.position.get(start, -1)
         for node in nodes:
             for writer in self.writers_of(node):
-                if position.get(writer, len(position)) > begin:
+                if self.position.get(writer, len(self.position)) > begin:
                     return writer
         return None
 

@@ -47,13 +47,8 @@ class ValueProof:
 
     def holds(self, graph_args: list[Any]) -> bool:
         """True if the program's value passes the check on these arguments (re-evaluated when an input changed)."""
-        values = self.program.inputs(graph_args)
-        if self._held.unchanged(values):
-            return True
-        ok = self.check(self.program.evaluate(graph_args))
-        if ok:
-            self._held.record(values)
-        return ok
+        return self._held.holds(self.program.inputs(graph_args),
+                                lambda: self.check(self.program.evaluate(graph_args)))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import torch.nn as nn
 from flash_fx.kernels.layout import masked_threshold
 from soundness import compare, reran, skips, variants
 
+import flash_fx
 from flash_fx.exactness import layout_is_exact
 
 MIN = torch.finfo(torch.float32).min
@@ -25,6 +26,17 @@ def qkv(nq=N, nk=N, b=B, h=H, hk=H, grad=True):
 
 def attend(s, v):
     return s.softmax(-1) @ v
+
+
+def plain_attention(q, k, v):
+    return attend(q @ k.mT, v)
+
+
+def compile_forced(fn, **options):
+    """`fn` compiled by flash_fx (inner eager, rewrites forced), after a Dynamo reset and with no reports kept."""
+    torch._dynamo.reset()
+    flash_fx.clear_reports()
+    return torch.compile(fn, backend="flash_fx", options={"inner": "eager", "report": False, "force": True, **options})
 
 
 # 1. Writes in place to masks, biases, positions, scores and outputs.
@@ -219,8 +231,7 @@ def test_changed_mask_buffer_is_always_seen(change):
 
     model = Model()
     q, k, v = qkv(grad=False)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="flash_fx", options={"inner": "eager", "report": False, "force": True})
+    compiled = compile_forced(model)
     torch.testing.assert_close(compiled(q, k, v), model(q, k, v))
     new = torch.ones(N, N, dtype=torch.bool).tril(-1) | torch.eye(N, dtype=torch.bool).flip(0)
     if change == "data":
@@ -339,9 +350,9 @@ def test_broadcast_shapes(path):
     flag = torch.tensor([True, True]).view(B, 1, 1, 1)
     assert variants(compare(masked, *qkv(), flag, path=path)) == ["bias"]
     one_head = qkv(h=1)[0]
-    assert variants(compare(lambda q, k, v: attend(q @ k.mT, v), one_head, k, v, path=path)) == ["dense"]
+    assert variants(compare(plain_attention, one_head, k, v, path=path)) == ["dense"]
     flat = torch.randn(N, D, requires_grad=True)
-    assert variants(compare(lambda q, k, v: attend(q @ k.mT, v), flat, k, v, path=path)) == ["dense"]
+    assert variants(compare(plain_attention, flat, k, v, path=path)) == ["dense"]
 
 
 def test_graph_writing_its_inputs_reruns_from_the_state_before_the_call():
@@ -354,41 +365,27 @@ def test_graph_writing_its_inputs_reruns_from_the_state_before_the_call():
     twin = torch.zeros(())
     q, k, v = qkv(grad=False)
     expected = fn(q, k, v, twin, dead_row_mask())
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend="flash_fx", options={"inner": "eager", "report": False, "force": True})
+    compiled = compile_forced(fn)
     torch.testing.assert_close(compiled(q, k, v, counter, dead_row_mask()), expected)
     assert counter.item() == twin.item() == 1.0
     torch._dynamo.reset()
 
 
 def test_explain_keeps_the_users_compiled_code():
-    import flash_fx
-
-    def fn(q, k, v):
-        return attend(q @ k.mT, v)
-
     q, k, v = qkv(grad=False)
-    torch._dynamo.reset()
-    flash_fx.clear_reports()
-    compiled = torch.compile(fn, backend="flash_fx", options={"inner": "eager", "report": False, "force": True})
+    compiled = compile_forced(plain_attention)
     compiled(q, k, v)
-    flash_fx.explain(fn, q, k, v, force=True)
+    flash_fx.explain(plain_attention, q, k, v, force=True)
     compiled(q, k, v)
     assert len(flash_fx.reports()) == 1  # the second call ran the code compiled before explain, no recompile
     torch._dynamo.reset()
 
 
 def test_verify_does_not_compare_two_dropout_draws():
-    import flash_fx
-
     def dropped(q, k, v):
         return torch.nn.functional.dropout((q @ k.mT).softmax(-1), 0.3, training=True) @ v
 
-    torch._dynamo.reset()
-    flash_fx.clear_reports()
-    compiled = torch.compile(dropped, backend="flash_fx",
-                             options={"inner": "eager", "report": False, "force": True, "verify": True})
-    compiled(*qkv(grad=False))
+    compile_forced(dropped, verify=True)(*qkv(grad=False))
     assert any("verify: not compared" in reason for reason in skips(flash_fx.reports()))
     torch._dynamo.reset()
 
@@ -396,22 +393,16 @@ def test_verify_does_not_compare_two_dropout_draws():
 def test_inputs_the_kernels_cannot_take_run_the_original_ops(monkeypatch):
     """A run-time input error of the kernels never reaches the user: the call runs the original ops, and the
     warning names the model line and the option that keeps flash_fx off the block."""
-    import flash_fx
     from flash_fx import kernels
 
     def refuses(*args, **kwargs):
         raise kernels.AttentionInputError("q_doc must have shape [2 or 1, 8], got (3, 8)")
 
-    def fn(q, k, v):
-        return attend(q @ k.mT, v)
-
     q, k, v = qkv(grad=False)
-    torch._dynamo.reset()
-    flash_fx.clear_reports()
-    compiled = torch.compile(fn, backend="flash_fx", options={"inner": "eager", "report": False, "force": True})
+    compiled = compile_forced(plain_attention)
     monkeypatch.setattr(kernels, "attention_forward", refuses)
     with pytest.warns(UserWarning, match=r"dense attention at test_soundness.py:\d+ .*'variants'"):
-        torch.testing.assert_close(compiled(q, k, v), fn(q, k, v))
+        torch.testing.assert_close(compiled(q, k, v), plain_attention(q, k, v))
     torch._dynamo.reset()
 
 
