@@ -172,6 +172,32 @@ def test_mutated_mask_buffer_falls_back_to_original(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_fake_tensor_calls_run_unchecked_and_leave_the_first_real_call_verified():
+    """DDP's graph splitter calls each compiled piece on fake tensors while compiling: no data may be read then,
+    and the proof check and verify still happen on the first real call."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from flash_fx.backend import compile_graph
+    from flash_fx.options import parse_options
+
+    compiled = []
+
+    def capture(gm, example_inputs):
+        compiled.append((compile_graph(gm, example_inputs, parse_options({"inner": "eager", "report": False,
+                                                                          "verify": True})), example_inputs))
+        return compiled[-1][0]
+
+    model = BufferCausal()
+    q, k, v = inputs()
+    torch.compile(model, backend=capture)(q, k, v)
+    guarded, example_inputs = compiled[-1]
+    guarded.verified = False  # as compiled, before its first call
+    with FakeTensorMode() as mode:
+        out = guarded(*[mode.from_tensor(t) for t in example_inputs])
+    assert tuple(out[0].shape) == tuple(q.shape) and not guarded.verified
+    torch._dynamo.reset()
+
+
 def causal_scaled(q, k, v):
     n = q.size(-2)
     mask = torch.triu(torch.ones(n, n, dtype=torch.bool, device=q.device), diagonal=1)
