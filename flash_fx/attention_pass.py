@@ -15,12 +15,11 @@ from flash_fx import cost
 from flash_fx.exactness import is_mask_fill
 from flash_fx.kernels import tile_density
 from flash_fx.kernels.layout import bias_layout
-from flash_fx.kernels.masks import Masks
+from flash_fx.kernels.spec import AttentionSpec, Band, Bias
 from flash_fx.mha import multi_head_attention
 from flash_fx.options import Options
 from flash_fx.patterns.canonical import AddBias, Cast, MaskedFill, Scale, canonicalize, constant_float
 from flash_fx.patterns.masks import (
-    Band,
     ConstantMask,
     Literal,
     MaskAnalysis,
@@ -44,14 +43,14 @@ from flash_fx.patterns.match import (
 from flash_fx.patterns.mha import MhaMatch, is_mha_call, match_mha
 from flash_fx.patterns.mutation import forget, forward_in_place_results, writes_of
 from flash_fx.patterns.positions import (
-    Alibi,
-    RelativeTable,
+    AlibiMatch,
+    RelativeTableMatch,
     ValueProof,
     analyze_alibi,
     analyze_relative_table,
 )
 from flash_fx.report import Report, RewriteRecord, SkipRecord
-from flash_fx.rewrite import UNBOUNDED, KernelCall, replace_attention
+from flash_fx.rewrite import KernelCall, replace_attention
 
 Proof = MaskProof | ValueProof  # a fact about static mask/position subgraphs, re-checked at run time
 
@@ -76,8 +75,8 @@ class MaskDecision:
     documents: tuple[fx.Node, fx.Node] | None = None
     masks_in_bias: int = 0  # how many bias terms are masks (their tiles that hide everything are skipped)
     constant_masks: list[torch.Tensor] = field(default_factory=list)  # values of the constant ones
-    alibi: tuple[Alibi, float] | None = None  # an ALiBi term the kernels compute, and the factor applied after it
-    relative: tuple[RelativeTable, float] | None = None  # a T5 table read per relative position, and its factor
+    alibi: tuple[AlibiMatch, float] | None = None  # an ALiBi term the kernels compute, and the factor applied after it
+    relative: tuple[RelativeTableMatch, float] | None = None  # a T5 table read per relative position, and its factor
     excluded_fill: float | None = None  # the largest finite fill the kernels exclude (proved per call)
 
     def exclude(self, fill: float) -> None:
@@ -322,14 +321,14 @@ def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[A
                 decision.parts.append(f"zero bias[{shape}] dropped")
                 continue
             alibi = analyze_alibi(graph, term.tensor, nq, nk, example_inputs) if decision.alibi is None else None
-            if isinstance(alibi, Alibi):
+            if isinstance(alibi, AlibiMatch):
                 decision.alibi = (alibi, term.factor_after)
                 decision.proofs.append(alibi.proof)
                 decision.parts.append(alibi.describe())
                 continue
             table = (analyze_relative_table(graph, term.tensor, nq, nk, example_inputs)
                      if decision.relative is None else None)
-            if isinstance(table, RelativeTable):
+            if isinstance(table, RelativeTableMatch):
                 decision.relative = (table, term.factor_after)
                 decision.proofs.append(table.proof)
                 decision.parts.append(table.describe())
@@ -459,7 +458,7 @@ def _no_dead_rows(band: Band | None, analysis: MaskAnalysis) -> bool:
     """True when every query row keeps at least its own key (band through the diagonal, shared doc ids)."""
     if analysis.key_valid is not None:
         return False
-    if band is not None and not ((band.right is None or band.right >= 0) and (band.left is None or band.left >= 0)):
+    if band is not None and not ((band.upper is None or band.upper >= 0) and (band.lower is None or band.lower >= 0)):
         return False
     return analysis.documents is None or _same_ids(*analysis.documents)
 
@@ -517,7 +516,7 @@ def _band_density(band: Band | None, nq: int, nk: int, tiles: tuple[int, int]) -
     """Fraction of (Br x Bc) tiles the kernels visit under a causal/window band (1.0 without one)."""
     if band is None:
         return 1.0
-    return tile_density(nq, nk, causal_offset=band.right, window=_window(band), block_m=tiles[0], block_n=tiles[1])
+    return tile_density(AttentionSpec(1.0, band=band), nq, nk, *tiles)
 
 
 def _layout_density(masks: MaskDecision, nq: int, nk: int, tiles: tuple[int, int]) -> float | None:
@@ -530,15 +529,8 @@ def _layout_density(masks: MaskDecision, nq: int, nk: int, tiles: tuple[int, int
         visible = visible & other
     planes = visible.expand(*visible.shape[:-2], nq, nk).reshape(1, -1, nq, nk)  # every [Nq, Nk] plane
     bias = torch.zeros(planes.shape).masked_fill(~planes, float("-inf"))
-    band = masks.band
-    band_masks = Masks(causal_offset=None if band is None else band.right, window=_window(band))
-    return bias_layout(bias, band_masks, *tiles).density
-
-
-def _window(band: Band | None) -> tuple[int, int] | None:
-    if band is None or band.left is None:
-        return None
-    return band.left, UNBOUNDED if band.right is None else band.right
+    spec = AttentionSpec(1.0, band=masks.band or Band(), bias=Bias(bias, holds_masks=True))
+    return bias_layout(spec, *tiles).density
 
 
 def _chain_descs(match: AttentionMatch) -> list:

@@ -196,9 +196,7 @@ def _checks_at_run_time(graphs: list[fx.Graph]) -> bool:
     """Whether some attention op call of these graphs proves its result at run time (flash_fx.exactness)."""
     for graph in graphs:
         for node in graph.nodes:
-            if node.target is torch.ops.flash_fx.attention.default and is_checked_call(
-                    node.args[3], node.args[5], **{name: node.kwargs.get(name)
-                                                   for name in ("window", "key_valid", "q_doc", "excluded_fill")}):
+            if node.target is torch.ops.flash_fx.attention.default and is_checked_call(node.args[3:], node.kwargs):
                 return True
     return False
 

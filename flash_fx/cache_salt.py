@@ -23,7 +23,8 @@ def interface_hash() -> str:
     from flash_fx import kernels
 
     digest = hashlib.sha256()
-    for path in [*(_PACKAGE / name for name in _INTERFACE_FILES), Path(kernels.__file__)]:
+    kernels_dir = Path(kernels.__file__).parent
+    for path in [*(_PACKAGE / name for name in _INTERFACE_FILES), kernels_dir / "__init__.py", kernels_dir / "spec.py"]:
         digest.update(path.read_bytes())
     return digest.hexdigest()
 

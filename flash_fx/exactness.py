@@ -22,6 +22,8 @@ import threading
 
 import torch
 
+from flash_fx.kernels.spec import AttentionSpec
+
 LARGEST_MASK_FILL = -1e4  # a masked_fill / where value (after later scales) at or below this may be a mask
 UNDERFLOW_MARGIN = 110.0  # exp(-110) rounds to 0 in float32 (below half its smallest subnormal, e^-103.97)
 ROUNDING = 2.0**-20  # relative slack for float32 rounding (8 units in the last place) in the check
@@ -46,9 +48,8 @@ def take_inexact() -> str | None:
     return reason
 
 
-def layout_is_exact(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor,
-                    alibi_slopes: torch.Tensor | None, rel_bias: torch.Tensor | None, threshold: float) -> bool:
-    """Whether a block layout of `bias` (skipping entries at or below `threshold`) leaves eager's result exact,
+def layout_is_exact(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, threshold: float) -> bool:
+    """Whether a block layout of the spec's bias (skipping entries at or below `threshold`) leaves eager's result exact,
     decided from the inputs alone (so the forward and the backward decide alike; the op runs the dense bias pass
     otherwise, which is exact).
 
@@ -56,36 +57,30 @@ def layout_is_exact(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.
     entry above the threshold; the entries it skips are at or below it, so their scores trail that entry's by at
     least the gap between the two bias values less twice a bound of the scores (Cauchy-Schwarz) and the position
     terms: more than UNDERFLOW_MARGIN (plus rounding slack) makes every skipped probability 0 in float32."""
-    row_max = bias.detach().amax(-1).float()
+    row_max = spec.bias.values.detach().amax(-1).float()
     live = row_max > threshold  # NaN rows are not live: kept whole, they propagate NaN as eager does
     if not bool(live.any()):
         return True
     lowest = float(row_max[live].min())
-    terms = 2 * _score_bound(q, k, scale) + _position_bound(q, k, alibi_slopes, rel_bias)
+    terms = 2 * _score_bound(q, k, spec.scale) + _position_bound(q, k, spec)
     slack = ROUNDING * (abs(lowest) + abs(threshold))
     return lowest - threshold - slack > terms + UNDERFLOW_MARGIN
 
 
-def is_checked(excluded_fill: float | None, has_bias: bool, structural: bool) -> bool:
-    """Whether a call with these arguments proves anything at run time (and so may ask for the original ops)."""
-    return excluded_fill is not None or (has_bias and structural)
-
-
-def check_call(lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None,
-               excluded_fill: float | None, alibi_slopes: torch.Tensor | None, rel_bias: torch.Tensor | None,
-               structural: bool) -> None:
+def check_call(lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> None:
     """Record (note_inexact) when this call's result may differ from eager's.
 
-    `excluded_fill` is the largest finite value eager gives an entry that the masks exclude (None: only -inf
+    The spec's `excluded_fill` is the largest finite value eager gives an entry that the masks exclude (None: only -inf
     fills were excluded). An excluded entry's eager score is at most the fill plus a bound of the scores
     (Cauchy-Schwarz: scale * max |q_i| * max |k_j|) plus the largest additive terms; the row's visible maximum is
     at least lse - log(Nk), less a few float32 units in the last place (so a row whose visible entries are
     themselves fills, dead by a combination of masks, never passes by rounding). With `structural` masks (which
     replace the scores they hide) a bias holding NaN or +inf is not proved either: eager spreads it where such a
-    mask came first, the kernels do not.
+    mask came first, the kernels do not. Which calls check anything is `AttentionSpec.is_checked`.
     """
-    if not is_checked(excluded_fill, bias is not None, structural):
+    if not spec.is_checked:
         return
+    bias, excluded_fill = None if spec.bias is None else spec.bias.values, spec.excluded_fill
     bias_max = 0.0
     if bias is not None and bias.numel():
         top = float(bias.detach().max())
@@ -96,7 +91,7 @@ def check_call(lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float
     if excluded_fill is None or lse.numel() == 0:
         return
     n_k = k.shape[-2]
-    bound = excluded_fill + bias_max + _score_bound(q, k, scale) + _position_bound(q, k, alibi_slopes, rel_bias)
+    bound = excluded_fill + bias_max + _score_bound(q, k, spec.scale) + _position_bound(q, k, spec)
     lowest = float(lse[..., 0].min())
     # float32 rounding of the log-sum-exp and of the fills: a few units in the last place of the larger magnitude
     slack = ROUNDING * (abs(lowest) + abs(bound)) if math.isfinite(lowest) and math.isfinite(bound) else math.inf
@@ -110,14 +105,13 @@ def _score_bound(q: torch.Tensor, k: torch.Tensor, scale: float) -> float:
     return abs(scale) * float(_row_norms(q).max()) * float(_row_norms(k).max())
 
 
-def _position_bound(q: torch.Tensor, k: torch.Tensor, alibi_slopes: torch.Tensor | None,
-                    rel_bias: torch.Tensor | None) -> float:
+def _position_bound(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> float:
     """A bound of the ALiBi and relative-position terms' magnitude."""
     bound = 0.0
-    if alibi_slopes is not None and alibi_slopes.numel():
-        bound += float(alibi_slopes.detach().abs().max()) * (q.shape[-2] + k.shape[-2])
-    if rel_bias is not None and rel_bias.numel():
-        bound += float(rel_bias.detach().abs().max())
+    if spec.alibi is not None and spec.alibi.slopes.numel():
+        bound += float(spec.alibi.slopes.detach().abs().max()) * (q.shape[-2] + k.shape[-2])
+    if spec.relative is not None and spec.relative.values.numel():
+        bound += float(spec.relative.values.detach().abs().max())
     return bound
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flash_fx.kernels.spec import AttentionSpec, Bias, Dropout
 from flash_fx.op import zero_dead_rows
 
 
@@ -40,7 +41,9 @@ def multi_head_attention(
 
     q, k, v = (heads(x, w, b) for x, w, b in zip((query, key, value), weights, biases, strict=True))
     bias = _mask_bias(attn_mask, key_padding_mask, batch, num_heads, query.dtype)
-    out, lse, _ = torch.ops.flash_fx.attention(q, k, v, bias, head_dim**-0.5, None, dropout_p=dropout_p)
+    args, kwargs = AttentionSpec(head_dim**-0.5, bias=None if bias is None else Bias(bias),
+                                 dropout=Dropout(dropout_p)).op_args()
+    out, lse, _ = torch.ops.flash_fx.attention(q, k, v, *args, **kwargs)
     out = zero_dead_rows(out, lse)
     out = out.permute(2, 0, 1, 3).reshape(length, batch, width)
     return F.linear(out, out_proj_weight, out_proj_bias), None

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from flash_fx.kernels.spec import Alibi, AttentionSpec, Band, Bias, Documents, Dropout, RelativeTable
 from flash_fx.op import zero_dead_rows
 from flash_fx.patterns.canonical import AddBias, MaskedFill, Operand
-from flash_fx.patterns.masks import Band, Literal
+from flash_fx.patterns.masks import Literal
 from flash_fx.patterns.match import RSQRT_HEAD_DIM, AttentionMatch, ScoreTerm
 from flash_fx.patterns.mutation import written_args
-from flash_fx.patterns.positions import Alibi, RelativeTable
-
-UNBOUNDED = 2**31 - 1  # a window side without a limit
+from flash_fx.patterns.positions import AlibiMatch, RelativeTableMatch
 
 
 @dataclass(frozen=True)
@@ -33,8 +32,8 @@ class KernelCall:
     key_valid: Literal | None = None
     documents: tuple[fx.Node, fx.Node] | None = None
     sparse_bias: bool = False  # the bias holds masks: the kernels skip its tiles that hide every key
-    alibi: tuple[Alibi, float] | None = None  # ALiBi computed in the kernels, and the factor applied after it
-    relative: tuple[RelativeTable, float] | None = None  # a T5 table read per relative position, and its factor
+    alibi: tuple[AlibiMatch, float] | None = None  # ALiBi computed in the kernels, and the factor applied after it
+    relative: tuple[RelativeTableMatch, float] | None = None  # a T5 table read per relative position, and its factor
     copy_output: bool = False  # the program writes the output in place later: give it its own copy
     excluded_fill: float | None = None  # the largest finite fill the kernels exclude (the op proves it per call)
 
@@ -53,19 +52,8 @@ def replace_attention(graph: fx.Graph, match: AttentionMatch, call: KernelCall) 
             k = graph.call_method("transpose", (k, -2, -1))
         k = _to_op_layout(graph, k, len(match.k_shape), view)
         v = _to_op_layout(graph, _operand(graph, match.v), len(match.v_shape), view)
-        bias = _bias(graph, call.bias_terms)
-        kwargs = {"kv_heads_tiled": True} if match.kv_heads_tiled else {}
-        kwargs.update(_structural_masks(graph, call))
-        if call.sparse_bias and bias is not None:
-            kwargs["sparse_bias"] = True
-        if match.dropout_p:
-            kwargs["dropout_p"] = match.dropout_p
-        if call.excluded_fill is not None:
-            kwargs["excluded_fill"] = call.excluded_fill
-        causal_offset = call.band.right if call.band is not None else None
-        result = graph.call_function(
-            torch.ops.flash_fx.attention.default, (q, k, v, bias, call.scale, causal_offset), kwargs
-        )
+        args, kwargs = _spec(graph, match, call).op_args()
+        result = graph.call_function(torch.ops.flash_fx.attention.default, (q, k, v, *args), kwargs)
         out = graph.call_function(operator.getitem, (result, 0))
         if match.zero_dead_rows:
             out = graph.call_function(zero_dead_rows, (out, graph.call_function(operator.getitem, (result, 1))))
@@ -124,30 +112,28 @@ def _from_op_layout(graph: fx.Graph, out: fx.Node, match: AttentionMatch) -> fx.
     return out
 
 
-def _structural_masks(graph: fx.Graph, call: KernelCall) -> dict:
-    """Keyword arguments of the op for a sliding window, key padding and document ids."""
-    kwargs: dict = {}
-    if call.band is not None and call.band.left is not None:
-        right = call.band.right if call.band.right is not None else UNBOUNDED
-        kwargs["window"] = [call.band.left, right]
+def _spec(graph: fx.Graph, match: AttentionMatch, call: KernelCall) -> AttentionSpec:
+    """The attention spec of the op call, its tensors as new graph nodes in the op's layout."""
+    bias = _bias(graph, call.bias_terms)
+    key_valid = documents = alibi = relative = None
     if call.key_valid is not None:
         valid = _per_batch(graph, call.key_valid.node, key_axis=True)
-        kwargs["key_valid"] = graph.call_function(operator.invert, (valid,)) if call.key_valid.negated else valid
+        key_valid = graph.call_function(operator.invert, (valid,)) if call.key_valid.negated else valid
     if call.documents is not None:
         q_ids, k_ids = call.documents
-        kwargs["q_doc"] = _per_batch(graph, q_ids, key_axis=False)
-        kwargs["k_doc"] = _per_batch(graph, k_ids, key_axis=True)
+        documents = Documents(_per_batch(graph, q_ids, key_axis=False), _per_batch(graph, k_ids, key_axis=True))
     if call.alibi is not None:
-        alibi, factor = call.alibi
-        kwargs["alibi_slopes"] = _slopes(graph, alibi.slopes, alibi.sign * factor)
-        if alibi.symmetric:
-            kwargs["alibi_symmetric"] = True
+        found, factor = call.alibi
+        alibi = Alibi(_slopes(graph, found.slopes, found.sign * factor), found.symmetric)
     if call.relative is not None:
-        kwargs["rel_bias"] = _relative_vector(graph, *call.relative)
-    return kwargs
+        relative = RelativeTable(_relative_vector(graph, *call.relative))
+    return AttentionSpec(
+        scale=call.scale, band=call.band or Band(), key_valid=key_valid, documents=documents,
+        bias=None if bias is None else Bias(bias, holds_masks=call.sparse_bias), alibi=alibi, relative=relative,
+        dropout=Dropout(match.dropout_p), kv_heads_tiled=match.kv_heads_tiled, excluded_fill=call.excluded_fill)
 
 
-def _relative_vector(graph: fx.Graph, table: RelativeTable, factor: float) -> fx.Node:
+def _relative_vector(graph: fx.Graph, table: RelativeTableMatch, factor: float) -> fx.Node:
     """The table looked up at the Nq + Nk - 1 relative positions j - i = -(Nq - 1) .. Nk - 1, as [1, H, L].
 
     The buckets depend on j - i only (proved), so their first column read upwards and their first row after

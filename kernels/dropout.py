@@ -21,12 +21,10 @@ tiled PyTorch path and the Triton path drop exactly the same elements for the sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from flash_fx.kernels.masks import AttentionInputError
+from flash_fx.kernels.spec import AttentionInputError, Dropout
 
-__all__ = ["Dropout", "dropout_keep_mask", "keep_tile", "threshold"]
+__all__ = ["dropout_keep_mask", "keep_tile", "kernel_arguments", "threshold"]
 
 MASK32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9
@@ -35,45 +33,10 @@ FMIX_C1 = 0x85EBCA6B
 FMIX_C2 = 0xC2B2AE35
 
 
-def check_dropout_p(dropout_p: float) -> None:
-    """Raise unless ``0 <= dropout_p < 1``."""
-    if not 0.0 <= dropout_p < 1.0:
-        raise AttentionInputError(f"dropout_p must lie in [0, 1), got {dropout_p}")
-
-
-@dataclass(frozen=True)
-class Dropout:
-    """The dropout of one attention call: probability ``p`` and the stream's ``seed`` and ``offset``."""
-
-    p: float = 0.0
-    seed: int = 0
-    offset: int = 0
-
-    @staticmethod
-    def build(dropout_p: float, seed: int | None, offset: int) -> Dropout:
-        """Validate the arguments; a positive ``dropout_p`` needs a ``seed`` in [0, 2**31)."""
-        check_dropout_p(dropout_p)
-        if dropout_p == 0.0:
-            return Dropout()
-        if seed is None or not 0 <= seed < 2**31:
-            raise AttentionInputError(f"dropout_p > 0 needs a seed in [0, 2**31), got {seed}")
-        if offset < 0:
-            raise AttentionInputError(f"the dropout offset must be non-negative, got {offset}")
-        return Dropout(float(dropout_p), int(seed), int(offset))
-
-    @property
-    def enabled(self) -> bool:
-        """Whether anything is dropped (``p > 0``)."""
-        return self.p > 0.0
-
-    @property
-    def scale(self) -> float:
-        """The factor of kept probabilities, ``1 / (1 - p)``."""
-        return 1.0 / (1.0 - self.p)
-
-    def arguments(self) -> tuple[int, int, int, float]:
-        """The kernels' scalar arguments: ``(seed, offset, threshold, scale)``."""
-        return self.seed, self.offset, threshold(self.p), self.scale
+def kernel_arguments(dropout: Dropout) -> dict[str, int | float | bool]:
+    """The Triton kernels' arguments of ``dropout`` (validated), by name."""
+    return dict(seed=dropout.seed or 0, offset=dropout.offset, threshold=threshold(dropout.p), drop_scale=dropout.scale,
+                DROPOUT=dropout.enabled)
 
 
 def threshold(dropout_p: float) -> int:
@@ -118,7 +81,8 @@ def dropout_keep_mask(seed: int, offset: int, batch_heads: int, nq: int, nk: int
     Entry ``[b * Hq + h, i, j]`` says whether probability ``P[b, h, i, j]`` survives dropout; the
     kernels output ``(softmax(S) * mask / (1 - p)) @ V``.
     """
-    check_dropout_p(p)
+    if not 0.0 <= p < 1.0:
+        raise AttentionInputError(f"dropout_p must lie in [0, 1), got {p}")
     bh = torch.arange(batch_heads, device=device)[:, None, None]
     rows = torch.arange(nq, device=device)[None, :, None]
     cols = torch.arange(nk, device=device)[None, None, :]

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from flash_fx.kernels.masks import Masks
+from flash_fx.kernels.spec import AttentionSpec, Band
 
 __all__ = ["EMPTY", "FULL", "PARTIAL", "BlockLayout", "bias_layout", "masked_threshold"]
 
@@ -75,10 +75,11 @@ def _tile_lists(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts.to(torch.int32).contiguous(), order.to(torch.int32).contiguous()
 
 
-def bias_layout(bias: torch.Tensor, masks: Masks, block_m: int, block_n: int) -> BlockLayout:
-    """The tile layout of ``bias`` (an expanded [B, H, Nq, Nk] view, zero strides where it broadcasts) under
-    the band of ``masks`` (key padding and documents are not part of the layout: the kernels apply them
+def bias_layout(spec: AttentionSpec, block_m: int, block_n: int) -> BlockLayout:
+    """The tile layout of the bias of a validated ``spec`` (an expanded [B, H, Nq, Nk] view, zero strides where
+    it broadcasts) under its band (key padding and documents are not part of the layout: the kernels apply them
     in every visited tile)."""
+    bias = spec.bias.values
     batch = 1 if bias.stride(0) == 0 else bias.shape[0]
     heads = 1 if bias.stride(1) == 0 else bias.shape[1]
     n_q, n_k = bias.shape[2], bias.shape[3]
@@ -88,7 +89,7 @@ def bias_layout(bias: torch.Tensor, masks: Masks, block_m: int, block_n: int) ->
                            block_m, block_n)
     own = bias[:batch, :heads].float()
     threshold = masked_threshold(bias.dtype)
-    band = _band_visible(n_q, n_k, masks, bias.device)
+    band = _band_visible(n_q, n_k, spec.band, bias.device)
     if band is not None:
         own = own.masked_fill(~band, float("-inf"))
     # Reduce over each tile's keys first (the inner, contiguous axis), then over its rows: much faster than
@@ -127,8 +128,6 @@ def bias_layout(bias: torch.Tensor, masks: Masks, block_m: int, block_n: int) ->
     return BlockLayout(classes, block_m, block_n)
 
 
-def _band_visible(n_q: int, n_k: int, masks: Masks, device: torch.device) -> torch.Tensor | None:
-    """Bool [Nq, Nk]: the pairs the causal/window band of ``masks`` lets attend (None without a band)."""
-    band = Masks(causal_offset=masks.causal_offset, window=masks.window)
-    visible = band.visible(torch.arange(n_q, device=device), torch.arange(n_k, device=device))
-    return None if visible is None else visible[0]
+def _band_visible(n_q: int, n_k: int, band: Band, device: torch.device) -> torch.Tensor | None:
+    """Bool [Nq, Nk]: the pairs ``band`` lets attend (None without a band)."""
+    return band.visible(torch.arange(n_q, device=device), torch.arange(n_k, device=device))

@@ -10,7 +10,7 @@ GQA is handled by viewing the query heads as [B, Hkv, group, Nq, D] (a view for 
 the tiled head mapping), so each KV head is read once and dK, dV come out summed over the group. On
 request the backward also writes each tile's dS into the bias gradient (the one [Nq, Nk]-sized output,
 and only when asked for). Semantics match the Triton kernels, including fully masked rows (NaN output,
-LSE = -inf, no gradient contribution) and the structural masks of :mod:`masks`, which are materialized
+LSE = -inf, no gradient contribution) and the structural masks of the spec (:mod:`spec`), which are materialized
 one [B, Nq, block_n] tile at a time. Dropout regenerates the keep mask of each tile from its counters
 with :func:`dropout.keep_tile`, the generator the Triton kernels implement bit for bit.
 
@@ -20,24 +20,20 @@ dQ (backward) over the key tiles that are non-empty for at least one (batch, hea
 bias and the band mask only where the tile is not full for every (batch, head), so the work follows the
 layout's density.
 
-The ALiBi bias (:class:`masks.Alibi`) is added to every score tile from its row and column indices (in full
+The ALiBi bias (:class:`spec.Alibi`) is added to every score tile from its row and column indices (in full
 tiles of a layout too, which only skip the bias), and so is a relative-position bias
-(:class:`masks.RelativeBias`), gathered from its vector at ``j - i + Nq - 1``; on request the backward sums
+(:class:`spec.RelativeTable`), gathered from its vector at ``j - i + Nq - 1``; on request the backward sums
 each tile's dS along its diagonals into that vector's gradient (``index_add_``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
-from flash_fx.kernels.dropout import Dropout, keep_tile
+from flash_fx.kernels.dropout import keep_tile
 from flash_fx.kernels.layout import EMPTY, FULL, BlockLayout
-from flash_fx.kernels.masks import Alibi, AttentionInputError, Masks, RelativeBias
-
-NO_MASKS = Masks()
-NO_DROPOUT = Dropout()
+from flash_fx.kernels.spec import AttentionSpec, Band, Saved
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -60,17 +56,18 @@ def _ungrouped(x: torch.Tensor, tiled: bool) -> torch.Tensor:
     return x.transpose(1, 2).flatten(1, 2) if tiled else x.flatten(1, 2)
 
 
-def _key_tiles(n_q: int, n_k: int, block_n: int, masks: Masks) -> list[int]:
+def _key_tiles(n_q: int, n_k: int, block_n: int, spec: AttentionSpec) -> list[int]:
     """Start of every key tile that at least one query may see: tiles outside the band of all queries,
     and tiles without a valid key in any batch row, are skipped."""
-    lo = 0 if masks.lower is None else max(-masks.lower, 0)
-    hi = n_k if masks.upper is None else min(n_k, max(n_q + masks.upper, 0))
+    band = spec.band
+    lo = 0 if band.lower is None else max(-band.lower, 0)
+    hi = n_k if band.upper is None else min(n_k, max(n_q + band.upper, 0))
     if lo >= hi:
         return []
     starts = range(lo // block_n * block_n, hi, block_n)
-    if masks.key_valid is None:
+    if spec.key_valid is None:
         return list(starts)
-    return [start for start in starts if masks.key_valid[:, start : start + block_n].any()]
+    return [start for start in starts if spec.key_valid[:, start : start + block_n].any()]
 
 
 Columns = slice | torch.Tensor  # key indices of a tile: a range, or gathered (an int64 index tensor)
@@ -90,60 +87,51 @@ def _take(x: torch.Tensor, dim: int, index: Columns) -> torch.Tensor:
     return x[(slice(None),) * (dim % x.dim()) + (index,)]
 
 
-def _tile_keep(q: torch.Tensor, num_kv_heads: int, n_k: int, cols: Columns, dropout: Dropout,
-               kv_heads_tiled: bool, rows: slice | None = None) -> torch.Tensor:
+def _tile_keep(q: torch.Tensor, num_kv_heads: int, n_k: int, cols: Columns, spec: AttentionSpec,
+               rows: slice | None = None) -> torch.Tensor:
     """Bool keep mask [B, Hkv, group, rows, cols] of the key columns ``cols`` and query ``rows`` (all if
     None); ``q`` is [B, Hq, Nq, D]."""
     batch, num_heads, n_q = q.shape[:3]
     bh = _grouped(torch.arange(batch * num_heads, device=q.device).view(batch, num_heads, 1, 1), num_kv_heads,
-                  kv_heads_tiled)
+                  spec.kv_heads_tiled)
     row_index = _positions(slice(0, n_q) if rows is None else rows, q.device)[:, None]
     col_index = _positions(cols, q.device)[None, :]
+    dropout = spec.dropout
     return keep_tile(dropout.seed, dropout.offset, bh, row_index, col_index, n_q, n_k, dropout.p)
 
 
-def _tile_scores(
-    q: torch.Tensor,
-    k_tile: torch.Tensor,
-    cols: Columns,
-    *,
-    scale: float,
-    masks: Masks,
-    bias: torch.Tensor | None,
-    kv_heads_tiled: bool,
-    rows: slice | None = None,
-    alibi: Alibi | None = None,
-    rel: RelativeBias | None = None,
-) -> torch.Tensor:
+def _tile_scores(q: torch.Tensor, k_tile: torch.Tensor, cols: Columns, spec: AttentionSpec, n_q: int,
+                 rows: slice | None = None) -> torch.Tensor:
     """Scaled, biased and masked scores [B, Hkv, group, rows, cols] of the key columns ``cols`` (a range with
     explicit bounds or an index tensor; ``k_tile`` holds their keys); ``q`` holds the query ``rows`` (a range
-    with explicit bounds; all if None). ``alibi`` adds its position term, ``rel`` its relative-position term."""
+    with explicit bounds; all if None) of the Nq = ``n_q`` queries. Every term of ``spec`` applies."""
     rows = slice(0, q.shape[-2]) if rows is None else rows
-    s = torch.matmul(q, k_tile.unsqueeze(2).transpose(-1, -2)) * scale
-    if bias is not None:
-        s = s + _grouped(_take(bias[..., rows, :], -1, cols), k_tile.shape[1], kv_heads_tiled).to(s.dtype)
+    num_kv_heads, tiled = k_tile.shape[1], spec.kv_heads_tiled
+    s = torch.matmul(q, k_tile.unsqueeze(2).transpose(-1, -2)) * spec.scale
+    if spec.bias is not None:
+        s = s + _grouped(_take(spec.bias.values[..., rows, :], -1, cols), num_kv_heads, tiled).to(s.dtype)
     row_index, col_index = _positions(rows, q.device), _positions(cols, q.device)
-    if alibi is not None:
-        slopes = _grouped(alibi.slopes[:, :, None, None], k_tile.shape[1], kv_heads_tiled).to(s.dtype)
-        s = s + slopes * alibi.positions(row_index, col_index).to(s.dtype)
-    if rel is not None:
-        s = s + _grouped(rel.gather(row_index, col_index), k_tile.shape[1], kv_heads_tiled).to(s.dtype)
-    visible = masks.visible(row_index, col_index)
+    if spec.alibi is not None:
+        slopes = _grouped(spec.alibi.slopes[:, :, None, None], num_kv_heads, tiled).to(s.dtype)
+        s = s + slopes * spec.alibi.positions(row_index, col_index).to(s.dtype)
+    if spec.relative is not None:
+        s = s + _grouped(spec.relative.gather(row_index, col_index, n_q), num_kv_heads, tiled).to(s.dtype)
+    visible = spec.visible(row_index, col_index)
     if visible is not None:
         s = s.masked_fill(~visible[:, None, None], float("-inf"))
     return s
 
 
-def _without_band(masks: Masks) -> Masks:
-    """``masks`` less the causal/window band (for tiles a layout proves inside it)."""
-    return dataclasses.replace(masks, causal_offset=None, window=None)
+def _full_tiles(spec: AttentionSpec) -> AttentionSpec:
+    """``spec`` for the tiles a layout proves full: no bias read (it is 0 there) and no band (it covers them)."""
+    return spec.replace(band=Band(), bias=None)
 
 
 #: At most this many keys (gathered from the visited key tiles) make one step of the sparse passes.
 _MAX_CHUNK = 512
 
 
-def _sparse_plan(layout: BlockLayout, n_q: int, n_k: int, masks: Masks) -> list[tuple[slice, list]]:
+def _sparse_plan(layout: BlockLayout, n_q: int, n_k: int, spec: AttentionSpec) -> list[tuple[slice, list]]:
     """The tile pairs the sparse passes visit: per query tile (its rows, a range of ``layout.block_m``), the
     key tiles that are non-empty for some (batch, head) and hold a valid key, gathered into chunks of at most
     ``_MAX_CHUNK`` keys (a range where the tiles are adjacent, else an index tensor), each with whether it
@@ -153,8 +141,8 @@ def _sparse_plan(layout: BlockLayout, n_q: int, n_k: int, masks: Masks) -> list[
     classes = layout.classes.flatten(0, 1).cpu()
     visited = (classes != EMPTY).any(0)
     plain = (classes == FULL).all(0)
-    if masks.key_valid is not None:
-        padded = torch.nn.functional.pad(masks.key_valid.cpu(), (0, math.ceil(n_k / block_n) * block_n - n_k))
+    if spec.key_valid is not None:
+        padded = torch.nn.functional.pad(spec.key_valid.cpu(), (0, math.ceil(n_k / block_n) * block_n - n_k))
         visited &= padded.unflatten(1, (-1, block_n)).any(-1).any(0)[None, :]
     per_chunk = max(1, _MAX_CHUNK // block_n)
     plan = []
@@ -231,77 +219,47 @@ def _lse_pair(row_max: torch.Tensor, row_sum: torch.Tensor) -> torch.Tensor:
     return torch.stack([hi, lo], -1)
 
 
-def attention_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float,
-    masks: Masks = NO_MASKS,
-    bias: torch.Tensor | None = None,
-    kv_heads_tiled: bool = False,
-    block_n: int = 256,
-    dropout: Dropout = NO_DROPOUT,
-    layout: BlockLayout | None = None,
-    alibi: Alibi | None = None,
-    rel: RelativeBias | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tiled forward: ``(out [B, Hq, Nq, D] in q.dtype, lse [B, Hq, Nq, 2] float32 pairs)`` (see :func:`_lse_pair`).
-
-    ``bias``, if given, is broadcastable to [B, Hq, Nq, Nk] and already expanded to that shape.
-    ``masks`` are the structural masks (:meth:`Masks.build`); ``kv_heads_tiled`` selects the GQA head
-    mapping (see :func:`_grouped`). With ``dropout`` the output uses the dropped, rescaled
-    probabilities; the LSE is that of the undropped softmax. With a ``layout`` (of ``bias``) the pass
-    walks its non-empty tile pairs (its own tile sizes; ``block_n`` is ignored). ``alibi`` adds the ALiBi
-    bias to the scores, ``rel`` the relative-position bias.
-    """
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, block_n: int = 256,
+                      layout: BlockLayout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiled forward of a validated ``spec``: ``(out [B, Hq, Nq, D] in q.dtype, lse [B, Hq, Nq, 2] float32
+    pairs)`` (see :func:`_lse_pair`), walking key columns of ``block_n``. With a ``layout`` (of the bias) the pass
+    walks its non-empty tile pairs instead (its own tile sizes; ``block_n`` is ignored)."""
     if layout is not None:
-        return _sparse_forward(q, k, v, scale=scale, masks=masks, bias=bias, kv_heads_tiled=kv_heads_tiled,
-                               dropout=dropout, layout=layout, alibi=alibi, rel=rel)
+        return _sparse_forward(q, k, v, spec, layout)
     dtype = _compute_dtype(q.dtype)
     num_kv_heads, n_k = k.shape[1], k.shape[2]
-    qg = _grouped(q.to(dtype), num_kv_heads, kv_heads_tiled)
+    qg = _grouped(q.to(dtype), num_kv_heads, spec.kv_heads_tiled)
     row_max = qg.new_full(qg.shape[:-1], float("-inf"))
     row_sum = qg.new_zeros(qg.shape[:-1])
     acc = qg.new_zeros(qg.shape[:-1] + v.shape[-1:])
-    for start in _key_tiles(q.shape[2], n_k, block_n, masks):
+    for start in _key_tiles(q.shape[2], n_k, block_n, spec):
         k_tile = k[:, :, start : start + block_n].to(dtype)
         v_tile = v[:, :, start : start + block_n].to(dtype).unsqueeze(2)
         cols = slice(start, start + k_tile.shape[2])
-        s = _tile_scores(qg, k_tile, cols, scale=scale, masks=masks, bias=bias, kv_heads_tiled=kv_heads_tiled,
-                         alibi=alibi, rel=rel)
-        keep = None
-        if dropout.enabled:
-            keep = _tile_keep(q, num_kv_heads, n_k, cols, dropout, kv_heads_tiled)
+        s = _tile_scores(qg, k_tile, cols, spec, q.shape[2])
+        keep = _tile_keep(q, num_kv_heads, n_k, cols, spec) if spec.dropout.enabled else None
         row_max, row_sum, acc = _softmax_step(row_max, row_sum, acc, s, v_tile, keep)
-    out = acc / row_sum[..., None]
-    if dropout.enabled:
-        out = out * dropout.scale
-    return _ungrouped(out, kv_heads_tiled).to(q.dtype), _ungrouped(_lse_pair(row_max, row_sum), kv_heads_tiled)
+    return _finish_forward(q, acc / row_sum[..., None], _lse_pair(row_max, row_sum), spec)
 
 
-def _sparse_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float,
-    masks: Masks,
-    bias: torch.Tensor | None,
-    kv_heads_tiled: bool,
-    dropout: Dropout,
-    layout: BlockLayout,
-    alibi: Alibi | None,
-    rel: RelativeBias | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _finish_forward(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                    spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grouped output (scaled for dropout) and LSE pairs back in q's head order and dtype."""
+    if spec.dropout.enabled:
+        out = out * spec.dropout.scale
+    return _ungrouped(out, spec.kv_heads_tiled).to(q.dtype), _ungrouped(lse, spec.kv_heads_tiled)
+
+
+def _sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
+                    layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`attention_forward` over the non-empty tile pairs of ``layout``, one query tile at a time."""
     dtype = _compute_dtype(q.dtype)
     num_kv_heads, n_k = k.shape[1], k.shape[2]
-    qg = _grouped(q.to(dtype), num_kv_heads, kv_heads_tiled)
+    qg = _grouped(q.to(dtype), num_kv_heads, spec.kv_heads_tiled)
     out = qg.new_empty(qg.shape[:-1] + v.shape[-1:])
     lse = qg.new_empty(qg.shape[:-1] + (2,), dtype=torch.float32)
-    plain_masks = _without_band(masks)
-    for rows, chunks in _sparse_plan(layout, q.shape[2], n_k, masks):
+    full_spec = _full_tiles(spec)
+    for rows, chunks in _sparse_plan(layout, q.shape[2], n_k, spec):
         q_tile = qg[..., rows, :]
         row_max = q_tile.new_full(q_tile.shape[:-1], float("-inf"))
         row_sum = q_tile.new_zeros(q_tile.shape[:-1])
@@ -309,57 +267,32 @@ def _sparse_forward(
         for cols, reads_bias in chunks:
             k_tile = _take(k, 2, cols).to(dtype)
             v_tile = _take(v, 2, cols).to(dtype).unsqueeze(2)
-            s = _tile_scores(q_tile, k_tile, cols, scale=scale, masks=masks if reads_bias else plain_masks,
-                             bias=bias if reads_bias else None, kv_heads_tiled=kv_heads_tiled, rows=rows,
-                             alibi=alibi, rel=rel)
-            keep = None
-            if dropout.enabled:
-                keep = _tile_keep(q, num_kv_heads, n_k, cols, dropout, kv_heads_tiled, rows)
+            s = _tile_scores(q_tile, k_tile, cols, spec if reads_bias else full_spec, q.shape[2], rows)
+            keep = _tile_keep(q, num_kv_heads, n_k, cols, spec, rows) if spec.dropout.enabled else None
             row_max, row_sum, acc = _softmax_step(row_max, row_sum, acc, s, v_tile, keep)
         # No visited tile (or no visible key): 0 / 0 = NaN and LSE -inf, as in the dense pass.
         out[..., rows, :] = acc / row_sum[..., None]
         lse[..., rows, :] = _lse_pair(row_max, row_sum)
-    if dropout.enabled:
-        out = out * dropout.scale
-    return _ungrouped(out, kv_heads_tiled).to(q.dtype), _ungrouped(lse, kv_heads_tiled)
+    return _finish_forward(q, out, lse, spec)
 
 
-def attention_backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    *,
-    scale: float,
-    masks: Masks = NO_MASKS,
-    bias: torch.Tensor | None = None,
-    bias_requires_grad: bool = False,
-    kv_heads_tiled: bool = False,
-    block_n: int = 256,
-    dropout: Dropout = NO_DROPOUT,
-    layout: BlockLayout | None = None,
-    alibi: Alibi | None = None,
-    rel: RelativeBias | None = None,
-    rel_requires_grad: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Tiled backward from the saved ``out`` and ``lse``: ``(dq, dk, dv, dbias, drel)``.
+def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec, block_n: int = 256,
+                       layout: BlockLayout | None = None) -> tuple[torch.Tensor, ...]:
+    """Tiled backward of a validated ``spec`` from the forward's ``saved`` tensors: ``(dq, dk, dv, dbias, drel)``.
 
-    ``dropout``, ``alibi`` and ``rel`` must be the forward's (the keep mask is regenerated per tile). With a
-    ``layout`` (of ``bias``, for the backward's tiles) only its non-empty tile pairs are visited, one query tile at
-    a time.
-
-    dq, dk, dv have the dtypes of q, k, v. dbias is None unless ``bias_requires_grad``; then it is the
-    float32 [B, Hq, Nq, Nk] gradient of the expanded bias, ``dS = P * (dP - delta)``. drel is None unless
-    ``rel_requires_grad`` (which needs ``rel``); then it is the float32 [B, Hq, Nq + Nk - 1] gradient of ``rel``'s
-    expanded vector: entry ``j - i + Nq - 1`` sums dS over its diagonal (accumulated in the compute dtype).
+    The keep mask of dropout is regenerated per tile. With a ``layout`` (of the bias, for the backward's tiles)
+    only its non-empty tile pairs are visited, one query tile at a time. dq, dk, dv have the dtypes of q, k, v.
+    dbias is None unless the spec's bias requires grad; then it is the float32 [B, Hq, Nq, Nk] gradient of the
+    expanded bias, ``dS = P * (dP - delta)``. drel likewise for the relative table: float32 [B, Hq, Nq + Nk - 1],
+    entry ``j - i + Nq - 1`` the sum of dS over its diagonal (accumulated in the compute dtype).
     """
+    q, k, v, out, lse = saved
     dtype = _compute_dtype(q.dtype)
-    num_kv_heads, n_k = k.shape[1], k.shape[2]
+    num_kv_heads, n_q, n_k = k.shape[1], q.shape[2], k.shape[2]
+    tiled = spec.kv_heads_tiled
 
     def grouped(x: torch.Tensor) -> torch.Tensor:
-        return _grouped(x, num_kv_heads, kv_heads_tiled)
+        return _grouped(x, num_kv_heads, tiled)
 
     qg = grouped(q.to(dtype))
     dog = grouped(grad_out.to(dtype))
@@ -371,60 +304,45 @@ def attention_backward(
     dq = torch.zeros_like(qg)
     dk = k.new_zeros(k.shape, dtype=dtype)
     dv = v.new_zeros(v.shape, dtype=dtype)
-    dbias = None
-    if bias_requires_grad:
-        # Zeros stay in the skipped key tiles.
-        dbias = q.new_zeros((*q.shape[:3], n_k), dtype=torch.float32)
-    drel = None
-    if rel_requires_grad:
-        if rel is None:
-            raise AttentionInputError("rel_requires_grad=True needs a relative-position bias (rel)")
-        drel = q.new_zeros((*q.shape[:2], q.shape[2] + n_k - 1), dtype=dtype)
+    # Zeros stay in the skipped key tiles.
+    dbias = q.new_zeros((*q.shape[:3], n_k), dtype=torch.float32) if spec.features()["bias_grad"] else None
+    drel = q.new_zeros((*q.shape[:2], n_q + n_k - 1), dtype=dtype) if spec.features()["rel_grad"] else None
 
     def add_drel(ds: torch.Tensor, rows: slice, cols: Columns) -> None:
         if drel is not None:
-            rel.add_diagonal_sums(drel, _ungrouped(ds, kv_heads_tiled), _positions(rows, q.device),
-                                  _positions(cols, q.device))
-
-    def finish() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        return (_ungrouped(dq, kv_heads_tiled).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias,
-                None if drel is None else drel.to(torch.float32))
+            spec.relative.add_diagonal_sums(drel, _ungrouped(ds, tiled), _positions(rows, q.device),
+                                            _positions(cols, q.device), n_q)
 
     def keep(cols: Columns, rows: slice | None = None) -> torch.Tensor | None:
-        if not dropout.enabled:
+        if not spec.dropout.enabled:
             return None
-        return _tile_keep(q, num_kv_heads, n_k, cols, dropout, kv_heads_tiled, rows) * dropout.scale
+        return _tile_keep(q, num_kv_heads, n_k, cols, spec, rows) * spec.dropout.scale
 
     if layout is None:
-        for start in _key_tiles(q.shape[2], n_k, block_n, masks):
-            stop = min(start + block_n, n_k)
-            k_tile = k[:, :, start:stop].to(dtype)
-            v_tile = v[:, :, start:stop].to(dtype)
-            s = _tile_scores(qg, k_tile, slice(start, stop), scale=scale, masks=masks, bias=bias,
-                             kv_heads_tiled=kv_heads_tiled, alibi=alibi, rel=rel)
-            ds, dq_tile, dk[:, :, start:stop], dv[:, :, start:stop] = _tile_grads(
-                s, lse_g, dog, delta, qg, k_tile, v_tile, keep(slice(start, stop)), scale)
+        for start in _key_tiles(n_q, n_k, block_n, spec):
+            cols = slice(start, min(start + block_n, n_k))
+            k_tile, v_tile = k[:, :, cols].to(dtype), v[:, :, cols].to(dtype)
+            s = _tile_scores(qg, k_tile, cols, spec, n_q)
+            ds, dq_tile, dk[:, :, cols], dv[:, :, cols] = _tile_grads(s, lse_g, dog, delta, qg, k_tile, v_tile,
+                                                                      keep(cols), spec.scale)
             if dbias is not None:
-                grouped(dbias)[..., start:stop] = ds
-            add_drel(ds, slice(0, q.shape[2]), slice(start, stop))
+                grouped(dbias)[..., cols] = ds
+            add_drel(ds, slice(0, n_q), cols)
             dq += dq_tile
-        return finish()
-
-    plain_masks = _without_band(masks)
-    for rows, chunks in _sparse_plan(layout, q.shape[2], n_k, masks):
-        q_tile, do_tile = qg[..., rows, :], dog[..., rows, :]
-        for cols, reads_bias in chunks:
-            k_tile = _take(k, 2, cols).to(dtype)
-            v_tile = _take(v, 2, cols).to(dtype)
-            s = _tile_scores(q_tile, k_tile, cols, scale=scale, masks=masks if reads_bias else plain_masks,
-                             bias=bias if reads_bias else None, kv_heads_tiled=kv_heads_tiled, rows=rows,
-                             alibi=alibi, rel=rel)
-            ds, dq_tile, dk_tile, dv_tile = _tile_grads(s, lse_g[..., rows, :], do_tile, delta[..., rows], q_tile,
-                                                        k_tile, v_tile, keep(cols, rows), scale)
-            if dbias is not None:
-                _add_at(grouped(dbias)[..., rows, :], -1, cols, ds)  # each entry is written once: += 0 is =
-            add_drel(ds, rows, cols)
-            dq[..., rows, :] += dq_tile
-            _add_at(dk, 2, cols, dk_tile)
-            _add_at(dv, 2, cols, dv_tile)
-    return finish()
+    else:
+        full_spec = _full_tiles(spec)
+        for rows, chunks in _sparse_plan(layout, n_q, n_k, spec):
+            q_tile, do_tile = qg[..., rows, :], dog[..., rows, :]
+            for cols, reads_bias in chunks:
+                k_tile, v_tile = _take(k, 2, cols).to(dtype), _take(v, 2, cols).to(dtype)
+                s = _tile_scores(q_tile, k_tile, cols, spec if reads_bias else full_spec, n_q, rows)
+                ds, dq_tile, dk_tile, dv_tile = _tile_grads(s, lse_g[..., rows, :], do_tile, delta[..., rows],
+                                                            q_tile, k_tile, v_tile, keep(cols, rows), spec.scale)
+                if dbias is not None:
+                    _add_at(grouped(dbias)[..., rows, :], -1, cols, ds)  # each entry is written once: += 0 is =
+                add_drel(ds, rows, cols)
+                dq[..., rows, :] += dq_tile
+                _add_at(dk, 2, cols, dk_tile)
+                _add_at(dv, 2, cols, dv_tile)
+    return (_ungrouped(dq, tiled).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias,
+            None if drel is None else drel.to(torch.float32))

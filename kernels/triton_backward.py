@@ -29,10 +29,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from flash_fx.kernels import config
-from flash_fx.kernels.dropout import Dropout
+from flash_fx.kernels import triton_launch as args
+from flash_fx.kernels.config import Tiles
 from flash_fx.kernels.layout import BlockLayout
-from flash_fx.kernels.masks import Alibi, Masks, RelativeBias
+from flash_fx.kernels.spec import AttentionSpec, Saved
 from flash_fx.kernels.triton_common import (
     add_relative_grad,
     alibi_slope,
@@ -52,13 +52,6 @@ from flash_fx.kernels.triton_common import (
     store_rows,
     structural_mask,
     tile_stages,
-)
-from flash_fx.kernels.triton_forward import (
-    alibi_arguments,
-    bias_arguments,
-    layout_arguments,
-    mask_arguments,
-    relative_arguments,
 )
 
 
@@ -420,88 +413,48 @@ def _dq_kernel(
                HEAD_DIM)
 
 
-def attention_backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    *,
-    scale: float,
-    masks: Masks,
-    bias: torch.Tensor | None,
-    bias_requires_grad: bool,
-    kv_heads_tiled: bool,
-    block_m: int,
-    block_n: int,
-    num_warps: int,
-    num_stages: int,
-    dropout: Dropout,
-    layout: BlockLayout | None = None,
-    alibi: Alibi | None = None,
-    rel: RelativeBias | None = None,
-    rel_requires_grad: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Launch the three backward kernels on non-empty inputs; ``lse`` is contiguous [B, Hq, Nq].
+def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec, tiles: Tiles,
+                       layout: BlockLayout | None = None) -> tuple[torch.Tensor, ...]:
+    """Launch the three backward kernels on non-empty inputs for a validated ``spec``; ``saved.lse`` is contiguous.
 
-    With a ``layout`` (of ``bias`` for these ``block_m`` x ``block_n`` tiles) the dK/dV kernel visits the
-    query tiles of its per-key-tile lists and the dQ kernel the key tiles of its per-query-tile lists.
-    ``alibi`` and ``rel`` must be the forward's. Returns ``(dq, dk, dv, dbias, drel)``; dbias is a float32
-    [B, Hq, Nq, Nk] tensor if ``bias_requires_grad``, else None; drel the float32 [B, Hq, Nq + Nk - 1] gradient
-    of ``rel``'s expanded vector if ``rel_requires_grad`` (summed with atomics: not bitwise deterministic), else
-    None.
+    With a ``layout`` (of the bias, for these tiles) the dK/dV kernel visits the query tiles of its per-key-tile
+    lists and the dQ kernel the key tiles of its per-query-tile lists. Returns ``(dq, dk, dv, dbias, drel)`` as
+    :func:`flash_fx.kernels.attention_backward` describes (drel summed with atomics: not bitwise deterministic).
     """
+    q, k, v, out, lse = saved
     batch, num_heads, n_q, head_dim = q.shape
     num_kv_heads, n_k = k.shape[1], k.shape[2]
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    features = spec.features()
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     dbias = None
-    if bias_requires_grad:
+    if features["bias_grad"]:
         # Skipped key tiles are never stored: start from zeros there.
-        skips = masks.causal_offset is not None or masks.may_skip or layout is not None
+        skips = spec.band.upper is not None or spec.may_skip or layout is not None
         alloc = torch.zeros if skips else torch.empty
         dbias = alloc((batch, num_heads, n_q, n_k), dtype=torch.float32, device=q.device)
     drel = None
-    if rel_requires_grad:
+    if features["rel_grad"]:
         drel = torch.zeros((batch, num_heads, n_q + n_k - 1), dtype=torch.float32, device=q.device)
     delta = torch.empty_like(lse)
-    bias_ptr, bias_strides = bias_arguments(bias, q)
-    dbias_ptr, dbias_strides = bias_arguments(dbias, q)
-    alibi_args = alibi_arguments(alibi, q)
-    rel_args = relative_arguments(rel, q)
-    drel_ptr, drel_strides = (q, (0, 0, 0)) if drel is None else (drel, drel.stride())
-    block_d = config.padded_head_dim(head_dim)
-    flags = dict(
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HAS_BIAS=bias is not None,
-        KV_TILED=kv_heads_tiled, DROPOUT=dropout.enabled, UPCAST_DOT=config.upcast_dot(q.dtype),
-        INPUT_PRECISION=config.input_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages, **alibi_args.flags, **rel_args.flags,
-    )
-    group_size = num_heads // num_kv_heads
+    common = {**args.inputs(q, k, v), **args.shapes(q, k, spec), **args.terms(spec, q), **args.dropout_group(spec),
+              **args.tensor("DOut", "stride_dob,stride_doh,stride_dom,stride_dod", grad_out, q), "Lse": lse,
+              "Delta": delta, "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "num_warps": tiles.num_warps,
+              "num_stages": tiles.num_stages}
 
-    _delta_kernel[(triton.cdiv(n_q, block_m), batch * num_heads)](
+    _delta_kernel[(triton.cdiv(n_q, tiles.block_m), batch * num_heads)](
         out, grad_out, lse, delta, *out.stride(), *grad_out.stride(), num_heads, n_q,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_D=common["BLOCK_D"], num_warps=tiles.num_warps,
     )
-    key_args = mask_arguments(masks, q, block_n, keys_own_tiles=True)
-    key_lists = layout_arguments(layout, q, by_keys=True)
-    _dkdv_kernel[(triton.cdiv(n_k, block_n), batch * num_kv_heads)](
-        q, k, v, bias_ptr, alibi_args.slopes, rel_args.values, *key_args.tensors, *key_lists.tensors, grad_out, lse,
-        delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *bias_strides, *alibi_args.strides, *rel_args.strides,
-        *key_args.strides, *key_lists.strides,
-        *grad_out.stride(), *dk.stride(), *dv.stride(), num_heads, num_kv_heads, group_size, n_q, n_k, scale,
-        *key_args.offsets, *dropout.arguments(), LAYOUT=key_lists.enabled, **key_args.flags, **flags,
+    _dkdv_kernel[(triton.cdiv(n_k, tiles.block_n), batch * num_kv_heads)](
+        **common, **args.masks(spec, q, tiles.block_n, keys_own_tiles=True), **args.layout(layout, q, by_keys=True),
+        **args.tensor("DK", "stride_dkb,stride_dkh,stride_dkn,stride_dkd", dk, q),
+        **args.tensor("DV", "stride_dvb,stride_dvh,stride_dvn,stride_dvd", dv, q),
     )
-    query_args = mask_arguments(masks, q, block_m, keys_own_tiles=False)
-    query_lists = layout_arguments(layout, q, by_keys=False)
-    _dq_kernel[(triton.cdiv(n_q, block_m), batch * num_heads)](
-        q, k, v, bias_ptr, alibi_args.slopes, rel_args.values, *query_args.tensors, *query_lists.tensors, grad_out,
-        lse, delta, dq, dbias_ptr, drel_ptr, *q.stride(), *k.stride(), *v.stride(), *bias_strides,
-        *alibi_args.strides, *rel_args.strides, *query_args.strides, *query_lists.strides,
-        *grad_out.stride(), *dq.stride(), *dbias_strides, *drel_strides, num_heads, num_kv_heads, group_size, n_q,
-        n_k, scale, *query_args.offsets, *dropout.arguments(), WRITE_DBIAS=dbias is not None,
-        WRITE_DREL=drel is not None, LAYOUT=query_lists.enabled, **query_args.flags, **flags,
+    _dq_kernel[(triton.cdiv(n_q, tiles.block_m), batch * num_heads)](
+        **common, **args.masks(spec, q, tiles.block_m, keys_own_tiles=False), **args.layout(layout, q, by_keys=False),
+        **args.tensor("DQ", "stride_dqb,stride_dqh,stride_dqm,stride_dqd", dq, q),
+        **args.tensor("DBias", "stride_dbb,stride_dbh,stride_dbm,stride_dbn", dbias, q),
+        **args.tensor("DRel", "stride_drb,stride_drh,stride_drr", drel, q),
+        WRITE_DBIAS=dbias is not None, WRITE_DREL=drel is not None,
     )
     return dq, dk, dv, dbias, drel

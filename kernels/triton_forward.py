@@ -17,15 +17,13 @@ with the program's slope loaded once; without it the kernel compiles as before. 
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
-from flash_fx.kernels import config
-from flash_fx.kernels.dropout import Dropout
+from flash_fx.kernels import triton_launch as args
+from flash_fx.kernels.config import Tiles
 from flash_fx.kernels.layout import BlockLayout
-from flash_fx.kernels.masks import Alibi, Masks, RelativeBias, doc_bounds
+from flash_fx.kernels.spec import AttentionSpec
 from flash_fx.kernels.triton_common import (
     alibi_slope,
     band_visible,
@@ -218,142 +216,17 @@ def _attention_forward_kernel(
     tl.store(Lse + (bh * n_q + offs_m) * 2 + 1, lse_lo, mask=offs_m < n_q)
 
 
-def bias_arguments(bias: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """A 4-d bias (or bias gradient) pointer and its 4 strides; without one, a dummy pointer and zero strides."""
-    if bias is None:
-        return fallback, (0, 0, 0, 0)
-    return bias, tuple(bias.stride())
-
-
-class AlibiArguments(NamedTuple):
-    """What the kernels receive for the ALiBi bias (see :func:`alibi_arguments`)."""
-
-    slopes: torch.Tensor
-    strides: tuple[int, int]
-    flags: dict[str, bool]
-
-
-def alibi_arguments(alibi: Alibi | None, fallback: torch.Tensor) -> AlibiArguments:
-    """Kernel arguments of the ALiBi bias: the float32 [B, Hq] slopes with their strides (0 where they
-    broadcast) and the constexpr flags; without ALiBi a dummy pointer, zero strides, flags off."""
-    if alibi is None:
-        return AlibiArguments(fallback, (0, 0), dict(HAS_ALIBI=False, ALIBI_SYMMETRIC=False))
-    return AlibiArguments(alibi.slopes, tuple(alibi.slopes.stride()),
-                          dict(HAS_ALIBI=True, ALIBI_SYMMETRIC=alibi.symmetric))
-
-
-class RelativeArguments(NamedTuple):
-    """What the kernels receive for a relative-position bias (see :func:`relative_arguments`)."""
-
-    values: torch.Tensor
-    strides: tuple[int, int, int]
-    flags: dict[str, bool]
-
-
-def relative_arguments(rel: RelativeBias | None, fallback: torch.Tensor) -> RelativeArguments:
-    """Kernel arguments of a relative-position bias: its [B, Hq, Nq + Nk - 1] vector with its strides (0 where
-    it broadcasts) and the constexpr flag; without one a dummy pointer, zero strides, the flag off."""
-    if rel is None:
-        return RelativeArguments(fallback, (0, 0, 0), dict(HAS_REL=False))
-    return RelativeArguments(rel.values, tuple(rel.values.stride()), dict(HAS_REL=True))
-
-
-class MaskArguments(NamedTuple):
-    """What the kernels receive for the structural masks (see :func:`mask_arguments`)."""
-
-    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-    strides: tuple[int, ...]
-    offsets: tuple[int, int]
-    flags: dict[str, bool]
-
-
-def mask_arguments(masks: Masks, fallback: torch.Tensor, block: int, *, keys_own_tiles: bool) -> MaskArguments:
-    """Kernel arguments of the structural masks: band offsets, the key-valid / document vectors (int8 / int32
-    [B, N] with their strides, a dummy pointer and zero strides when absent), the sorted documents'
-    per-tile ranges (:func:`masks.doc_bounds`; tiles of ``block`` queries, or of keys if
-    ``keys_own_tiles``), and the constexpr flags."""
-    key_valid = fallback if masks.key_valid is None else masks.key_valid.view(torch.int8)
-    q_doc = fallback if masks.q_doc is None else masks.q_doc
-    k_doc = fallback if masks.k_doc is None else masks.k_doc
-    doc_ranges = fallback
-    if masks.docs_sorted:
-        this, other = (masks.k_doc, masks.q_doc) if keys_own_tiles else (masks.q_doc, masks.k_doc)
-        doc_ranges = doc_bounds(this, other, block)
-    return MaskArguments(
-        tensors=(key_valid, q_doc, k_doc, doc_ranges),
-        strides=tuple(s for t in (masks.key_valid, masks.q_doc, masks.k_doc)
-                      for s in ((0, 0) if t is None else t.stride())),
-        offsets=(masks.upper or 0, masks.lower or 0),
-        flags=dict(HAS_UPPER=masks.upper is not None, HAS_LOWER=masks.lower is not None,
-                   HAS_KEY_VALID=masks.key_valid is not None, HAS_DOCS=masks.q_doc is not None,
-                   SORTED_DOCS=masks.docs_sorted),
-    )
-
-
-class LayoutArguments(NamedTuple):
-    """What the kernels receive for a block-sparse layout (see :func:`layout_arguments`)."""
-
-    tensors: tuple[torch.Tensor, torch.Tensor]
-    strides: tuple[int, int, int, int]
-    enabled: bool
-
-
-def layout_arguments(layout: BlockLayout | None, fallback: torch.Tensor, *, by_keys: bool) -> LayoutArguments:
-    """Kernel arguments of a block-sparse layout: its tile lists (per query tile, or per key tile if
-    ``by_keys``) and their batch and head strides, 0 along the dims the layout broadcasts over (so the kernels
-    index them with the real batch row and query head); without a layout, dummy pointers and zero strides."""
-    if layout is None:
-        return LayoutArguments((fallback, fallback), (0, 0, 0, 0), False)
-    counts, indices = layout.by_key_tile() if by_keys else layout.by_query_tile()
-    counts, indices = counts.to(fallback.device), indices.to(fallback.device)
-
-    def strides(t: torch.Tensor) -> tuple[int, int]:
-        return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0)
-
-    return LayoutArguments((counts, indices), (*strides(counts), *strides(indices)), True)
-
-
-def attention_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float,
-    masks: Masks,
-    bias: torch.Tensor | None,
-    kv_heads_tiled: bool,
-    block_m: int,
-    block_n: int,
-    num_warps: int,
-    num_stages: int,
-    dropout: Dropout,
-    layout: BlockLayout | None = None,
-    alibi: Alibi | None = None,
-    rel: RelativeBias | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel on non-empty inputs; ``bias`` is already expanded to [B, Hq, Nq, Nk].
-
-    With a ``layout`` (of ``bias`` for these ``block_m`` x ``block_n`` tiles) only its non-empty tiles are
-    visited. ``alibi`` adds the ALiBi term to the scores, ``rel`` the relative-position term."""
-    batch, num_heads, n_q, head_dim = q.shape
-    n_k = k.shape[2]
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, tiles: Tiles,
+                      layout: BlockLayout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel on non-empty inputs for a validated ``spec``; with a ``layout`` (of the bias, for
+    these tiles) only its non-empty tiles are visited."""
+    batch, num_heads, n_q = q.shape[:3]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, num_heads, n_q, 2), dtype=torch.float32, device=q.device)
-    bias_ptr, bias_strides = bias_arguments(bias, q)
-    mask_args = mask_arguments(masks, q, block_m, keys_own_tiles=False)
-    layout_args = layout_arguments(layout, q, by_keys=False)
-    alibi_args = alibi_arguments(alibi, q)
-    rel_args = relative_arguments(rel, q)
-    grid = (triton.cdiv(n_q, block_m), batch * num_heads)
-    _attention_forward_kernel[grid](
-        q, k, v, bias_ptr, alibi_args.slopes, rel_args.values, *mask_args.tensors, *layout_args.tensors, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *alibi_args.strides, *rel_args.strides,
-        *mask_args.strides, *layout_args.strides, *out.stride(),
-        num_heads, k.shape[1], num_heads // k.shape[1], n_q, n_k, scale, *mask_args.offsets,
-        *dropout.arguments(), HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=config.padded_head_dim(head_dim), HAS_BIAS=bias is not None, KV_TILED=kv_heads_tiled,
-        DROPOUT=dropout.enabled, LAYOUT=layout_args.enabled, UPCAST_DOT=config.upcast_dot(q.dtype),
-        INPUT_PRECISION=config.input_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
-        **mask_args.flags, **alibi_args.flags, **rel_args.flags,
+    _attention_forward_kernel[(triton.cdiv(n_q, tiles.block_m), batch * num_heads)](
+        **args.inputs(q, k, v), **args.shapes(q, k, spec), **args.terms(spec, q),
+        **args.masks(spec, q, tiles.block_m, keys_own_tiles=False), **args.layout(layout, q, by_keys=False),
+        **args.dropout_group(spec), **args.tensor("Out", "stride_ob,stride_oh,stride_om,stride_od", out, q), Lse=lse,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out, lse

@@ -82,6 +82,7 @@ class TuneKey:
     rel: bool = False
     bias_grad: bool = False
     rel_grad: bool = False
+    kv_tiled: bool = False
 
 
 @dataclass

@@ -18,42 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from flash_fx.kernels.spec import Band
 from flash_fx.patterns.canonical import constant_float
 from flash_fx.patterns.mutation import is_written, unreplayed_writer
 from torch import fx
 
 from flash_fx.exactness import is_mask_fill
-
-
-@dataclass(frozen=True)
-class Band:
-    """Key j is visible to query i iff i - left <= j <= i + right (None: unbounded on that side).
-
-    Band(None, 0) is causal, Band(None, c) causal with offset c, Band(w, 0) a causal sliding window.
-    """
-
-    left: int | None = None
-    right: int | None = 0
-
-    def materialize(self, nq: int, nk: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The dense [nq, nk] boolean visibility this spec stands for."""
-        i = torch.arange(nq, device=device)[:, None]
-        j = torch.arange(nk, device=device)[None, :]
-        visible = torch.ones(nq, nk, dtype=torch.bool, device=device)
-        if self.right is not None:
-            visible &= j <= i + self.right
-        if self.left is not None:
-            visible &= j >= i - self.left
-        return visible
-
-    @property
-    def variant(self) -> str:
-        return "causal" if self.left is None else "sliding_window"
-
-    def describe(self) -> str:
-        if self.left is None:
-            return "causal" if self.right == 0 else f"causal(offset={self.right})"
-        return f"sliding_window(left={self.left}, right={self.right})"
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ class ValueProof:
 
 
 @dataclass(frozen=True)
-class Alibi:
+class AlibiMatch:
     """A recognized ALiBi term: the kernels add ``slope * (j - i)`` (or ``-slope * |j - i|``) to the scores,
     with ``slope = slopes[b, h] * sign`` (sign from the position plane)."""
 
@@ -72,7 +72,7 @@ class Alibi:
         return f"alibi({'-|j - i|' if self.symmetric else 'j - i'}, slopes {self.slopes.name}, from indices)"
 
 
-def analyze_alibi(graph: fx.Graph, bias: fx.Node, nq: int, nk: int, graph_args: list[Any] | None) -> Alibi | str:
+def analyze_alibi(graph: fx.Graph, bias: fx.Node, nq: int, nk: int, graph_args: list[Any] | None) -> AlibiMatch | str:
     """The ALiBi form of the bias node, or why it is not one."""
     if bias.op not in ("call_function", "call_method") or not _is_mul(bias.target) or len(bias.args) != 2:
         return "not a product of slopes and positions"
@@ -98,7 +98,7 @@ def analyze_alibi(graph: fx.Graph, bias: fx.Node, nq: int, nk: int, graph_args: 
         form = position_form(value)
         if form is None:
             return "positions are not j - i or |j - i| (up to a per-row constant)"
-        return Alibi(slopes, form, ValueProof(program, lambda planes, form=form: position_form(planes) == form))
+        return AlibiMatch(slopes, form, ValueProof(program, lambda planes, form=form: position_form(planes) == form))
     return "no factor of the product is a per-head slope times data-free positions"
 
 
@@ -127,7 +127,7 @@ def _is_mul(target: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class RelativeTable:
+class RelativeTableMatch:
     """A learned relative-position bias (T5): ``table[bucket[i, j], h]`` with data-free buckets that depend on
     j - i only. The kernels read the table at the Nq + Nk - 1 relative positions instead of an Nq x Nk bias."""
 
@@ -146,8 +146,8 @@ _EMBEDDING = {torch.nn.functional.embedding, torch.embedding}
 
 
 def analyze_relative_table(graph: fx.Graph, bias: fx.Node, nq: int, nk: int,
-                           graph_args: list[Any] | None) -> RelativeTable | str:
-    """The RelativeTable behind a bias written as ``embedding(buckets, table).permute(2, 0, 1).unsqueeze(0)``."""
+                           graph_args: list[Any] | None) -> RelativeTableMatch | str:
+    """The RelativeTableMatch behind a bias written as ``embedding(buckets, table).permute(2, 0, 1).unsqueeze(0)``."""
     node = strip_copies(bias)
     if node.target == "unsqueeze" and node.args[1:] == (0,):
         node = node.args[0]
@@ -170,7 +170,7 @@ def analyze_relative_table(graph: fx.Graph, bias: fx.Node, nq: int, nk: int,
         return "relative buckets are not an [Nq, Nk] plane"
     if not is_toeplitz(value):
         return "buckets do not depend on j - i alone"
-    return RelativeTable(lookup, ValueProof(program, is_toeplitz))
+    return RelativeTableMatch(lookup, ValueProof(program, is_toeplitz))
 
 
 def is_toeplitz(value: torch.Tensor) -> bool:

@@ -9,9 +9,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from flash_fx.kernels import attention_backward, attention_forward, dropout_keep_mask, tiled_torch  # noqa: E402
-from flash_fx.kernels.dropout import Dropout  # noqa: E402
-from flash_fx.kernels.masks import Masks  # noqa: E402
+from flash_fx.kernels import dropout_keep_mask  # noqa: E402
+from kernel_calls import backward as attention_backward  # noqa: E402
+from kernel_calls import forward as attention_forward  # noqa: E402
+from kernel_calls import tiled_backward, tiled_forward  # noqa: E402
 
 from flash_fx import op  # noqa: E402, F401  (registers torch.ops.flash_fx)
 
@@ -23,18 +24,16 @@ def run_forward(q, k, v, *, triton, causal_offset=None, kv_heads_tiled=False, dr
     if triton:
         return attention_forward(q, k, v, scale=q.shape[-1] ** -0.5, causal_offset=causal_offset,
                                  kv_heads_tiled=kv_heads_tiled, dropout_p=dropout_p, seed=seed, offset=offset)
-    masks = Masks.build(q.shape[0], q.shape[2], k.shape[2], causal_offset=causal_offset)
-    return tiled_torch.attention_forward(q, k, v, scale=q.shape[-1] ** -0.5, masks=masks, block_n=16,
-                                         kv_heads_tiled=kv_heads_tiled, dropout=Dropout(dropout_p, seed, offset))
+    return tiled_forward(q, k, v, scale=q.shape[-1] ** -0.5, causal_offset=causal_offset, block_n=16,
+                         kv_heads_tiled=kv_heads_tiled, dropout_p=dropout_p, seed=seed, offset=offset)
 
 
 def run_backward(grad_out, q, k, v, out, lse, *, triton, causal_offset=None, dropout_p, seed):
     if triton:
         return attention_backward(grad_out, q, k, v, out, lse, scale=q.shape[-1] ** -0.5, causal_offset=causal_offset,
                                   dropout_p=dropout_p, seed=seed)
-    masks = Masks.build(q.shape[0], q.shape[2], k.shape[2], causal_offset=causal_offset)
-    return tiled_torch.attention_backward(grad_out, q, k, v, out, lse, scale=q.shape[-1] ** -0.5, masks=masks,
-                                          block_n=16, dropout=Dropout(dropout_p, seed, 0))
+    return tiled_backward(grad_out, q, k, v, out, lse, scale=q.shape[-1] ** -0.5, causal_offset=causal_offset,
+                          block_n=16, dropout_p=dropout_p, seed=seed)
 
 
 def eager_dropout_attention(q, k, v, keep, p, causal_offset=None):

@@ -13,18 +13,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from flash_fx.kernels import (  # noqa: E402
-    attention_backward,
-    attention_forward,
-    config,
-    dropout_keep_mask,
-    tile_density,
-    tiled_torch,
-    uses_triton,
-)
-from flash_fx.kernels.dropout import Dropout  # noqa: E402
-from flash_fx.kernels.layout import EMPTY, FULL, PARTIAL, bias_layout  # noqa: E402
-from flash_fx.kernels.masks import Alibi, Masks, RelativeBias  # noqa: E402
+from flash_fx.kernels import config, dropout_keep_mask, tile_density, uses_triton  # noqa: E402
+from flash_fx.kernels.layout import EMPTY, FULL, PARTIAL  # noqa: E402
+from kernel_calls import backward as attention_backward  # noqa: E402
+from kernel_calls import density_spec, layout_of, tiled_backward, tiled_forward  # noqa: E402
+from kernel_calls import forward as attention_forward  # noqa: E402
 
 # The interpreter evaluates 0/0 and log(0) of fully masked rows with numpy, which warns.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -148,30 +141,20 @@ def check_attention(q, k, v, dtype, *, causal_offset=None, bias=None, triton=Tru
     qx, kx, vx = (t.to(dtype) for t in (q, k, v))
     bias_x = None if bias is None else bias.to(dtype)
     seed = DROPOUT_SEED if dropout_p else None
+    kernel_options = dict(options, **masks, dropout_p=dropout_p, seed=seed, sparse_bias=sparse)
+    if alibi is not None:
+        kernel_options.update(alibi_slopes=alibi[0], alibi_symmetric=alibi[1])
+    if rel_bias is not None:
+        kernel_options["rel_bias"] = rel_bias
+    backward_options = dict(rel_bias_requires_grad=rel_grad)
     if triton:
         forward, backward = attention_forward, attention_backward
-        kernel_options = dict(options, **masks, sparse_bias=sparse, dropout_p=dropout_p, seed=seed)
-        if alibi is not None:
-            kernel_options.update(alibi_slopes=alibi[0], alibi_symmetric=alibi[1])
-        backward_options = dict(rel_bias_requires_grad=rel_grad)
-        if rel_bias is not None:
-            kernel_options["rel_bias"] = rel_bias
     else:
-        forward, backward = tiled_torch.attention_forward, tiled_torch.attention_backward
-        bias_x = None if bias_x is None else bias_x.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        structural = Masks.build(q.shape[0], q.shape[2], k.shape[2], causal_offset=causal_offset, **masks)
-        kernel_options = dict(kv_heads_tiled=kv_heads_tiled, masks=structural,
-                              dropout=Dropout.build(dropout_p, seed, 0))
-        if alibi is not None:
-            kernel_options["alibi"] = Alibi.build(alibi[0], alibi[1], q.shape[0], q.shape[1], q.device)
-        backward_options = dict(rel_requires_grad=rel_grad)
-        if rel_bias is not None:
-            kernel_options["rel"] = RelativeBias.build(rel_bias, q.shape[0], q.shape[1], q.shape[2], k.shape[2],
-                                                       q.device)
+        forward, backward = tiled_forward, tiled_backward
         block_m = blocks.pop("block_m", None)
         if sparse:
             block_n = blocks.get("block_n", 16)
-            kernel_options["layout"] = bias_layout(bias_x, structural, block_m or block_n, block_n)
+            kernel_options["layout_blocks"] = (block_m or block_n, block_n)
     if masks:
         options["visible"] = dense_mask(q.shape[2], k.shape[2], **masks)
     if dropout_p:
@@ -348,7 +331,7 @@ def test_finfo_min_bias_gives_uniform_average(triton):
     q, k, v = (t.float() for t in random_inputs((1, 1, 20, 16), (1, 1, 30, 16)))
     bias = torch.zeros(1, 1, 20, 30)
     bias[:, :, 7] = torch.finfo(torch.float32).min
-    forward = attention_forward if triton else tiled_torch.attention_forward
+    forward = attention_forward if triton else tiled_forward
     out, _ = forward(q, k, v, scale=0.25, bias=bias)
     assert torch.allclose(out[0, 0, 7], v[0, 0].mean(0), atol=1e-5)
     assert torch.allclose(out, eager_attention(q, k, v, 0.25, bias=bias), atol=1e-5)
@@ -383,7 +366,7 @@ def test_tiled_torch(causal_offset, dtype):
 def test_tiled_torch_matches_float64_exactly():
     """In float64 the tiled path is the same math as eager: only reassociation differs."""
     q, k, v = random_inputs((1, 2, 37, 16), (1, 2, 50, 16))
-    out, _ = tiled_torch.attention_forward(q, k, v, scale=0.5, masks=Masks(causal_offset=2), block_n=7)
+    out, _ = tiled_forward(q, k, v, scale=0.5, causal_offset=2, block_n=7)
     assert torch.allclose(out, eager_attention(q, k, v, 0.5, causal_offset=2), rtol=1e-12, atol=1e-12)
 
 
@@ -400,7 +383,7 @@ def test_empty_shapes(triton, monkeypatch):
     out, lse = attention_forward(q.float(), no_keys, no_keys, scale=1.0)
     assert torch.equal(out, eager_attention(q.float(), no_keys, no_keys, 1.0)) and (lse.sum(-1) == NEG_INF).all()
     dq, dk, dv, dbias, drel = attention_backward(torch.ones_like(out), q.float(), no_keys, no_keys, out, lse,
-                                                 scale=1.0, bias_requires_grad=True)
+                                                 scale=1.0, bias=torch.zeros(1, 1, 5, 0), bias_requires_grad=True)
     assert (dq == 0).all() and dk.shape == dv.shape == no_keys.shape and dbias.shape == (1, 2, 5, 0)
     assert drel is None
 
@@ -412,7 +395,7 @@ def test_dispatch(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not uses_triton(cpu)
     q, k, v = (t.half() for t in random_inputs((1, 2, 20, 16), (1, 2, 20, 16)))
-    expected, _ = tiled_torch.attention_forward(q, k, v, scale=0.3, masks=Masks(causal_offset=0))
+    expected, _ = tiled_forward(q, k, v, scale=0.3, causal_offset=0)
     out, _ = attention_forward(q, k, v, scale=0.3, causal_offset=0)
     assert torch.equal(out, expected)
 
@@ -664,14 +647,14 @@ def test_tile_density_counts_visible_tiles(n_q, n_k, causal_offset, masks, block
     visible = dense_mask(n_q, n_k, **masks)
     if causal_offset is not None:
         visible = visible & torch.ones(n_q, n_k, dtype=torch.bool).tril(causal_offset)
-    density = tile_density(n_q, n_k, causal_offset=causal_offset, block_m=block_m, block_n=block_n, **masks)
+    density = tile_density(density_spec(n_q, n_k, causal_offset=causal_offset, **masks), n_q, n_k, block_m, block_n)
     assert density == pytest.approx(visited_tiles_brute_force(visible, block_m, block_n))
     assert density < 1
 
 
 def test_tile_density_unsorted_docs_visit_everything():
     _, masks = STRUCTURAL_CASES["unsorted_docs"]
-    assert tile_density(SEQ, SEQ, block_m=16, block_n=16, **masks) == 1.0
+    assert tile_density(density_spec(SEQ, SEQ, **masks), SEQ, SEQ, 16, 16) == 1.0
 
 
 @pytest.mark.parametrize("triton", [True, False], ids=["triton", "tiled"])
@@ -796,7 +779,7 @@ def test_sparse_bias(case, triton):
     dtype = options.pop("dtype", torch.float32)
     bias = options["bias"]
     full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    classes = bias_layout(bias.expand(full), Masks(), 16, 16).classes
+    classes = layout_of(bias.expand(full), 16, 16).classes
     assert {EMPTY, PARTIAL, FULL} <= set(classes.unique().tolist())
     check_attention(q, k, v, dtype, triton=triton, sparse=True, block_n=16, **options)
 
@@ -825,14 +808,14 @@ def handcrafted_bias():
     ],
 )
 def test_bias_layout_classes(case, expected):
-    bias, masks = handcrafted_bias(), Masks()
+    bias, causal_offset = handcrafted_bias(), None
     if case == "causal":
-        masks = Masks(causal_offset=0)
+        causal_offset = 0
     elif case == "finite_dead_row":
         bias[0, 0, 1] = FINFO_MIN
     elif case == "float16":
         bias = bias.clamp(min=torch.finfo(torch.float16).min).half()
-    layout = bias_layout(bias.expand(3, 2, 4, 7), masks, 2, 3)
+    layout = layout_of(bias.expand(3, 2, 4, 7), 2, 3, causal_offset)
     assert layout.classes.dtype == torch.int8 and (layout.block_m, layout.block_n) == (2, 3)
     assert torch.equal(layout.classes, torch.tensor(expected, dtype=torch.int8)[None, None])
 
@@ -841,7 +824,7 @@ def test_bias_layout_lists_and_density():
     """Per query tile and per key tile: (#partial, #full) and the tile numbers, partial first, then full,
     then the empty rest; the batch / head dims are the bias's own (1 where it broadcasts)."""
     per_head = torch.cat([handcrafted_bias(), torch.zeros(1, 1, 4, 7)], dim=1)
-    layout = bias_layout(per_head.expand(3, 2, 4, 7), Masks(), 2, 3)
+    layout = layout_of(per_head.expand(3, 2, 4, 7), 2, 3)
     assert layout.classes.shape == (1, 2, 2, 3)
     counts, indices = layout.by_query_tile()
     assert counts.dtype == indices.dtype == torch.int32
@@ -851,7 +834,7 @@ def test_bias_layout_lists_and_density():
     assert counts.shape == (1, 2, 3, 2) and indices.shape == (1, 2, 3, 2)
     assert counts[0, 0].tolist() == [[1, 1], [0, 1], [1, 0]] and indices[0, 0].tolist() == [[1, 0], [1, 0], [0, 1]]
     assert layout.density == pytest.approx((4 + 6) / 12)
-    assert bias_layout(torch.zeros(1, 1, 0, 5), Masks(), 2, 3).density == 0.0
+    assert layout_of(torch.zeros(1, 1, 0, 5), 2, 3).density == 0.0
 
 
 @pytest.mark.parametrize("causal_offset", [None, 0])
@@ -860,11 +843,9 @@ def test_bias_layout_density_counts_visible_tiles(block_m, block_n, causal_offse
     """The density is the fraction of tile pairs holding a visible entry (-inf masks, no finite-fill rows)."""
     bias = block_mask_bias((1, 1, 70, 45), seed=44, noise=False)
     visible = bias[0] == 0
-    masks = Masks()
     if causal_offset is not None:
         visible = visible & torch.ones(70, 45, dtype=torch.bool).tril(causal_offset)
-        masks = Masks(causal_offset=causal_offset)
-    density = bias_layout(bias, masks, block_m, block_n).density
+    density = layout_of(bias, block_m, block_n, causal_offset).density
     assert density == pytest.approx(visited_tiles_brute_force(visible, block_m, block_n))
     assert 0 < density < 1
 
@@ -1200,6 +1181,3 @@ def test_rel_bias_validation(backward):
     for good in (torch.ones(2, 4, 11), torch.ones(1, 1, 11), torch.ones(2, 1, 11, dtype=torch.float16),
                  torch.ones(1, 4, 11, dtype=torch.float64)):
         call(good)
-    if backward:
-        with pytest.raises(ValueError, match="rel_bias_requires_grad=True needs a rel_bias"):
-            call(None, rel_bias_requires_grad=True)

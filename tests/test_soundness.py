@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 from flash_fx.kernels.layout import masked_threshold
+from kernel_calls import spec_of
 from soundness import compare, reran, skips, variants
 
 import flash_fx
@@ -414,9 +415,9 @@ def test_block_layout_is_used_only_where_it_is_exact():
     threshold = masked_threshold(torch.float32)
     bias = torch.zeros(N, N).masked_fill(torch.ones(N, N, dtype=torch.bool).triu(1), MIN)
     bias[3] = MIN  # a row the bias hides entirely: the layout keeps its tile whole
-    assert layout_is_exact(q, k, D**-0.5, bias, None, None, threshold)
+    assert layout_is_exact(q, k, spec_of(D**-0.5, bias=bias), threshold)
     near = bias.clone()
     near[~torch.ones(N, N, dtype=torch.bool).triu(1)] = threshold * (1 - 2**-20)  # visible entries near the fills
-    assert not layout_is_exact(q * 1e14, k * 1e14, D**-0.5, near, None, None, threshold)
+    assert not layout_is_exact(q * 1e14, k * 1e14, spec_of(D**-0.5, bias=near), threshold)
     slopes = torch.full((1, H), 1e36)
-    assert not layout_is_exact(q, k, D**-0.5, bias, slopes, None, threshold)
+    assert not layout_is_exact(q, k, spec_of(D**-0.5, bias=bias, alibi_slopes=slopes), threshold)

@@ -10,8 +10,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
-from flash_fx.kernels import attention_forward, config, set_autotune, tuned_configs, tuning  # noqa: E402
+from flash_fx.kernels import config, set_autotune, tuned_configs, tuning  # noqa: E402
 from flash_fx.kernels.config import Tiles  # noqa: E402
+from kernel_calls import forward as attention_forward  # noqa: E402
 from test_kernels import check_attention, random_inputs  # noqa: E402
 
 import flash_fx  # noqa: E402

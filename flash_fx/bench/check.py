@@ -16,6 +16,7 @@ import torch
 
 from flash_fx import kernels
 from flash_fx.bench.timing import NO_DEADLINE, Deadline
+from flash_fx.kernels.spec import AttentionSpec, Saved
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,10 @@ def run_case(case: Case, device: str, seed: int = 0) -> list[dict]:
 
     q, k, v, grad = randn(case.heads), randn(case.kv_heads), randn(case.kv_heads), randn(case.heads)
     scale, extra = case.head_dim**-0.5, case.extra(device)
-    out, lse = kernels.attention_forward(q, k, v, scale=scale, **extra)
-    dq, dk, dv, _, _ = kernels.attention_backward(grad, q, k, v, out, lse, scale=scale, **extra)
+    spec = AttentionSpec.from_op_args(extra.get("bias"), scale, extra["causal_offset"], window=extra["window"],
+                                      sparse_bias=extra.get("sparse_bias", False))
+    out, lse = kernels.attention_forward(q, k, v, spec)
+    dq, dk, dv, _, _ = kernels.attention_backward(grad, Saved(q, k, v, out, lse), spec)
     reference, eager = _reference_and_eager(q, k, v, grad, scale, extra)
     rows = []
     for name, mine, ref, theirs in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), reference, eager, strict=True):

@@ -93,18 +93,16 @@ def _recording(modules: dict[str, ModuleType]) -> Iterator[dict[str, tuple]]:
 def _launches(tiles: Tiles, head_dim: int, dtype: torch.dtype, causal: bool, backward: bool) -> dict[str, tuple]:
     """The recorded (kernel, args, kwargs) of one forward or backward launch with ``tiles``, by kernel name."""
     from flash_fx.kernels import triton_backward, triton_forward
-    from flash_fx.kernels.dropout import Dropout
-    from flash_fx.kernels.masks import Masks
+    from flash_fx.kernels.spec import AttentionSpec, Band, Saved
 
     q = torch.randn(1, 2, LENGTH, head_dim).to(dtype)
-    launch = dict(scale=head_dim ** -0.5, masks=Masks.build(1, LENGTH, LENGTH, causal_offset=0 if causal else None),
-                  bias=None, kv_heads_tiled=False, dropout=Dropout.build(0.0, None, 0), **tiles._asdict())
+    spec = AttentionSpec(head_dim ** -0.5, band=Band(None, 0) if causal else Band()).validate(q, q, q)
     with _recording({"triton_forward": triton_forward, "triton_backward": triton_backward}) as calls:
         if backward:
             lse = torch.zeros(1, 2, LENGTH, 2)
-            triton_backward.attention_backward(q, q, q, q, q, lse, bias_requires_grad=False, **launch)
+            triton_backward.attention_backward(q, Saved(q, q, q, q, lse), spec, tiles)
         else:
-            triton_forward.attention_forward(q, q, q, **launch)
+            triton_forward.attention_forward(q, q, q, spec, tiles)
     return calls
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from flash_fx import kernels
 from flash_fx.bench.timing import NO_DEADLINE, Deadline, median_seconds
+from flash_fx.kernels.spec import AttentionSpec, Bias
 
 DENSITIES = (1.0, 0.5, 0.25, 0.1)
 
@@ -40,9 +41,9 @@ def block_layout(n: int, block: int, density: float, seed: int = 0) -> torch.Ten
 def _attention_calls(q, k, v, bias, visible, device: str) -> dict[str, Callable[[], torch.Tensor]]:
     scale = q.shape[-1] ** -0.5
     calls = {
-        "flash_fx sparse": lambda: kernels.attention_forward(q, k, v, scale=scale, bias=bias, sparse_bias=True)[0],
-        "flash_fx bias": lambda: kernels.attention_forward(q, k, v, scale=scale, bias=bias)[0],
-        "flash_fx dense": lambda: kernels.attention_forward(q, k, v, scale=scale)[0],
+        "flash_fx sparse": lambda: kernels.attention_forward(q, k, v, AttentionSpec(scale, bias=Bias(bias, True)))[0],
+        "flash_fx bias": lambda: kernels.attention_forward(q, k, v, AttentionSpec(scale, bias=Bias(bias)))[0],
+        "flash_fx dense": lambda: kernels.attention_forward(q, k, v, AttentionSpec(scale))[0],
         "sdpa mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale),
     }
     if device == "cuda":

@@ -1,0 +1,502 @@
+"""The attention spec: one typed description of an attention call, from the graph pass to the kernels.
+
+This module states the op contract once; every other docstring refers here. For q [B, Hq, Nq, D] and k, v
+[B, Hkv, Nk, D] (``Hq % Hkv == 0``), an :class:`AttentionSpec` stands for::
+
+    scores[b, h, i, j] = q[b, h, i] . k[b, kv(h), j] * scale + terms[b, h, i, j]
+    out[b, h, i]       = sum_j dropout(softmax_j(scores[b, h, i]))[j] * v[b, kv(h), j]
+
+where ``kv(h) = h // (Hq // Hkv)`` (KV heads "grouped", what ``repeat_interleave`` or expand + reshape
+produce) or ``h % Hkv`` with ``kv_heads_tiled`` (what ``k.repeat(1, Hq // Hkv, 1, 1)`` produces), and
+``terms`` is what :meth:`AttentionSpec.materialize` builds:
+
+- the :class:`Bias` (any float tensor broadcastable to [B, Hq, Nq, Nk]); with ``holds_masks`` it comes from
+  masks (0 where visible, ``-inf`` or a huge negative fill where hidden) and the kernels skip the tiles it
+  hides entirely (:mod:`layout`);
+- :class:`Alibi`: ``slopes[b, h] * (j - i)``, or ``slopes[b, h] * -|j - i|`` if symmetric (no gradient);
+- :class:`RelativeTable`: ``values[b, h, j - i + Nq - 1]`` (T5's bucketed relative positions, looked up at
+  every relative position ``-(Nq - 1) .. Nk - 1``);
+- ``-inf`` where the structural masks hide key j from query i: the :class:`Band` (``i - lower <= j <= i +
+  upper``: causal with an offset, sliding windows), key validity (bool [B or 1, Nk]) and :class:`Documents`
+  (integer ids [B or 1, Nq] / [B or 1, Nk]; only keys of the query's document are visible). These are
+  evaluated from indices (nothing of size Nq x Nk is read) and let whole tiles be skipped.
+
+:class:`Dropout` drops probabilities with a counter-based stream (:mod:`dropout`) and scales kept ones by
+``1 / (1 - p)``; the log-sum-exp is that of the undropped softmax. Fully masked rows give NaN outputs and an
+LSE of -inf (eager softmax after ``-inf`` fills) and no gradient; rows hidden entirely by a finite fill are
+eager's uniform average over their keys, forward and backward. With no keys (Nk == 0) the output is zeros.
+``excluded_fill`` is the largest finite value eager gave an entry the masks exclude (None: only ``-inf``); the
+op proves such exclusions exact per call (flash_fx.exactness).
+
+Tensor slots hold tensors at run time and graph nodes in the pass: :meth:`AttentionSpec.op_args` and
+:meth:`AttentionSpec.from_op_args` are the only conversion to and from the custom op's flat schema. A new
+score term (a score modification, say) is a new frozen dataclass here, a field of :class:`AttentionSpec`, its
+case in :meth:`~AttentionSpec.materialize`, :meth:`~AttentionSpec.validate` and the op schema, and its code in
+the two kernel paths (see the README's architecture section).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+__all__ = ["OP_ARGUMENTS", "UNBOUNDED", "Alibi", "AttentionInputError", "AttentionSpec", "Band", "Bias", "Documents",
+           "Dropout", "Launch", "RelativeTable", "Saved"]
+
+UNBOUNDED = 2**31 - 1  # a window side without a limit, in the op's `[left, right]` list
+
+#: The custom op's arguments after q, k, v, in schema order (:meth:`AttentionSpec.from_op_args`).
+OP_ARGUMENTS = ("bias", "scale", "causal_offset", "kv_heads_tiled", "window", "key_valid", "q_doc", "k_doc",
+                "dropout_p", "sparse_bias", "alibi_slopes", "alibi_symmetric", "rel_bias", "excluded_fill")
+
+
+class AttentionInputError(ValueError):
+    """Inputs the attention kernels cannot take (a shape, dtype or device that does not fit). The backend
+    catches it at run time and runs the original ops for that call instead."""
+
+
+class Saved(NamedTuple):
+    """What the backward needs of a forward call: its inputs and its outputs (``lse`` the [B, Hq, Nq, 2] pairs
+    of the forward)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor
+
+
+class Launch(NamedTuple):
+    """Launch choices of a call: tile sizes (None: the table's, or autotuned)."""
+
+    block_m: int | None = None
+    block_n: int | None = None
+
+
+@dataclass(frozen=True)
+class Band:
+    """Key j is visible to query i iff ``i - lower <= j <= i + upper`` (None: unbounded on that side).
+
+    ``Band(None, 0)`` is causal, ``Band(None, c)`` causal with offset c (bottom-right causal when ``c = Nk - Nq``),
+    ``Band(w, 0)`` a causal sliding window; ``Band()`` hides nothing.
+    """
+
+    lower: int | None = None
+    upper: int | None = None
+
+    @property
+    def bounded(self) -> bool:
+        """Whether the band hides anything."""
+        return self.upper is not None or self.lower is not None
+
+    @property
+    def variant(self) -> str:
+        """The kernel variant's name in reports."""
+        return "causal" if self.lower is None else "sliding_window"
+
+    def describe(self) -> str:
+        """The band in a report line."""
+        if self.lower is None:
+            return "causal" if self.upper == 0 else f"causal(offset={self.upper})"
+        return f"sliding_window(left={self.lower}, right={self.upper})"
+
+    def clamped(self, reach: int) -> Band:
+        """The same band with offsets clamped to ``[-reach, reach]`` (beyond every index difference when
+        ``reach = Nq + Nk``: the same visibility, and no int32 overflow in the kernels)."""
+        return Band(None if self.lower is None else _clamp(self.lower, reach),
+                    None if self.upper is None else _clamp(self.upper, reach))
+
+    def visible(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor | None:
+        """Bool [len(rows), len(cols)] of the pairs inside the band (None when unbounded)."""
+        i, j = rows[:, None], cols[None, :]
+        ok = None if self.upper is None else j <= i + self.upper
+        if self.lower is not None:
+            ok = _and(ok, j >= i - self.lower)
+        return ok
+
+    def materialize(self, n_q: int, n_k: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The dense [Nq, Nk] boolean visibility of the band."""
+        visible = self.visible(torch.arange(n_q, device=device), torch.arange(n_k, device=device))
+        return torch.ones(n_q, n_k, dtype=torch.bool, device=device) if visible is None else visible
+
+
+@dataclass(frozen=True, eq=False)
+class Documents:
+    """Document ids: key j is visible to query i of batch row b iff ``q_ids[b, i] == k_ids[b, j]``. After
+    :meth:`AttentionSpec.validate` both are int32 [B, N] and ``sorted`` says whether both are non-decreasing
+    (which lets the kernels bound their loops by document ranges)."""
+
+    q_ids: Any
+    k_ids: Any
+    sorted: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class Bias:
+    """An additive score term of any float dtype broadcastable to [B, Hq, Nq, Nk] ("the bias"). ``holds_masks``:
+    it comes from masks, so its empty and full tiles may be skipped or read as zeros (:mod:`layout`).
+    ``requires_grad``: the backward returns the float32 gradient of its expanded [B, Hq, Nq, Nk] form."""
+
+    values: Any
+    holds_masks: bool = False
+    requires_grad: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class Alibi:
+    """The ALiBi term ``slopes[b, h] * (j - i)`` (``* -|j - i|`` if ``symmetric``); float slopes [B or 1,
+    Hq or 1], float32 [B, Hq] after validation. The slopes get no gradient."""
+
+    slopes: Any
+    symmetric: bool = False
+
+    def positions(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The int64 position term [len(rows), len(cols)] the slopes multiply: ``j - i`` or ``-|j - i|``."""
+        pos = cols[None, :] - rows[:, None]
+        return -pos.abs() if self.symmetric else pos
+
+
+@dataclass(frozen=True, eq=False)
+class RelativeTable:
+    """A term that depends only on (batch row, query head, ``j - i``): ``values[b, h, j - i + Nq - 1]``, values a
+    float tensor [B or 1, Hq or 1, Nq + Nk - 1] (read as float32 by the Triton kernels). ``requires_grad``: the
+    backward returns the float32 gradient of its expanded vector (the sums of dS along the diagonals; the Triton
+    kernels add them with atomics, so the last bits vary from run to run)."""
+
+    values: Any
+    requires_grad: bool = False
+
+    @staticmethod
+    def index(rows: torch.Tensor, cols: torch.Tensor, n_q: int) -> torch.Tensor:
+        """The int64 [len(rows), len(cols)] indices ``j - i + Nq - 1`` of query ``rows`` i and key ``cols`` j."""
+        return cols[None, :] - rows[:, None] + (n_q - 1)
+
+    def gather(self, rows: torch.Tensor, cols: torch.Tensor, n_q: int) -> torch.Tensor:
+        """The dense term [B, Hq, len(rows), len(cols)], gathered once per batch row / head the validated values
+        do not broadcast over (zero strides along the others)."""
+        values = self.values
+        own = values[: 1 if values.stride(0) == 0 else None, : 1 if values.stride(1) == 0 else None]
+        return own[:, :, self.index(rows, cols, n_q)].expand(*values.shape[:2], len(rows), len(cols))
+
+    def add_diagonal_sums(self, grad: torch.Tensor, ds: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                          n_q: int) -> None:
+        """``grad[b, h, r] += sum of ds[b, h, i, j]`` over the pairs with ``j - i + Nq - 1 = r``, in place."""
+        grad.index_add_(2, self.index(rows, cols, n_q).flatten(), ds.reshape(*ds.shape[:2], -1).to(grad.dtype))
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """Dropout of the probabilities with probability ``p`` from the stream of ``seed`` and ``offset``."""
+
+    p: float = 0.0
+    seed: int | None = None
+    offset: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is dropped (``p > 0``)."""
+        return self.p > 0.0
+
+    @property
+    def scale(self) -> float:
+        """The factor of kept probabilities, ``1 / (1 - p)``."""
+        return 1.0 / (1.0 - self.p)
+
+    def validated(self) -> Dropout:
+        """Checked: ``0 <= p < 1``; a positive ``p`` needs a seed in [0, 2**31) and a non-negative offset."""
+        if not 0.0 <= self.p < 1.0:
+            raise AttentionInputError(f"dropout_p must lie in [0, 1), got {self.p}")
+        if self.p == 0.0:
+            return Dropout()
+        if self.seed is None or not 0 <= self.seed < 2**31:
+            raise AttentionInputError(f"dropout_p > 0 needs a seed in [0, 2**31), got {self.seed}")
+        if self.offset < 0:
+            raise AttentionInputError(f"the dropout offset must be non-negative, got {self.offset}")
+        return Dropout(float(self.p), int(self.seed), int(self.offset))
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionSpec:
+    """Everything an attention call computes besides q, k, v (the module docstring states the contract)."""
+
+    scale: float
+    band: Band = Band()
+    key_valid: Any = None
+    documents: Documents | None = None
+    bias: Bias | None = None
+    alibi: Alibi | None = None
+    relative: RelativeTable | None = None
+    dropout: Dropout = Dropout()
+    kv_heads_tiled: bool = False
+    excluded_fill: float | None = None
+
+    # ---- questions the op, the kernels and the cost model ask ----
+
+    @property
+    def structural(self) -> bool:
+        """Whether structural masks hide keys (they replace the scores they hide, as masked_fill does)."""
+        return self.band.bounded or self.key_valid is not None or self.documents is not None
+
+    @property
+    def may_skip(self) -> bool:
+        """Whether whole tiles may be skipped beyond those above a causal diagonal."""
+        return (self.band.lower is not None or self.key_valid is not None
+                or (self.documents is not None and self.documents.sorted))
+
+    @property
+    def is_checked(self) -> bool:
+        """Whether a call proves its exclusions exact at run time (flash_fx.exactness), and so may ask for the
+        original ops: a finite fill was excluded, or a bias sits beside masks that replace the scores."""
+        return self.excluded_fill is not None or (self.bias is not None and self.structural)
+
+    def features(self) -> dict[str, bool]:
+        """The features that select a compiled kernel and change its cost (autotuning keys, fallback records)."""
+        return dict(causal=self.band.upper is not None, window=self.band.lower is not None,
+                    sparse=self.bias is not None and self.bias.holds_masks, bias=self.bias is not None,
+                    dropout=self.dropout.enabled, key_padding=self.key_valid is not None,
+                    documents=self.documents is not None, alibi=self.alibi is not None,
+                    rel=self.relative is not None, kv_tiled=self.kv_heads_tiled,
+                    bias_grad=self.bias is not None and self.bias.requires_grad,
+                    rel_grad=self.relative is not None and self.relative.requires_grad)
+
+    def replace(self, **changes: Any) -> AttentionSpec:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def with_grads(self, bias: bool, relative: bool) -> AttentionSpec:
+        """The spec whose backward also returns the bias's and the relative table's gradients as asked."""
+        return self.replace(
+            bias=None if self.bias is None else dataclasses.replace(self.bias, requires_grad=bias),
+            relative=None if self.relative is None else dataclasses.replace(self.relative, requires_grad=relative))
+
+    # ---- validation ----
+
+    def validate(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> AttentionSpec:
+        """Check the call against q, k, v (an :class:`AttentionInputError` naming what does not fit) and return the
+        spec the kernels read: band clamped, key validity and documents as [B, N] (documents int32, ``sorted``
+        set), the bias expanded to [B, Hq, Nq, Nk], ALiBi slopes float32 [B, Hq], the relative vector [B, Hq,
+        Nq + Nk - 1], dropout checked (expanded tensors are views with zero strides)."""
+        _check_qkv(q, k, v)
+        batch, heads, n_q, n_k = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        key_valid = self.key_valid
+        if key_valid is not None:
+            if not isinstance(key_valid, torch.Tensor) or key_valid.dtype != torch.bool:
+                got = getattr(key_valid, "dtype", key_valid)
+                raise AttentionInputError(f"key_valid must be a bool tensor, got {got}")
+            key_valid = _batch_rows(key_valid, batch, n_k, "key_valid")
+        return self.replace(band=self.band.clamped(n_q + n_k), key_valid=key_valid,
+                            documents=_documents(self.documents, batch, n_q, n_k), bias=_bias(self.bias, q, k),
+                            alibi=_alibi(self.alibi, batch, heads, q.device),
+                            relative=_relative(self.relative, batch, heads, n_q, n_k, q.device),
+                            dropout=self.dropout.validated())
+
+    # ---- the dense meaning ----
+
+    def visible(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor | None:
+        """Bool [B or 1, len(rows), len(cols)]: which (query ``rows``, key ``cols``) pairs the structural masks of
+        a validated spec let attend (None without structural masks)."""
+        band = self.band.visible(rows, cols)
+        ok = None if band is None else band[None]
+        if self.key_valid is not None:
+            ok = _and(ok, self.key_valid[:, None, cols])
+        if self.documents is not None:
+            ok = _and(ok, self.documents.q_ids[:, rows, None] == self.documents.k_ids[:, None, cols])
+        return ok
+
+    def materialize(self, q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The dense [B, Hq, Nq, Nk] ``terms`` of a validated spec (bias + ALiBi + relative table, ``-inf`` where
+        the structural masks hide a key) in ``dtype``: what the kernels add to ``q @ k^T * scale``."""
+        batch, heads, n_q, n_k = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        rows, cols = torch.arange(n_q, device=q.device), torch.arange(n_k, device=q.device)
+        terms = torch.zeros((batch, heads, n_q, n_k), dtype=dtype, device=q.device)
+        if self.bias is not None:
+            terms = terms + self.bias.values.to(dtype)
+        if self.alibi is not None:
+            terms = terms + self.alibi.slopes.to(dtype)[:, :, None, None] * self.alibi.positions(rows, cols).to(dtype)
+        if self.relative is not None:
+            terms = terms + self.relative.gather(rows, cols, n_q).to(dtype)
+        visible = self.visible(rows, cols)
+        if visible is not None:
+            terms = terms.masked_fill(~visible[:, None], float("-inf"))
+        return terms
+
+    def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The output this spec stands for, computed densely in float64 (tests' reference; q, k, v as for
+        :meth:`validate`, the spec validated)."""
+        from flash_fx.kernels.dropout import dropout_keep_mask
+
+        group = q.shape[1] // k.shape[1]
+        heads = torch.arange(q.shape[1], device=q.device)
+        kv = heads % k.shape[1] if self.kv_heads_tiled else heads // group
+        k64, v64 = k.double()[:, kv], v.double()[:, kv]
+        scores = q.double() @ k64.transpose(-1, -2) * self.scale + self.materialize(q, k)
+        p = scores.softmax(-1)
+        if self.dropout.enabled:
+            keep = dropout_keep_mask(self.dropout.seed, self.dropout.offset, q.shape[0] * q.shape[1], q.shape[2],
+                                     k.shape[2], self.dropout.p, q.device).view_as(p)
+            p = p * keep * self.dropout.scale
+        return p @ v64
+
+    # ---- the custom op's flat schema ----
+
+    def op_args(self) -> tuple[tuple, dict[str, Any]]:
+        """``(args, kwargs)`` after q, k, v of ``torch.ops.flash_fx.attention`` for this spec (kwargs only where
+        they differ from the schema's defaults). Dropout's seed is the op's own: only ``p`` is passed."""
+        kwargs: dict[str, Any] = {}
+        if self.kv_heads_tiled:
+            kwargs["kv_heads_tiled"] = True
+        if self.band.lower is not None:
+            kwargs["window"] = [self.band.lower, UNBOUNDED if self.band.upper is None else self.band.upper]
+        if self.key_valid is not None:
+            kwargs["key_valid"] = self.key_valid
+        if self.documents is not None:
+            kwargs["q_doc"], kwargs["k_doc"] = self.documents.q_ids, self.documents.k_ids
+        if self.dropout.enabled:
+            kwargs["dropout_p"] = self.dropout.p
+        if self.bias is not None and self.bias.holds_masks:
+            kwargs["sparse_bias"] = True
+        if self.alibi is not None:
+            kwargs["alibi_slopes"] = self.alibi.slopes
+            if self.alibi.symmetric:
+                kwargs["alibi_symmetric"] = True
+        if self.relative is not None:
+            kwargs["rel_bias"] = self.relative.values
+        if self.excluded_fill is not None:
+            kwargs["excluded_fill"] = self.excluded_fill
+        bias = None if self.bias is None else self.bias.values
+        return (bias, self.scale, self.band.upper), kwargs
+
+    @staticmethod
+    def from_op_args(bias: Any, scale: float, causal_offset: int | None, kv_heads_tiled: bool = False,
+                     window: list[int] | tuple[int, int] | None = None, key_valid: Any = None, q_doc: Any = None,
+                     k_doc: Any = None, dropout_p: float = 0.0, sparse_bias: bool = False, alibi_slopes: Any = None,
+                     alibi_symmetric: bool = False, rel_bias: Any = None, excluded_fill: float | None = None,
+                     seed: int | None = None) -> AttentionSpec:
+        """The spec of an op call's arguments after q, k, v (``seed``: the call's dropout seed)."""
+        if window is not None and len(window) != 2:
+            raise AttentionInputError(f"window must be [left, right], got {window}")
+        if (q_doc is None) != (k_doc is None):
+            raise AttentionInputError("q_doc and k_doc must be given together")
+        if sparse_bias and bias is None:
+            raise AttentionInputError("sparse_bias=True needs a bias (the mask whose empty tiles are skipped)")
+        lower, right = (None, None) if window is None else (window[0], window[1])
+        return AttentionSpec(
+            scale=scale,
+            band=Band(lower, _tighter(causal_offset, right)),
+            key_valid=key_valid,
+            documents=None if q_doc is None else Documents(q_doc, k_doc),
+            bias=None if bias is None else Bias(bias, holds_masks=bool(sparse_bias)),
+            alibi=None if alibi_slopes is None else Alibi(alibi_slopes, bool(alibi_symmetric)),
+            relative=None if rel_bias is None else RelativeTable(rel_bias),
+            dropout=Dropout(float(dropout_p), seed),
+            kv_heads_tiled=bool(kv_heads_tiled),
+            excluded_fill=excluded_fill,
+        )
+
+
+def _tighter(a: int | None, b: int | None) -> int | None:
+    """The smaller of two upper offsets (None: no bound)."""
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise AttentionInputError(f"expected 4-d q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise AttentionInputError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise AttentionInputError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+
+
+def _documents(documents: Documents | None, batch: int, n_q: int, n_k: int) -> Documents | None:
+    if documents is None:
+        return None
+    q_ids, k_ids = _int32_ids(documents.q_ids, documents.k_ids)
+    q_ids, k_ids = _batch_rows(q_ids, batch, n_q, "q_doc"), _batch_rows(k_ids, batch, n_k, "k_doc")
+    ordered = bool((q_ids[:, 1:] >= q_ids[:, :-1]).all() and (k_ids[:, 1:] >= k_ids[:, :-1]).all())
+    return Documents(q_ids, k_ids, ordered)
+
+
+def _bias(bias: Bias | None, q: torch.Tensor, k: torch.Tensor) -> Bias | None:
+    if bias is None:
+        return None
+    _check_float_tensor("bias", bias.values)
+    shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    try:
+        values = bias.values.expand(shape)
+    except RuntimeError as error:
+        raise AttentionInputError(f"the bias {tuple(bias.values.shape)} does not broadcast to {shape}") from error
+    _check_device("bias", values, q.device)
+    return dataclasses.replace(bias, values=values)
+
+
+def _alibi(alibi: Alibi | None, batch: int, heads: int, device: torch.device) -> Alibi | None:
+    if alibi is None:
+        return None
+    slopes = alibi.slopes
+    _check_float_tensor("alibi_slopes", slopes)
+    if slopes.dim() != 2 or slopes.shape[0] not in (1, batch) or slopes.shape[1] not in (1, heads):
+        raise AttentionInputError(f"alibi_slopes must have shape [{batch} or 1, {heads} or 1], "
+                                  f"got {tuple(slopes.shape)}")
+    _check_device("alibi_slopes", slopes, device)
+    return Alibi(slopes.detach().to(torch.float32).expand(batch, heads), bool(alibi.symmetric))
+
+
+def _relative(table: RelativeTable | None, batch: int, heads: int, n_q: int, n_k: int,
+              device: torch.device) -> RelativeTable | None:
+    if table is None:
+        return None
+    values = table.values
+    _check_float_tensor("rel_bias", values)
+    length = max(n_q + n_k - 1, 0)
+    if (values.dim() != 3 or values.shape[0] not in (1, batch) or values.shape[1] not in (1, heads)
+            or values.shape[2] != length):
+        raise AttentionInputError(f"rel_bias must have shape [{batch} or 1, {heads} or 1, {length}] (the "
+                                  f"Nq + Nk - 1 = {n_q} + {n_k} - 1 relative positions), got {tuple(values.shape)}")
+    _check_device("rel_bias", values, device)
+    return RelativeTable(values.detach().expand(batch, heads, length), table.requires_grad)
+
+
+def _check_float_tensor(name: str, value: object) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise AttentionInputError(f"{name} must be a float tensor, got {type(value).__name__}")
+    if not value.dtype.is_floating_point:
+        raise AttentionInputError(f"{name} must be a float tensor, got {value.dtype}")
+
+
+def _check_device(name: str, value: torch.Tensor, device: torch.device) -> None:
+    if value.device != device:
+        raise AttentionInputError(f"{name} must be on {device}, like q, got {value.device}")
+
+
+def _clamp(offset: int, reach: int) -> int:
+    return max(-reach, min(int(offset), reach))
+
+
+def _int32_ids(q_doc: torch.Tensor, k_doc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer (or bool) document ids as int32 with the same equalities and order: ids outside int32's range
+    are replaced by their ranks among all ids (float ids are refused)."""
+    for name, ids in (("q_doc", q_doc), ("k_doc", k_doc)):
+        if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex:
+            raise AttentionInputError(f"{name} must hold integer ids, got {getattr(ids, 'dtype', ids)}")
+    if q_doc.dtype == torch.bool or k_doc.dtype == torch.bool:
+        return q_doc.to(torch.int32), k_doc.to(torch.int32)
+    both = torch.cat([q_doc.reshape(-1).long(), k_doc.reshape(-1).long()])
+    info = torch.iinfo(torch.int32)
+    if both.numel() and (int(both.min()) < info.min or int(both.max()) > info.max):
+        ranks = torch.unique(both, return_inverse=True)[1].to(torch.int32)
+        return ranks[: q_doc.numel()].view(q_doc.shape), ranks[q_doc.numel():].view(k_doc.shape)
+    return q_doc.to(torch.int32), k_doc.to(torch.int32)
+
+
+def _and(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else a & b
+
+
+def _batch_rows(x: torch.Tensor, batch: int, n: int, name: str) -> torch.Tensor:
+    if x.dim() != 2 or x.shape[1] != n or x.shape[0] not in (1, batch):
+        raise AttentionInputError(f"{name} must have shape [{batch} or 1, {n}], got {tuple(x.shape)}")
+    return x.expand(batch, n)

@@ -1,0 +1,96 @@
+"""The Triton kernels' arguments, by name, in one group per feature.
+
+Every kernel names its parameters alike (``Q`` with ``stride_qb, stride_qh, stride_qm, stride_qd``, ``Bias`` with
+``stride_bb ...``, the ``HAS_*`` flags), so each group below is a dict the launchers merge and pass by keyword;
+a group contributes a dummy pointer, zero strides and its flags off when its feature is absent. q, k, v and the
+gradients are passed as they are (any strides), never copied.
+"""
+
+from __future__ import annotations
+
+import torch
+from flash_fx.kernels import config, dropout
+from flash_fx.kernels.layout import BlockLayout
+from flash_fx.kernels.masks import doc_bounds
+from flash_fx.kernels.spec import AttentionSpec
+
+Group = dict[str, object]
+
+
+def tensor(name: str, strides: str, x: torch.Tensor | None, dummy: torch.Tensor) -> Group:
+    """``name`` (the pointer) and ``strides`` (``stride_qb,stride_qh,...`` as one comma-separated string) of ``x``;
+    a dummy pointer and zero strides for None."""
+    names = strides.split(",")
+    values = (0,) * len(names) if x is None else x.stride()
+    return {name: dummy if x is None else x, **dict(zip(names, values, strict=True))}
+
+
+def shapes(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> Group:
+    """Sizes, the scale, the GQA head mapping and the head-dim constants (what every kernel reads)."""
+    head_dim = q.shape[-1]
+    return dict(num_heads=q.shape[1], num_kv_heads=k.shape[1], group_size=q.shape[1] // k.shape[1], n_q=q.shape[2],
+                n_k=k.shape[2], sm_scale=spec.scale, KV_TILED=spec.kv_heads_tiled, HEAD_DIM=head_dim,
+                BLOCK_D=config.padded_head_dim(head_dim), UPCAST_DOT=config.upcast_dot(q.dtype),
+                INPUT_PRECISION=config.input_precision(q.dtype))
+
+
+def inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Group:
+    """Q, K, V and their strides."""
+    return {**tensor("Q", "stride_qb,stride_qh,stride_qm,stride_qd", q, q),
+            **tensor("K", "stride_kb,stride_kh,stride_kn,stride_kd", k, q),
+            **tensor("V", "stride_vb,stride_vh,stride_vn,stride_vd", v, q)}
+
+
+def terms(spec: AttentionSpec, dummy: torch.Tensor) -> Group:
+    """The score terms: the bias (expanded [B, Hq, Nq, Nk]), the ALiBi slopes and the relative vector."""
+    bias, alibi, relative = spec.bias, spec.alibi, spec.relative
+    return {
+        **tensor("Bias", "stride_bb,stride_bh,stride_bm,stride_bn", None if bias is None else bias.values, dummy),
+        **tensor("Slopes", "stride_sb,stride_sh", None if alibi is None else alibi.slopes, dummy),
+        **tensor("Rel", "stride_rb,stride_rh,stride_rr", None if relative is None else relative.values, dummy),
+        "HAS_BIAS": bias is not None, "HAS_ALIBI": alibi is not None,
+        "ALIBI_SYMMETRIC": alibi is not None and alibi.symmetric, "HAS_REL": relative is not None,
+    }
+
+
+def masks(spec: AttentionSpec, dummy: torch.Tensor, block: int, *, keys_own_tiles: bool) -> Group:
+    """The structural masks: band offsets, the key-valid (int8) and document (int32) vectors [B, N], the sorted
+    documents' per-tile ranges (:func:`masks.doc_bounds`; tiles of ``block`` queries, or of keys if
+    ``keys_own_tiles``) and the flags."""
+    band, documents = spec.band, spec.documents
+    key_valid = None if spec.key_valid is None else spec.key_valid.view(torch.int8)
+    ordered = documents is not None and documents.sorted
+    ranges = None
+    if ordered:
+        this, other = (documents.k_ids, documents.q_ids) if keys_own_tiles else (documents.q_ids, documents.k_ids)
+        ranges = doc_bounds(this, other, block)
+    return {
+        **tensor("KeyValid", "stride_kvb,stride_kvn", key_valid, dummy),
+        **tensor("QDoc", "stride_qdb,stride_qdm", None if documents is None else documents.q_ids, dummy),
+        **tensor("KDoc", "stride_kdb,stride_kdn", None if documents is None else documents.k_ids, dummy),
+        "DocBounds": dummy if ranges is None else ranges,
+        "upper": band.upper or 0, "lower": band.lower or 0,
+        "HAS_UPPER": band.upper is not None, "HAS_LOWER": band.lower is not None,
+        "HAS_KEY_VALID": key_valid is not None, "HAS_DOCS": documents is not None, "SORTED_DOCS": ordered,
+    }
+
+
+def layout(tiles: BlockLayout | None, dummy: torch.Tensor, *, by_keys: bool) -> Group:
+    """A block-sparse layout's tile lists (per query tile, or per key tile if ``by_keys``) with their batch and
+    head strides, 0 along the dims the layout broadcasts over (the kernels index them with the real batch row and
+    query head); without a layout, dummy pointers, zero strides and ``LAYOUT`` off."""
+    if tiles is None:
+        return dict(Counts=dummy, Indices=dummy, stride_cb=0, stride_ch=0, stride_ib=0, stride_ih=0, LAYOUT=False)
+    counts, indices = tiles.by_key_tile() if by_keys else tiles.by_query_tile()
+    counts, indices = counts.to(dummy.device), indices.to(dummy.device)
+
+    def strides(t: torch.Tensor) -> tuple[int, int]:
+        return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0)
+
+    (cb, ch), (ib, ih) = strides(counts), strides(indices)
+    return dict(Counts=counts, Indices=indices, stride_cb=cb, stride_ch=ch, stride_ib=ib, stride_ih=ih, LAYOUT=True)
+
+
+def dropout_group(spec: AttentionSpec) -> Group:
+    """Dropout's seed, offset, threshold, scale and flag."""
+    return dropout.kernel_arguments(spec.dropout)
