@@ -14,7 +14,6 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from flash_fx import cost
 from flash_fx.exactness import is_mask_fill
 from flash_fx.kernels import tile_density
-from flash_fx.kernels.layout import bias_layout
 from flash_fx.kernels.spec import AttentionSpec, Band, Bias
 from flash_fx.mha import multi_head_attention
 from flash_fx.options import Options
@@ -530,7 +529,7 @@ def _layout_density(masks: MaskDecision, nq: int, nk: int, tiles: tuple[int, int
     planes = visible.expand(*visible.shape[:-2], nq, nk).reshape(1, -1, nq, nk)  # every [Nq, Nk] plane
     bias = torch.zeros(planes.shape).masked_fill(~planes, float("-inf"))
     spec = AttentionSpec(1.0, band=masks.band or Band(), bias=Bias(bias, holds_masks=True))
-    return bias_layout(spec, *tiles).density
+    return tile_density(spec, nq, nk, *tiles)
 
 
 def _chain_descs(match: AttentionMatch) -> list:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from flash_fx import exactness, kernels
-from flash_fx.kernels.layout import masked_threshold
+from flash_fx.kernels.schedule import masked_threshold
 from flash_fx.kernels.spec import OP_ARGUMENTS, AttentionSpec, Bias, Saved
 
 

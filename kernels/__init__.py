@@ -13,10 +13,10 @@ requires grad (the caller sums it down to the bias's own shape), drel that of th
 [B, Hq, Nq + Nk - 1] likewise, else None. Dropout's keep mask is never stored: the backward regenerates it from
 the spec's seed and offset (:mod:`dropout`), and :func:`dropout_keep_mask` materializes it.
 
-Structural masks skip the tiles they hide; a bias that ``holds_masks`` is reduced to a block layout
-(:mod:`layout`) whose empty tiles are skipped and whose full tiles are read without bias or band mask. The tiled
-path walks key columns of 256 (or 128 x 128 tile pairs with a layout); :func:`tile_density` gives the fraction
-of tile pairs the forward visits.
+Both paths visit the (query tile, key tile) pairs of the call's tile schedule (:mod:`schedule`): empty tiles
+are skipped, partial ones get every mask, full ones none (and no read of a bias that holds masks). The tiled path
+walks one query tile of all rows against key columns of 256 (128 x 128 tile pairs for a mask bias);
+:func:`tile_density` gives the fraction of tile pairs the forward visits.
 
 Launch configurations (tile sizes, warps, stages) come from :func:`config.choose_tiles`, a table per GPU compute
 capability, overridden by a :class:`Launch`. With autotuning on (``FLASH_FX_AUTOTUNE=1`` for CUDA tensors, or
@@ -40,8 +40,7 @@ import torch
 from flash_fx.kernels import config, tiled_torch, tuning
 from flash_fx.kernels.config import Tiles
 from flash_fx.kernels.dropout import dropout_keep_mask
-from flash_fx.kernels.layout import bias_layout
-from flash_fx.kernels.masks import tile_density
+from flash_fx.kernels.schedule import schedule
 from flash_fx.kernels.spec import AttentionInputError, AttentionSpec, Launch, Saved
 from flash_fx.kernels.tuning import set_autotune, tuned_configs
 
@@ -136,12 +135,21 @@ def _holds_masks(spec: AttentionSpec) -> bool:
     return spec.bias is not None and spec.bias.holds_masks
 
 
-def _tiled_blocks(spec: AttentionSpec, launch: Launch) -> tuple[int, int]:
-    """Tile sizes of the tiled PyTorch path: key columns of 256, or 128 x 128 tile pairs with a layout."""
+def _tiled_blocks(spec: AttentionSpec, launch: Launch, n_q: int) -> tuple[int, int]:
+    """Tile sizes of the tiled PyTorch path: one query tile of all rows against key columns of 256 (big matrix
+    products, few Python steps), or 128 x 128 tile pairs with a mask bias (whose skipped tiles pay for them)."""
     if not _holds_masks(spec):
-        return launch.block_m or 0, launch.block_n or 256
+        return launch.block_m or max(n_q, 1), launch.block_n or 256
     block_n = launch.block_n or 128
-    return launch.block_m or block_n, launch.block_n or block_n
+    return launch.block_m or block_n, block_n
+
+
+def tile_density(spec: AttentionSpec, n_q: int, n_k: int, block_m: int, block_n: int) -> float:
+    """Fraction of the (query tile, key tile) pairs of ``block_m`` x ``block_n`` tiles that a call of the validated
+    ``spec`` visits (averaged over what its schedule depends on)."""
+    if n_q == 0 or n_k == 0:
+        return 0.0
+    return schedule(spec, n_q, n_k, block_m, block_n).density
 
 
 def _check_triton_head_dim(q: torch.Tensor) -> None:
@@ -162,17 +170,16 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: A
         lse = torch.zeros((*q.shape[:3], 2), dtype=torch.float32, device=q.device)
         lse[..., 0] = float("-inf")
         return out, lse
+    n_q, n_k = q.shape[2], k.shape[2]
     if not uses_triton(q):
-        block_m, block_n = _tiled_blocks(spec, launch)
-        layout = bias_layout(spec, block_m, block_n) if _holds_masks(spec) else None
-        return tiled_torch.attention_forward(q, k, v, spec, block_n, layout)
+        return tiled_torch.attention_forward(q, k, v, spec, schedule(spec, n_q, n_k, *_tiled_blocks(spec, launch, n_q)))
     _check_triton_head_dim(q)
     # Imported here: Triton decides at decoration time whether kernels run compiled or interpreted.
     from flash_fx.kernels import triton_forward
 
     def run(tiles: Tiles) -> tuple[torch.Tensor, torch.Tensor]:
-        layout = bias_layout(spec, tiles.block_m, tiles.block_n) if _holds_masks(spec) else None
-        return triton_forward.attention_forward(q, k, v, spec, tiles, layout)
+        return triton_forward.attention_forward(q, k, v, spec, tiles,
+                                                schedule(spec, n_q, n_k, tiles.block_m, tiles.block_n))
 
     return run(_launch_tiles(q, k, spec, launch, run, backward=False))
 
@@ -195,17 +202,17 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec
         if features["rel_grad"]:
             drel = torch.zeros(spec.relative.values.shape, dtype=torch.float32, device=q.device)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias, drel
+    n_q, n_k = q.shape[2], k.shape[2]
     if not uses_triton(q):
-        block_m, block_n = _tiled_blocks(spec, launch)
-        layout = bias_layout(spec, block_m, block_n) if _holds_masks(spec) else None
-        return tiled_torch.attention_backward(grad_out, saved, spec, block_n, layout)
+        plan = schedule(spec, n_q, n_k, *_tiled_blocks(spec, launch, n_q))
+        return tiled_torch.attention_backward(grad_out, saved, spec, plan)
     _check_triton_head_dim(q)
     from flash_fx.kernels import triton_backward
 
     saved = saved._replace(lse=lse.contiguous())
 
     def run(tiles: Tiles) -> tuple[torch.Tensor, ...]:
-        layout = bias_layout(spec, tiles.block_m, tiles.block_n) if _holds_masks(spec) else None
-        return triton_backward.attention_backward(grad_out, saved, spec, tiles, layout)
+        return triton_backward.attention_backward(grad_out, saved, spec, tiles,
+                                                  schedule(spec, n_q, n_k, tiles.block_m, tiles.block_n))
 
     return run(_launch_tiles(q, k, spec, launch, run, backward=True))

@@ -1,38 +1,29 @@
 """The FlashAttention algorithm in plain PyTorch ops, for CPU tensors without Triton's interpreter.
 
-Both passes walk the key axis in tiles of ``block_n`` keys, so at most one [Nq, block_n] score tile per
-(batch, head) is alive at a time and memory stays linear in the sequence length. The forward keeps an
-online softmax (running row max and row sum) and returns the natural-log LSE; the backward recomputes
-the probabilities of each tile from Q, K and the LSE. fp16/bf16 inputs are computed in float32,
-float32 in float32 and float64 in float64.
+Both passes walk the (query tile, key tile) pairs of the call's tile schedule (:mod:`schedule`), one query tile
+at a time, with key tiles gathered into chunks of up to 512 keys, so at most one [rows, chunk] score tile per
+(batch, head) is alive at a time and memory stays linear in the sequence length. The forward keeps an online
+softmax (running row max and row sum) and returns the natural-log LSE; the backward recomputes the probabilities
+of each tile from Q, K and the LSE. fp16/bf16 inputs are computed in float32, float32 in float32 and float64 in
+float64. A key tile is visited if some (batch row, head) visits it, with every mask if it is partial for any of
+them, with none (and no read of a mask bias) if it is full for all.
 
 GQA is handled by viewing the query heads as [B, Hkv, group, Nq, D] (a view for both the grouped and
 the tiled head mapping), so each KV head is read once and dK, dV come out summed over the group. On
 request the backward also writes each tile's dS into the bias gradient (the one [Nq, Nk]-sized output,
 and only when asked for). Semantics match the Triton kernels, including fully masked rows (NaN output,
-LSE = -inf, no gradient contribution) and the structural masks of the spec (:mod:`spec`), which are materialized
-one [B, Nq, block_n] tile at a time. Dropout regenerates the keep mask of each tile from its counters
-with :func:`dropout.keep_tile`, the generator the Triton kernels implement bit for bit.
-
-With a block-sparse layout (:mod:`layout`, ``sparse_bias``) both passes walk (query tile, key tile) pairs
-instead: each query tile of ``layout.block_m`` rows runs its online softmax (forward) or accumulates its
-dQ (backward) over the key tiles that are non-empty for at least one (batch, head) of the bias, adding the
-bias and the band mask only where the tile is not full for every (batch, head), so the work follows the
-layout's density.
-
-The ALiBi bias (:class:`spec.Alibi`) is added to every score tile from its row and column indices (in full
-tiles of a layout too, which only skip the bias), and so is a relative-position bias
-(:class:`spec.RelativeTable`), gathered from its vector at ``j - i + Nq - 1``; on request the backward sums
-each tile's dS along its diagonals into that vector's gradient (``index_add_``).
+LSE = -inf, no gradient contribution) and the structural masks of the spec (:mod:`spec`), which are
+materialized one tile at a time. Dropout regenerates the keep mask of each tile from its counters with
+:func:`dropout.keep_tile`, the generator the Triton kernels implement bit for bit. The ALiBi term and the
+relative table are added to every score tile from its row and column indices; on request the backward sums each
+tile's dS along its diagonals into the relative table's gradient (``index_add_``).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from flash_fx.kernels.dropout import keep_tile
-from flash_fx.kernels.layout import EMPTY, FULL, BlockLayout
+from flash_fx.kernels.schedule import TileSchedule
 from flash_fx.kernels.spec import AttentionSpec, Band, Saved
 
 
@@ -54,20 +45,6 @@ def _grouped(x: torch.Tensor, num_kv_heads: int, tiled: bool) -> torch.Tensor:
 def _ungrouped(x: torch.Tensor, tiled: bool) -> torch.Tensor:
     """Inverse of :func:`_grouped`: [B, Hkv, group, Nq, ...] back to [B, Hq, Nq, ...]."""
     return x.transpose(1, 2).flatten(1, 2) if tiled else x.flatten(1, 2)
-
-
-def _key_tiles(n_q: int, n_k: int, block_n: int, spec: AttentionSpec) -> list[int]:
-    """Start of every key tile that at least one query may see: tiles outside the band of all queries,
-    and tiles without a valid key in any batch row, are skipped."""
-    band = spec.band
-    lo = 0 if band.lower is None else max(-band.lower, 0)
-    hi = n_k if band.upper is None else min(n_k, max(n_q + band.upper, 0))
-    if lo >= hi:
-        return []
-    starts = range(lo // block_n * block_n, hi, block_n)
-    if spec.key_valid is None:
-        return list(starts)
-    return [start for start in starts if spec.key_valid[:, start : start + block_n].any()]
 
 
 Columns = slice | torch.Tensor  # key indices of a tile: a range, or gathered (an int64 index tensor)
@@ -123,43 +100,36 @@ def _tile_scores(q: torch.Tensor, k_tile: torch.Tensor, cols: Columns, spec: Att
 
 
 def _full_tiles(spec: AttentionSpec) -> AttentionSpec:
-    """``spec`` for the tiles a layout proves full: no bias read (it is 0 there) and no band (it covers them)."""
-    return spec.replace(band=Band(), bias=None)
+    """``spec`` for the tiles its schedule proves full: no structural mask (none hides anything there), and no
+    bias read for a mask bias (it is 0 there)."""
+    bias = None if spec.bias is None or spec.bias.holds_masks else spec.bias
+    return spec.replace(band=Band(), key_valid=None, documents=None, bias=bias)
 
 
-#: At most this many keys (gathered from the visited key tiles) make one step of the sparse passes.
+#: At most this many keys (gathered from the visited key tiles) make one step of the passes.
 _MAX_CHUNK = 512
 
 
-def _sparse_plan(layout: BlockLayout, n_q: int, n_k: int, spec: AttentionSpec) -> list[tuple[slice, list]]:
-    """The tile pairs the sparse passes visit: per query tile (its rows, a range of ``layout.block_m``), the
-    key tiles that are non-empty for some (batch, head) and hold a valid key, gathered into chunks of at most
-    ``_MAX_CHUNK`` keys (a range where the tiles are adjacent, else an index tensor), each with whether it
-    reads the bias and the band mask: False for tiles full for every (batch, head) (their bias is 0 and the
-    band covers them), which form their own chunks."""
-    block_m, block_n = layout.block_m, layout.block_n
-    classes = layout.classes.flatten(0, 1).cpu()
-    visited = (classes != EMPTY).any(0)
-    plain = (classes == FULL).all(0)
-    if spec.key_valid is not None:
-        padded = torch.nn.functional.pad(spec.key_valid.cpu(), (0, math.ceil(n_k / block_n) * block_n - n_k))
-        visited &= padded.unflatten(1, (-1, block_n)).any(-1).any(0)[None, :]
+def _chunks(plan: TileSchedule, n_q: int, n_k: int) -> list[tuple[slice, list[tuple[Columns, bool]]]]:
+    """The steps of the tiled passes: per query tile (its rows), the key tiles its schedule visits for some
+    (batch row, head), gathered into chunks of at most ``_MAX_CHUNK`` keys (a range where the tiles are adjacent,
+    else an index tensor), each with whether it is partial (every mask) or full for all of them (none)."""
+    block_m, block_n = plan.block_m, plan.block_n
     per_chunk = max(1, _MAX_CHUNK // block_n)
-    plan = []
-    for tile in range(visited.shape[0]):
+    steps = []
+    for tile, partial, full in plan.plan():
         chunks: list[tuple[Columns, bool]] = []
-        for reads_bias, tiles in ((True, visited[tile] & ~plain[tile]), (False, visited[tile] & plain[tile])):
-            numbers = tiles.nonzero().flatten().tolist()
+        for is_partial, numbers in ((True, partial), (False, full)):
             for first in range(0, len(numbers), per_chunk):
                 group = numbers[first : first + per_chunk]
                 if group[-1] - group[0] == len(group) - 1:
                     cols: Columns = slice(group[0] * block_n, min((group[-1] + 1) * block_n, n_k))
                 else:
                     cols = torch.cat([torch.arange(j * block_n, min((j + 1) * block_n, n_k)) for j in group])
-                    cols = cols.to(layout.classes.device)
-                chunks.append((cols, reads_bias))
-        plan.append((slice(tile * block_m, min((tile + 1) * block_m, n_q)), chunks))
-    return plan
+                    cols = cols.to(plan.classes.device)
+                chunks.append((cols, is_partial))
+        steps.append((slice(tile * block_m, min((tile + 1) * block_m, n_q)), chunks))
+    return steps
 
 
 def _add_at(x: torch.Tensor, dim: int, index: Columns, values: torch.Tensor) -> None:
@@ -219,69 +189,41 @@ def _lse_pair(row_max: torch.Tensor, row_sum: torch.Tensor) -> torch.Tensor:
     return torch.stack([hi, lo], -1)
 
 
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, block_n: int = 256,
-                      layout: BlockLayout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tiled forward of a validated ``spec``: ``(out [B, Hq, Nq, D] in q.dtype, lse [B, Hq, Nq, 2] float32
-    pairs)`` (see :func:`_lse_pair`), walking key columns of ``block_n``. With a ``layout`` (of the bias) the pass
-    walks its non-empty tile pairs instead (its own tile sizes; ``block_n`` is ignored)."""
-    if layout is not None:
-        return _sparse_forward(q, k, v, spec, layout)
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
+                      plan: TileSchedule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiled forward of a validated ``spec`` over the tile pairs of ``plan``, one query tile at a time: ``(out
+    [B, Hq, Nq, D] in q.dtype, lse [B, Hq, Nq, 2] float32 pairs)`` (see :func:`_lse_pair`)."""
     dtype = _compute_dtype(q.dtype)
-    num_kv_heads, n_k = k.shape[1], k.shape[2]
+    num_kv_heads, n_q, n_k = k.shape[1], q.shape[2], k.shape[2]
     qg = _grouped(q.to(dtype), num_kv_heads, spec.kv_heads_tiled)
-    row_max = qg.new_full(qg.shape[:-1], float("-inf"))
-    row_sum = qg.new_zeros(qg.shape[:-1])
-    acc = qg.new_zeros(qg.shape[:-1] + v.shape[-1:])
-    for start in _key_tiles(q.shape[2], n_k, block_n, spec):
-        k_tile = k[:, :, start : start + block_n].to(dtype)
-        v_tile = v[:, :, start : start + block_n].to(dtype).unsqueeze(2)
-        cols = slice(start, start + k_tile.shape[2])
-        s = _tile_scores(qg, k_tile, cols, spec, q.shape[2])
-        keep = _tile_keep(q, num_kv_heads, n_k, cols, spec) if spec.dropout.enabled else None
-        row_max, row_sum, acc = _softmax_step(row_max, row_sum, acc, s, v_tile, keep)
-    return _finish_forward(q, acc / row_sum[..., None], _lse_pair(row_max, row_sum), spec)
-
-
-def _finish_forward(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                    spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """The grouped output (scaled for dropout) and LSE pairs back in q's head order and dtype."""
+    out = qg.new_empty(qg.shape[:-1] + v.shape[-1:])
+    lse = qg.new_empty(qg.shape[:-1] + (2,), dtype=torch.float32)
+    full_spec = _full_tiles(spec)
+    for rows, chunks in _chunks(plan, n_q, n_k):
+        q_tile = qg[..., rows, :]
+        row_max = q_tile.new_full(q_tile.shape[:-1], float("-inf"))
+        row_sum = q_tile.new_zeros(q_tile.shape[:-1])
+        acc = q_tile.new_zeros(q_tile.shape[:-1] + v.shape[-1:])
+        for cols, partial in chunks:
+            k_tile = _take(k, 2, cols).to(dtype)
+            v_tile = _take(v, 2, cols).to(dtype).unsqueeze(2)
+            s = _tile_scores(q_tile, k_tile, cols, spec if partial else full_spec, n_q, rows)
+            keep = _tile_keep(q, num_kv_heads, n_k, cols, spec, rows) if spec.dropout.enabled else None
+            row_max, row_sum, acc = _softmax_step(row_max, row_sum, acc, s, v_tile, keep)
+        # No visited tile (or no visible key): 0 / 0 = NaN and LSE -inf, as eager softmax after -inf fills.
+        out[..., rows, :] = acc / row_sum[..., None]
+        lse[..., rows, :] = _lse_pair(row_max, row_sum)
     if spec.dropout.enabled:
         out = out * spec.dropout.scale
     return _ungrouped(out, spec.kv_heads_tiled).to(q.dtype), _ungrouped(lse, spec.kv_heads_tiled)
 
 
-def _sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
-                    layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`attention_forward` over the non-empty tile pairs of ``layout``, one query tile at a time."""
-    dtype = _compute_dtype(q.dtype)
-    num_kv_heads, n_k = k.shape[1], k.shape[2]
-    qg = _grouped(q.to(dtype), num_kv_heads, spec.kv_heads_tiled)
-    out = qg.new_empty(qg.shape[:-1] + v.shape[-1:])
-    lse = qg.new_empty(qg.shape[:-1] + (2,), dtype=torch.float32)
-    full_spec = _full_tiles(spec)
-    for rows, chunks in _sparse_plan(layout, q.shape[2], n_k, spec):
-        q_tile = qg[..., rows, :]
-        row_max = q_tile.new_full(q_tile.shape[:-1], float("-inf"))
-        row_sum = q_tile.new_zeros(q_tile.shape[:-1])
-        acc = q_tile.new_zeros(q_tile.shape[:-1] + v.shape[-1:])
-        for cols, reads_bias in chunks:
-            k_tile = _take(k, 2, cols).to(dtype)
-            v_tile = _take(v, 2, cols).to(dtype).unsqueeze(2)
-            s = _tile_scores(q_tile, k_tile, cols, spec if reads_bias else full_spec, q.shape[2], rows)
-            keep = _tile_keep(q, num_kv_heads, n_k, cols, spec, rows) if spec.dropout.enabled else None
-            row_max, row_sum, acc = _softmax_step(row_max, row_sum, acc, s, v_tile, keep)
-        # No visited tile (or no visible key): 0 / 0 = NaN and LSE -inf, as in the dense pass.
-        out[..., rows, :] = acc / row_sum[..., None]
-        lse[..., rows, :] = _lse_pair(row_max, row_sum)
-    return _finish_forward(q, out, lse, spec)
+def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec,
+                       plan: TileSchedule) -> tuple[torch.Tensor, ...]:
+    """Tiled backward of a validated ``spec`` from the forward's ``saved`` tensors over the tile pairs of ``plan``,
+    one query tile at a time: ``(dq, dk, dv, dbias, drel)``.
 
-
-def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec, block_n: int = 256,
-                       layout: BlockLayout | None = None) -> tuple[torch.Tensor, ...]:
-    """Tiled backward of a validated ``spec`` from the forward's ``saved`` tensors: ``(dq, dk, dv, dbias, drel)``.
-
-    The keep mask of dropout is regenerated per tile. With a ``layout`` (of the bias, for the backward's tiles)
-    only its non-empty tile pairs are visited, one query tile at a time. dq, dk, dv have the dtypes of q, k, v.
+    The keep mask of dropout is regenerated per tile. dq, dk, dv have the dtypes of q, k, v.
     dbias is None unless the spec's bias requires grad; then it is the float32 [B, Hq, Nq, Nk] gradient of the
     expanded bias, ``dS = P * (dP - delta)``. drel likewise for the relative table: float32 [B, Hq, Nq + Nk - 1],
     entry ``j - i + Nq - 1`` the sum of dS over its diagonal (accumulated in the compute dtype).
@@ -318,31 +260,19 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec
             return None
         return _tile_keep(q, num_kv_heads, n_k, cols, spec, rows) * spec.dropout.scale
 
-    if layout is None:
-        for start in _key_tiles(n_q, n_k, block_n, spec):
-            cols = slice(start, min(start + block_n, n_k))
-            k_tile, v_tile = k[:, :, cols].to(dtype), v[:, :, cols].to(dtype)
-            s = _tile_scores(qg, k_tile, cols, spec, n_q)
-            ds, dq_tile, dk[:, :, cols], dv[:, :, cols] = _tile_grads(s, lse_g, dog, delta, qg, k_tile, v_tile,
-                                                                      keep(cols), spec.scale)
+    full_spec = _full_tiles(spec)
+    for rows, chunks in _chunks(plan, n_q, n_k):
+        q_tile, do_tile = qg[..., rows, :], dog[..., rows, :]
+        for cols, partial in chunks:
+            k_tile, v_tile = _take(k, 2, cols).to(dtype), _take(v, 2, cols).to(dtype)
+            s = _tile_scores(q_tile, k_tile, cols, spec if partial else full_spec, n_q, rows)
+            ds, dq_tile, dk_tile, dv_tile = _tile_grads(s, lse_g[..., rows, :], do_tile, delta[..., rows], q_tile,
+                                                        k_tile, v_tile, keep(cols, rows), spec.scale)
             if dbias is not None:
-                grouped(dbias)[..., cols] = ds
-            add_drel(ds, slice(0, n_q), cols)
-            dq += dq_tile
-    else:
-        full_spec = _full_tiles(spec)
-        for rows, chunks in _sparse_plan(layout, n_q, n_k, spec):
-            q_tile, do_tile = qg[..., rows, :], dog[..., rows, :]
-            for cols, reads_bias in chunks:
-                k_tile, v_tile = _take(k, 2, cols).to(dtype), _take(v, 2, cols).to(dtype)
-                s = _tile_scores(q_tile, k_tile, cols, spec if reads_bias else full_spec, n_q, rows)
-                ds, dq_tile, dk_tile, dv_tile = _tile_grads(s, lse_g[..., rows, :], do_tile, delta[..., rows],
-                                                            q_tile, k_tile, v_tile, keep(cols, rows), spec.scale)
-                if dbias is not None:
-                    _add_at(grouped(dbias)[..., rows, :], -1, cols, ds)  # each entry is written once: += 0 is =
-                add_drel(ds, rows, cols)
-                dq[..., rows, :] += dq_tile
-                _add_at(dk, 2, cols, dk_tile)
-                _add_at(dv, 2, cols, dv_tile)
+                _add_at(grouped(dbias)[..., rows, :], -1, cols, ds)  # each entry is written once: += 0 is =
+            add_drel(ds, rows, cols)
+            dq[..., rows, :] += dq_tile
+            _add_at(dk, 2, cols, dk_tile)
+            _add_at(dv, 2, cols, dv_tile)
     return (_ungrouped(dq, tiled).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias,
             None if drel is None else drel.to(torch.float32))

@@ -12,9 +12,9 @@ it is requested) or needs atomics (other than for the relative-position bias gra
    gradient of the (expanded) bias, since the bias enters the scores unscaled.
 
 Rows that were fully masked in the forward (LSE = -inf) contribute no gradient: their dQ and dbias
-rows are 0. Both loops visit exactly the tile pairs the forward visits (band, sorted documents, padding
-tiles; see :mod:`masks`), or, with a block-sparse layout of the bias (``LAYOUT``, built for the backward's
-own tile sizes), the non-empty tiles of its per-key-tile (dK/dV) and per-query-tile (dQ) lists.
+rows are 0. Both loops visit the tile pairs of the tile schedule (:mod:`schedule`, built for the backward's own
+tile sizes), partial ones with every mask and full ones with none: the dK/dV kernel its per-key-tile lists, the
+dQ kernel its per-query-tile lists.
 With ALiBi (``HAS_ALIBI``) both recompute the forward's scores with the ALiBi term (the dK/dV kernel with the
 slope of each query head of its group); dS, hence dbias, is unchanged in form. The same holds for a
 relative-position bias (``HAS_REL``, a vector per (batch, query head) read at ``j - i + Nq - 1``). Its gradient
@@ -31,18 +31,16 @@ import triton
 import triton.language as tl
 from flash_fx.kernels import triton_launch as args
 from flash_fx.kernels.config import Tiles
-from flash_fx.kernels.layout import BlockLayout
+from flash_fx.kernels.schedule import TileSchedule
 from flash_fx.kernels.spec import AttentionSpec, Saved
 from flash_fx.kernels.triton_common import (
     add_relative_grad,
     alibi_slope,
     apply_dropout,
     band_visible,
-    doc_range,
     dot,
     dropout_keep,
     kv_head,
-    layout_list,
     load_ids,
     load_lse,
     load_rows,
@@ -51,7 +49,7 @@ from flash_fx.kernels.triton_common import (
     scores,
     store_rows,
     structural_mask,
-    tile_stages,
+    tile_list,
 )
 
 
@@ -79,34 +77,23 @@ def _delta_kernel(
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base, q_doc_base,
-                query_start, query_end, tile_list, offs_m, offs_n, offs_d, stride_qm, stride_qd, stride_dom,
-                stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale, slope, rel_base, stride_rel, upper,
-                lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                MASKED: tl.constexpr,
-                INDEXED: tl.constexpr, LOAD_BIAS: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, DROPOUT: tl.constexpr,
+def _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base, q_doc_base, tiles,
+                first, last, offs_m, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn,
+                stride_qdm, n_q, n_k, sm_scale, slope, rel_base, stride_rel, upper, lower, bh, seed, offset, threshold,
+                drop_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PARTIAL: tl.constexpr,
+                LOAD_BIAS: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, DROPOUT: tl.constexpr,
                 UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr,
                 ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr):
-    """Accumulate the query tiles in ``[query_start, query_end)`` into dK, dV (transposed [keys, queries]);
-    with ``INDEXED`` the query tiles numbered ``tile_list[query_start:query_end]`` (a block-sparse layout's list).
+    """Accumulate the query tiles numbered ``tiles[first:last]`` into dK, dV (transposed [keys, queries]).
 
-    ``LOAD_BIAS`` false skips reading a bias known to be 0 there (see :func:`triton_common.scores`). With
-    ``DROPOUT`` the forward's keep mask of query head ``bh`` is regenerated: dV takes the dropped, scaled
-    probabilities and dS = P * (dropped, scaled dP - delta). With ``HAS_ALIBI`` the recomputed scores get
-    the ALiBi term of ``slope`` (query head ``bh``'s), with ``HAS_REL`` the relative-position term of the vector
-    at ``rel_base`` (query head ``bh``'s).
+    ``PARTIAL`` tiles get the band, key-validity and document masks; full ones none. ``LOAD_BIAS`` false skips
+    reading a bias known to be 0 there (see :func:`triton_common.scores`). With ``DROPOUT`` the forward's keep mask
+    of query head ``bh`` is regenerated: dV takes the dropped, scaled probabilities and dS = P * (dropped, scaled
+    dP - delta). ``slope`` and ``rel_base`` are query head ``bh``'s ALiBi slope and relative vector.
     """
-    if INDEXED:
-        step: tl.constexpr = 1
-    else:
-        step: tl.constexpr = BLOCK_M
-    for pos in range(query_start, query_end, step):
-        if INDEXED:
-            start_m = tl.load(tile_list + pos) * BLOCK_M
-        else:
-            start_m = pos
-        rows = start_m + offs_m
+    for pos in range(first, last):
+        rows = tl.load(tiles + pos) * BLOCK_M + offs_m
         q = load_rows(q_base, rows, offs_d, stride_qm, stride_qd, n_q, HEAD_DIM, True)
         do = load_rows(do_base, rows, offs_d, stride_dom, stride_dod, n_q, HEAD_DIM, True)
         lse_hi, lse_lo = load_lse(lse_base, rows, n_q, HAS_BIAS)
@@ -114,11 +101,11 @@ def _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_bas
         s_t = scores(dot(k, tl.trans(q), UPCAST_DOT, INPUT_PRECISION), bias_base, rows[None, :], offs_n[:, None],
                      stride_bm, stride_bn, n_q, n_k, sm_scale, slope, rel_base, stride_rel, HAS_BIAS, LOAD_BIAS,
                      HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL)
-        if MASKED:
+        if PARTIAL:
             s_t = tl.where(band_visible(rows[None, :], offs_n[:, None], n_k, upper, lower, HAS_UPPER, HAS_LOWER),
                            s_t, float("-inf"))
-        q_ids = load_ids(q_doc_base, rows, stride_qdm, n_q, HAS_DOCS)
-        s_t = structural_mask(s_t, q_ids[None, :], k_ids[:, None], key_ok[:, None], HAS_DOCS, HAS_KEY_VALID)
+            q_ids = load_ids(q_doc_base, rows, stride_qdm, n_q, HAS_DOCS)
+            s_t = structural_mask(s_t, q_ids[None, :], k_ids[:, None], key_ok[:, None], HAS_DOCS, HAS_KEY_VALID)
         p_t = probabilities(s_t, lse_hi[None, :], lse_lo[None, :], HAS_BIAS)
         dp_t = dot(v, tl.trans(do), UPCAST_DOT, INPUT_PRECISION)
         p_kept = p_t
@@ -134,7 +121,7 @@ def _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_bas
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, Bias, Slopes, Rel, KeyValid, QDoc, KDoc, DocBounds, Counts, Indices, DOut, Lse, Delta, DK, DV,
+    Q, K, V, Bias, Slopes, Rel, KeyValid, QDoc, KDoc, Counts, Indices, DOut, Lse, Delta, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -146,101 +133,56 @@ def _dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower, seed, offset, threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-    HAS_DOCS: tl.constexpr, SORTED_DOCS: tl.constexpr, KV_TILED: tl.constexpr, DROPOUT: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, LAYOUT: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr,
+    HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_READS_BIAS: tl.constexpr,
+    HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, KV_TILED: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_SYMMETRIC: tl.constexpr,
+    HAS_REL: tl.constexpr,
 ):
-    """Grid: (key tiles, batch * KV heads). dK, dV sum over the ``group_size`` query heads of the KV head.
-
-    The band seen from a key j is ``j - upper <= i <= j + lower``, so :func:`tile_stages` gets its bounds
-    swapped. A key tile without a valid key writes zeros. DocBounds holds the query ranges of the key
-    tiles (:func:`masks.doc_bounds` with k_doc first). With ``LAYOUT`` the query tiles of each query head
-    come from a block-sparse layout's per-key-tile lists (Counts int32 [LB, LH, key tiles, 2], Indices int32
-    [LB, LH, key tiles, query tiles]) instead of the band and document ranges. With ``HAS_ALIBI`` each query
-    head of the group recomputes its scores with its own slope ``Slopes[b, h]``, with ``HAS_REL`` with its own
-    relative-position vector ``Rel[b, h]``.
+    """Grid: (key tiles, batch * KV heads). dK, dV sum over the ``group_size`` query heads of the KV head, each
+    over the query tiles of the schedule's per-key-tile lists (Counts int32 [SB, SH, key tiles, 2], Indices int32
+    [SB, SH, key tiles, query tiles]; :meth:`schedule.TileSchedule.by_key_tile`), with its own ALiBi slope and
+    relative vector. A key tile that no query sees writes zeros.
     """
     tile = tl.program_id(0)
-    start_n = tile * BLOCK_N
     bh_kv = tl.program_id(1).to(tl.int64)
     b = bh_kv // num_kv_heads
     h_kv = bh_kv % num_kv_heads
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     key_ok = load_ids(KeyValid + b * stride_kvb, offs_n, stride_kvn, n_k, HAS_KEY_VALID)
-    if HAS_KEY_VALID:
-        live = tl.max(key_ok, 0) > 0
-    else:
-        live = True
-    if live:
-        k = load_rows(K + b * stride_kb + h_kv * stride_kh, offs_n, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM,
-                      True)
-        v = load_rows(V + b * stride_vb + h_kv * stride_vh, offs_n, offs_d, stride_vn, stride_vd, n_k, HEAD_DIM,
-                      True)
-        k_ids = load_ids(KDoc + b * stride_kdb, offs_n, stride_kdn, n_k, HAS_DOCS)
-        q_doc_base = QDoc + b * stride_qdb
-        if LAYOUT:
-            n_query_tiles = tl.cdiv(n_q, BLOCK_M)
-        else:
-            n_tiles = tl.num_programs(0)
-            lo, hi = doc_range(DocBounds + b * n_tiles * 2, tile, n_tiles, n_q, SORTED_DOCS)
-            begin, full_begin, full_end, end = tile_stages(start_n, n_k, n_q, lower, upper, lo, hi, BLOCK_N, BLOCK_M,
-                                                           HAS_LOWER, HAS_UPPER)
-        for r in range(group_size):
-            h = query_head(h_kv, r, num_kv_heads, group_size, KV_TILED)
-            q_base = Q + b * stride_qb + h * stride_qh
-            do_base = DOut + b * stride_dob + h * stride_doh
-            bias_base = Bias + b * stride_bb + h * stride_bh
-            slope = alibi_slope(Slopes, b, h, stride_sb, stride_sh, HAS_ALIBI)
-            rel_base = Rel + b * stride_rb + h * stride_rh
-            bh = b * num_heads + h
-            lse_base = Lse + bh * n_q * 2
-            delta_base = Delta + bh * n_q
-            if LAYOUT:
-                # This key tile's partial query tiles (band mask, bias), then its full ones (neither).
-                tile_list, n_partial, n_full = layout_list(Counts, Indices, stride_cb, stride_ch, stride_ib,
-                                                           stride_ih, b, h, tile, n_query_tiles)
-                dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
-                                     q_doc_base, 0, n_partial, tile_list, offs_m, offs_n, offs_d, stride_qm, stride_qd,
-                                     stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale,
-                                     slope, rel_base, stride_rr, upper, lower, bh, seed, offset, threshold, drop_scale,
-                                     HEAD_DIM, BLOCK_M, True, True, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
-                                     HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC,
-                                     HAS_REL)
-                dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
-                                     q_doc_base, n_partial, n_partial + n_full, tile_list, offs_m, offs_n, offs_d,
-                                     stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm,
-                                     n_q, n_k, sm_scale, slope, rel_base, stride_rr, upper, lower, bh, seed, offset,
-                                     threshold, drop_scale, HEAD_DIM, BLOCK_M, False, True, False, HAS_UPPER, HAS_LOWER,
-                                     HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
-                                     ALIBI_SYMMETRIC, HAS_REL)
-            else:
-                dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
-                                     q_doc_base, begin, full_begin, Indices, offs_m, offs_n, offs_d, stride_qm,
-                                     stride_qd, stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k,
-                                     sm_scale, slope, rel_base, stride_rr, upper, lower, bh, seed, offset, threshold,
-                                     drop_scale, HEAD_DIM, BLOCK_M, True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS,
-                                     HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
-                                     ALIBI_SYMMETRIC, HAS_REL)
-                dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
-                                     q_doc_base, full_begin, full_end, Indices, offs_m, offs_n, offs_d, stride_qm,
-                                     stride_qd, stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k,
-                                     sm_scale, slope, rel_base, stride_rr, upper, lower, bh, seed, offset, threshold,
-                                     drop_scale, HEAD_DIM, BLOCK_M, False, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS,
-                                     HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
-                                     ALIBI_SYMMETRIC, HAS_REL)
-                dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
-                                     q_doc_base, full_end, end, Indices, offs_m, offs_n, offs_d, stride_qm, stride_qd,
-                                     stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale,
-                                     slope, rel_base, stride_rr, upper, lower, bh, seed, offset, threshold, drop_scale,
-                                     HEAD_DIM, BLOCK_M, True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS,
-                                     HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
-                                     ALIBI_SYMMETRIC, HAS_REL)
+    k = load_rows(K + b * stride_kb + h_kv * stride_kh, offs_n, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM, True)
+    v = load_rows(V + b * stride_vb + h_kv * stride_vh, offs_n, offs_d, stride_vn, stride_vd, n_k, HEAD_DIM, True)
+    k_ids = load_ids(KDoc + b * stride_kdb, offs_n, stride_kdn, n_k, HAS_DOCS)
+    q_doc_base = QDoc + b * stride_qdb
+    n_query_tiles = tl.cdiv(n_q, BLOCK_M)
+    for r in range(group_size):
+        h = query_head(h_kv, r, num_kv_heads, group_size, KV_TILED)
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DOut + b * stride_dob + h * stride_doh
+        bias_base = Bias + b * stride_bb + h * stride_bh
+        slope = alibi_slope(Slopes, b, h, stride_sb, stride_sh, HAS_ALIBI)
+        rel_base = Rel + b * stride_rb + h * stride_rh
+        bh = b * num_heads + h
+        lse_base = Lse + bh * n_q * 2
+        delta_base = Delta + bh * n_q
+        tiles, n_partial, n_full = tile_list(Counts, Indices, stride_cb, stride_ch, stride_ib, stride_ih, b, h, tile,
+                                             n_query_tiles)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
+                             q_doc_base, tiles, 0, n_partial, offs_m, offs_n, offs_d, stride_qm, stride_qd, stride_dom,
+                             stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale, slope, rel_base,
+                             stride_rr, upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_M, True,
+                             True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT,
+                             INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
+                             q_doc_base, tiles, n_partial, n_partial + n_full, offs_m, offs_n, offs_d, stride_qm,
+                             stride_qd, stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale,
+                             slope, rel_base, stride_rr, upper, lower, bh, seed, offset, threshold, drop_scale,
+                             HEAD_DIM, BLOCK_M, False, FULL_READS_BIAS, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
+                             HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL)
     store_rows(DK + b * stride_dkb + h_kv * stride_dkh, dk * sm_scale, offs_n, offs_d, stride_dkn, stride_dkd, n_k,
                HEAD_DIM)
     store_rows(DV + b * stride_dvb + h_kv * stride_dvh, dv, offs_n, offs_d, stride_dvn, stride_dvd, n_k, HEAD_DIM)
@@ -248,70 +190,53 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_tiles(dq, q, q_ids, do, lse_hi, lse_lo, delta, k_base, v_base, bias_base, dbias_base, key_valid_base,
-              k_doc_base,
-              key_start, key_end, tile_list, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+              k_doc_base, tiles, first, last, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
               stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope, rel_base,
               stride_rel, drel_base, stride_drel, upper, lower, bh, seed, offset, threshold, drop_scale,
-              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr, INDEXED: tl.constexpr, LOAD_BIAS: tl.constexpr, HAS_UPPER: tl.constexpr,
-              HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr,
-              WRITE_DBIAS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, LOAD_BIAS: tl.constexpr,
+              HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+              HAS_DOCS: tl.constexpr, WRITE_DBIAS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
               INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_SYMMETRIC: tl.constexpr,
               HAS_REL: tl.constexpr, WRITE_DREL: tl.constexpr):
-    """Accumulate the key tiles in ``[key_start, key_end)`` into dQ (unscaled); store their dS if asked. With
-    ``INDEXED`` the key tiles numbered ``tile_list[key_start:key_end]`` (a block-sparse layout's list).
+    """Accumulate the key tiles numbered ``tiles[first:last]`` into dQ (unscaled); store their dS if asked.
 
-    Key tiles without a valid key are skipped, as in the forward. ``LOAD_BIAS`` false skips reading a bias
-    known to be 0 there (see :func:`triton_common.scores`). With ``DROPOUT`` dP is dropped and scaled with
-    the forward's regenerated keep mask before ``dS = P * (dP - delta)``. With ``HAS_ALIBI`` the recomputed
-    scores get the ALiBi term of ``slope``; dS stays the bias gradient (the ALiBi term is no input). With
-    ``HAS_REL`` they get the relative-position term of the vector at ``rel_base``, and with ``WRITE_DREL`` dS is
-    added to its gradient at ``drel_base`` along the tile's diagonals (float32 atomics).
+    ``PARTIAL`` tiles get every mask and range-checked loads, full ones neither. ``LOAD_BIAS`` false skips reading
+    a bias known to be 0 there (see :func:`triton_common.scores`). With ``DROPOUT`` dP is dropped and scaled with
+    the forward's regenerated keep mask before ``dS = P * (dP - delta)``. dS is the bias gradient (the ALiBi term
+    is no input); with ``WRITE_DREL`` it is added to the relative table's gradient at ``drel_base`` along the
+    tile's diagonals (float32 atomics).
     """
-    if INDEXED:
-        step: tl.constexpr = 1
-    else:
-        step: tl.constexpr = BLOCK_N
-    for pos in range(key_start, key_end, step):
-        if INDEXED:
-            start_n = tl.load(tile_list + pos) * BLOCK_N
-        else:
-            start_n = pos
-        cols = start_n + offs_n
-        key_ok = load_ids(key_valid_base, cols, stride_kvn, n_k, HAS_KEY_VALID)
-        if HAS_KEY_VALID:
-            live = tl.max(key_ok, 0) > 0
-        else:
-            live = True
-        if live:
-            k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM, MASKED)
-            v = load_rows(v_base, cols, offs_d, stride_vn, stride_vd, n_k, HEAD_DIM, MASKED)
-            s = scores(dot(q, tl.trans(k), UPCAST_DOT, INPUT_PRECISION), bias_base, offs_m[:, None], cols[None, :],
-                       stride_bm, stride_bn, n_q, n_k, sm_scale, slope, rel_base, stride_rel, HAS_BIAS, LOAD_BIAS,
-                       HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL)
-            if MASKED:
-                s = tl.where(band_visible(offs_m[:, None], cols[None, :], n_k, upper, lower, HAS_UPPER, HAS_LOWER),
-                             s, float("-inf"))
+    for pos in range(first, last):
+        cols = tl.load(tiles + pos) * BLOCK_N + offs_n
+        k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM, PARTIAL)
+        v = load_rows(v_base, cols, offs_d, stride_vn, stride_vd, n_k, HEAD_DIM, PARTIAL)
+        s = scores(dot(q, tl.trans(k), UPCAST_DOT, INPUT_PRECISION), bias_base, offs_m[:, None], cols[None, :],
+                   stride_bm, stride_bn, n_q, n_k, sm_scale, slope, rel_base, stride_rel, HAS_BIAS, LOAD_BIAS,
+                   HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL)
+        if PARTIAL:
+            s = tl.where(band_visible(offs_m[:, None], cols[None, :], n_k, upper, lower, HAS_UPPER, HAS_LOWER),
+                         s, float("-inf"))
+            key_ok = load_ids(key_valid_base, cols, stride_kvn, n_k, HAS_KEY_VALID)
             k_ids = load_ids(k_doc_base, cols, stride_kdn, n_k, HAS_DOCS)
             s = structural_mask(s, q_ids[:, None], k_ids[None, :], key_ok[None, :], HAS_DOCS, HAS_KEY_VALID)
-            p = probabilities(s, lse_hi[:, None], lse_lo[:, None], HAS_BIAS)
-            dp = dot(do, tl.trans(v), UPCAST_DOT, INPUT_PRECISION)
-            if DROPOUT:
-                keep = dropout_keep(seed, offset, bh, offs_m[:, None], cols[None, :], n_q, n_k, threshold)
-                dp = apply_dropout(dp, keep, drop_scale)
-            ds = p * (dp - delta[:, None])
-            if WRITE_DBIAS:
-                tl.store(dbias_base + offs_m[:, None] * stride_dbm + cols[None, :] * stride_dbn, ds,
-                         mask=(offs_m[:, None] < n_q) & (cols[None, :] < n_k))
-            if WRITE_DREL:
-                add_relative_grad(drel_base, ds, offs_m[:, None], cols[None, :], stride_drel, n_q, n_k)
-            dq += dot(ds.to(k.dtype), k, UPCAST_DOT, INPUT_PRECISION)
+        p = probabilities(s, lse_hi[:, None], lse_lo[:, None], HAS_BIAS)
+        dp = dot(do, tl.trans(v), UPCAST_DOT, INPUT_PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(seed, offset, bh, offs_m[:, None], cols[None, :], n_q, n_k, threshold)
+            dp = apply_dropout(dp, keep, drop_scale)
+        ds = p * (dp - delta[:, None])
+        if WRITE_DBIAS:
+            tl.store(dbias_base + offs_m[:, None] * stride_dbm + cols[None, :] * stride_dbn, ds,
+                     mask=(offs_m[:, None] < n_q) & (cols[None, :] < n_k))
+        if WRITE_DREL:
+            add_relative_grad(drel_base, ds, offs_m[:, None], cols[None, :], stride_drel, n_q, n_k)
+        dq += dot(ds.to(k.dtype), k, UPCAST_DOT, INPUT_PRECISION)
     return dq
 
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, Bias, Slopes, Rel, KeyValid, QDoc, KDoc, DocBounds, Counts, Indices, DOut, Lse, Delta, DQ, DBias, DRel,
+    Q, K, V, Bias, Slopes, Rel, KeyValid, QDoc, KDoc, Counts, Indices, DOut, Lse, Delta, DQ, DBias, DRel,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -323,23 +248,22 @@ def _dq_kernel(
     stride_dbb, stride_dbh, stride_dbm, stride_dbn, stride_drb, stride_drh, stride_drr,
     num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower, seed, offset, threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-    HAS_DOCS: tl.constexpr, SORTED_DOCS: tl.constexpr, KV_TILED: tl.constexpr, WRITE_DBIAS: tl.constexpr,
-    DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, LAYOUT: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr, WRITE_DREL: tl.constexpr,
+    HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_READS_BIAS: tl.constexpr,
+    HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, KV_TILED: tl.constexpr, WRITE_DBIAS: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr, WRITE_DREL: tl.constexpr,
 ):
-    """Grid: (query tiles, batch * query heads); visits the key tiles the forward visits (with ``LAYOUT``, those
-    of the block-sparse layout's per-query-tile lists). With WRITE_DBIAS, DBias is a float32 [B, Hq, Nq, Nk]
-    tensor that is zero wherever no key tile is stored (skipped tiles). With WRITE_DREL, DRel is a zeroed float32
-    [B, Hq, Nq + Nk - 1] tensor to which every visited tile adds its dS along its diagonals (atomically: programs
-    of different query tiles share entries, so the order of the float32 sums is not deterministic)."""
+    """Grid: (query tiles, batch * query heads); visits the key tiles of the schedule's per-query-tile lists, as
+    the forward does. With WRITE_DBIAS, DBias is a float32 [B, Hq, Nq, Nk] tensor that is zero wherever no key tile
+    is stored (skipped tiles). With WRITE_DREL, DRel is a zeroed float32 [B, Hq, Nq + Nk - 1] tensor to which every
+    visited tile adds its dS along its diagonals (atomically: programs of different query tiles share entries, so
+    the order of the float32 sums is not deterministic)."""
     tile = tl.program_id(0)
-    start_m = tile * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // num_heads
     h = bh % num_heads
     h_kv = kv_head(h, num_kv_heads, group_size, KV_TILED)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
@@ -358,67 +282,33 @@ def _dq_kernel(
     slope = alibi_slope(Slopes, b, h, stride_sb, stride_sh, HAS_ALIBI)
     rel_base = Rel + b * stride_rb + h * stride_rh
     drel_base = DRel + b * stride_drb + h * stride_drh
+    tiles, n_partial, n_full = tile_list(Counts, Indices, stride_cb, stride_ch, stride_ib, stride_ih, b, h, tile,
+                                         tl.cdiv(n_k, BLOCK_N))
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if LAYOUT:
-        # Block-sparse layout: partial key tiles (band mask, bias), then full ones (neither).
-        tile_list, n_partial, n_full = layout_list(Counts, Indices, stride_cb, stride_ch, stride_ib, stride_ih, b, h,
-                                                   tile, tl.cdiv(n_k, BLOCK_N))
-        dq = _dq_tiles(dq, q, q_ids, do, lse_hi, lse_lo, delta, k_base, v_base, bias_base, dbias_base, key_valid_base,
-                       k_doc_base,
-                       0, n_partial, tile_list, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                       stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope,
-                       rel_base, stride_rr, drel_base, stride_drr, upper, lower, bh, seed, offset, threshold,
-                       drop_scale, HEAD_DIM, BLOCK_N, True, True, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
-                       HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL,
-                       WRITE_DREL)
-        dq = _dq_tiles(dq, q, q_ids, do, lse_hi, lse_lo, delta, k_base, v_base, bias_base, dbias_base, key_valid_base,
-                       k_doc_base,
-                       n_partial, n_partial + n_full, tile_list, offs_m, offs_n, offs_d, stride_kn, stride_kd,
-                       stride_vn, stride_vd, stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q,
-                       n_k, sm_scale, slope, rel_base, stride_rr, drel_base, stride_drr, upper, lower, bh, seed, offset,
-                       threshold, drop_scale, HEAD_DIM, BLOCK_N, False, True, False, HAS_UPPER, HAS_LOWER, HAS_BIAS,
-                       HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
-                       ALIBI_SYMMETRIC, HAS_REL, WRITE_DREL)
-    else:
-        n_tiles = tl.num_programs(0)
-        lo, hi = doc_range(DocBounds + b * n_tiles * 2, tile, n_tiles, n_k, SORTED_DOCS)
-        begin, full_begin, full_end, end = tile_stages(start_m, n_q, n_k, upper, lower, lo, hi, BLOCK_M, BLOCK_N,
-                                                       HAS_UPPER, HAS_LOWER)
-        dq = _dq_tiles(dq, q, q_ids, do, lse_hi, lse_lo, delta, k_base, v_base, bias_base, dbias_base, key_valid_base,
-                       k_doc_base,
-                       begin, full_begin, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                       stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope,
-                       rel_base, stride_rr, drel_base, stride_drr, upper, lower, bh, seed, offset, threshold,
-                       drop_scale, HEAD_DIM, BLOCK_N, True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
-                       HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL,
-                       WRITE_DREL)
-        dq = _dq_tiles(dq, q, q_ids, do, lse_hi, lse_lo, delta, k_base, v_base, bias_base, dbias_base, key_valid_base,
-                       k_doc_base,
-                       full_begin, full_end, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
-                       stride_vd, stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k,
-                       sm_scale, slope, rel_base, stride_rr, drel_base, stride_drr, upper, lower, bh, seed, offset,
-                       threshold, drop_scale, HEAD_DIM, BLOCK_N, False, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS,
-                       HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
-                       ALIBI_SYMMETRIC, HAS_REL, WRITE_DREL)
-        dq = _dq_tiles(dq, q, q_ids, do, lse_hi, lse_lo, delta, k_base, v_base, bias_base, dbias_base, key_valid_base,
-                       k_doc_base,
-                       full_end, end, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                       stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope,
-                       rel_base, stride_rr, drel_base, stride_drr, upper, lower, bh, seed, offset, threshold,
-                       drop_scale, HEAD_DIM, BLOCK_N, True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
-                       HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL,
-                       WRITE_DREL)
+    dq = _dq_tiles(dq, q, q_ids, do, lse_hi, lse_lo, delta, k_base, v_base, bias_base, dbias_base, key_valid_base,
+                   k_doc_base, tiles, 0, n_partial, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                   stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope,
+                   rel_base, stride_rr, drel_base, stride_drr, upper, lower, bh, seed, offset, threshold, drop_scale,
+                   HEAD_DIM, BLOCK_N, True, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS,
+                   WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL, WRITE_DREL)
+    dq = _dq_tiles(dq, q, q_ids, do, lse_hi, lse_lo, delta, k_base, v_base, bias_base, dbias_base, key_valid_base,
+                   k_doc_base, tiles, n_partial, n_partial + n_full, offs_m, offs_n, offs_d, stride_kn, stride_kd,
+                   stride_vn, stride_vd, stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q,
+                   n_k, sm_scale, slope, rel_base, stride_rr, drel_base, stride_drr, upper, lower, bh, seed, offset,
+                   threshold, drop_scale, HEAD_DIM, BLOCK_N, False, FULL_READS_BIAS, HAS_UPPER, HAS_LOWER, HAS_BIAS,
+                   HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
+                   ALIBI_SYMMETRIC, HAS_REL, WRITE_DREL)
     store_rows(DQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, offs_m, offs_d, stride_dqm, stride_dqd, n_q,
                HEAD_DIM)
 
 
 def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec, tiles: Tiles,
-                       layout: BlockLayout | None = None) -> tuple[torch.Tensor, ...]:
+                       schedule: TileSchedule) -> tuple[torch.Tensor, ...]:
     """Launch the three backward kernels on non-empty inputs for a validated ``spec``; ``saved.lse`` is contiguous.
 
-    With a ``layout`` (of the bias, for these tiles) the dK/dV kernel visits the query tiles of its per-key-tile
-    lists and the dQ kernel the key tiles of its per-query-tile lists. Returns ``(dq, dk, dv, dbias, drel)`` as
+    The dK/dV kernel visits the query tiles of the ``schedule``'s per-key-tile lists and the dQ kernel the key tiles
+    of its per-query-tile lists (built for these tiles). Returns ``(dq, dk, dv, dbias, drel)`` as
     :func:`flash_fx.kernels.attention_backward` describes (drel summed with atomics: not bitwise deterministic).
     """
     q, k, v, out, lse = saved
@@ -429,7 +319,7 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec
     dbias = None
     if features["bias_grad"]:
         # Skipped key tiles are never stored: start from zeros there.
-        skips = spec.band.upper is not None or spec.may_skip or layout is not None
+        skips = spec.structural or spec.bias.holds_masks
         alloc = torch.zeros if skips else torch.empty
         dbias = alloc((batch, num_heads, n_q, n_k), dtype=torch.float32, device=q.device)
     drel = None
@@ -446,12 +336,12 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec
         HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_D=common["BLOCK_D"], num_warps=tiles.num_warps,
     )
     _dkdv_kernel[(triton.cdiv(n_k, tiles.block_n), batch * num_kv_heads)](
-        **common, **args.masks(spec, q, tiles.block_n, keys_own_tiles=True), **args.layout(layout, q, by_keys=True),
+        **common, **args.masks(spec, q), **args.schedule(schedule, q, by_keys=True),
         **args.tensor("DK", "stride_dkb,stride_dkh,stride_dkn,stride_dkd", dk, q),
         **args.tensor("DV", "stride_dvb,stride_dvh,stride_dvn,stride_dvd", dv, q),
     )
     _dq_kernel[(triton.cdiv(n_q, tiles.block_m), batch * num_heads)](
-        **common, **args.masks(spec, q, tiles.block_m, keys_own_tiles=False), **args.layout(layout, q, by_keys=False),
+        **common, **args.masks(spec, q), **args.schedule(schedule, q, by_keys=False),
         **args.tensor("DQ", "stride_dqb,stride_dqh,stride_dqm,stride_dqd", dq, q),
         **args.tensor("DBias", "stride_dbb,stride_dbh,stride_dbm,stride_dbn", dbias, q),
         **args.tensor("DRel", "stride_drb,stride_drh,stride_drr", drel, q),

@@ -194,51 +194,11 @@ def band_visible(rows, cols, n_cols, upper, lower, HAS_UPPER: tl.constexpr, HAS_
 
 
 @triton.jit
-def tile_stages(start, n_this, n_other, upper, lower, lo, hi, BLOCK_THIS: tl.constexpr, BLOCK_OTHER: tl.constexpr,
-                HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr):
-    """Which tiles of the other axis the tile at ``start`` of this axis visits, as ``(a, b, c, d)``.
-
-    Index x of this axis sees index y of the other iff ``x - lower <= y <= x + upper`` (the band; each
-    bound only if present), and only y in ``[lo, hi)`` can matter (the document range, or
-    ``[0, n_other)``). Tiles in ``[a, d)`` meet both; the others are skipped. Tiles in ``[b, c)`` lie
-    inside the band for every x of the tile and within ``n_other``, so they run without band mask;
-    ``[a, b)`` and ``[c, d)`` need it. The forward and dQ kernels call this with x = query, the dK/dV
-    kernel with x = key and the band's bounds swapped (``i <= j + lower``, ``i >= j - upper``).
-    """
-    last = tl.minimum(start + BLOCK_THIS, n_this) - 1
-    full_begin = 0
-    full_end = n_other // BLOCK_OTHER * BLOCK_OTHER
-    if HAS_UPPER:
-        hi = tl.minimum(hi, tl.maximum(last + upper + 1, 0))
-        full_end = tl.minimum(full_end, tl.maximum(start + upper + 1, 0) // BLOCK_OTHER * BLOCK_OTHER)
-    if HAS_LOWER:
-        lo = tl.maximum(lo, start - lower)
-        full_begin = tl.cdiv(tl.maximum(last - lower, 0), BLOCK_OTHER) * BLOCK_OTHER
-    begin = tl.where(lo < hi, lo // BLOCK_OTHER * BLOCK_OTHER, hi)
-    full_begin = tl.minimum(tl.maximum(full_begin, begin), hi)
-    full_end = tl.minimum(tl.maximum(full_end, full_begin), hi)
-    return begin, full_begin, full_end, hi
-
-
-@triton.jit
-def doc_range(bounds, tile, n_tiles, n_other, SORTED_DOCS: tl.constexpr):
-    """The other axis's index range ``[lo, hi)`` that sorted document ids leave to ``tile`` (see
-    :func:`masks.doc_bounds`); all of ``[0, n_other)`` without sorted documents."""
-    if SORTED_DOCS:
-        lo = tl.load(bounds + tile * 2)
-        hi = tl.load(bounds + tile * 2 + 1)
-    else:
-        lo = 0
-        hi = n_other
-    return lo, hi
-
-
-@triton.jit
-def layout_list(Counts, Indices, stride_cb, stride_ch, stride_ib, stride_ih, b, h, tile, n_other_tiles):
-    """The block-sparse layout's list of ``tile`` (:meth:`layout.BlockLayout.by_query_tile` /
-    :meth:`~layout.BlockLayout.by_key_tile`) for batch row ``b`` and query head ``h``: ``(entries, n_partial,
+def tile_list(Counts, Indices, stride_cb, stride_ch, stride_ib, stride_ih, b, h, tile, n_other_tiles):
+    """The tile schedule's list of ``tile`` (:meth:`schedule.TileSchedule.by_query_tile` /
+    :meth:`~schedule.TileSchedule.by_key_tile`) for batch row ``b`` and query head ``h``: ``(entries, n_partial,
     n_full)``, a pointer to its other-axis tile numbers (partial ones first, then full ones) and the two
-    counts. The strides are 0 along the dims the layout broadcasts over."""
+    counts. The strides are 0 along the dims the schedule broadcasts over."""
     counts = Counts + b * stride_cb + h * stride_ch + tile * 2
     n_partial = tl.load(counts)
     n_full = tl.load(counts + 1)

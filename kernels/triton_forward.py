@@ -5,14 +5,11 @@ of that head's KV head (grouped or tiled GQA mapping, see :func:`triton_common.k
 online softmax, so the N x N score matrix never exists. It writes
 the output (input dtype) and the natural-log log-sum-exp of every row (float32) for the backward.
 
-Structural masks (:mod:`masks`) come from indices: the causal/window band and sorted document ranges
-bound the loop over key tiles (:func:`triton_common.tile_stages`), padding tiles without a valid key
-are skipped, and only tiles crossing the band's edges (or the ragged last tile) pay for the band mask.
-With a block-sparse layout of the bias (:mod:`layout`, ``LAYOUT``) the loop runs over the query tile's list
-of non-empty key tiles instead: partial ones with the band mask and the bias, full ones with neither.
-ALiBi (``HAS_ALIBI``) adds ``slope * (j - i)`` (or ``slope * -|j - i|``) from indices to every tile's scores,
-with the program's slope loaded once; without it the kernel compiles as before. A relative-position bias
-(``HAS_REL``) adds ``rel[b, h, j - i + Nq - 1]``, gathered from the program's vector of Nq + Nk - 1 entries.
+The key tiles come from the tile schedule (:mod:`schedule`): the query tile's partial key tiles, with every
+term and mask, then its full ones, with no mask code and (for a bias that holds masks) no bias read; empty
+tiles are not in its list. ALiBi (``HAS_ALIBI``) adds ``slope * (j - i)`` (or ``slope * -|j - i|``) from indices
+to every tile's scores, with the program's slope loaded once; a relative-position table (``HAS_REL``) adds
+``rel[b, h, j - i + Nq - 1]``, gathered from the program's vector of Nq + Nk - 1 entries.
 """
 
 from __future__ import annotations
@@ -22,90 +19,71 @@ import triton
 import triton.language as tl
 from flash_fx.kernels import triton_launch as args
 from flash_fx.kernels.config import Tiles
-from flash_fx.kernels.layout import BlockLayout
+from flash_fx.kernels.schedule import TileSchedule
 from flash_fx.kernels.spec import AttentionSpec
 from flash_fx.kernels.triton_common import (
     alibi_slope,
     band_visible,
-    doc_range,
     dot,
     dropout_keep,
     exp_units,
     kv_head,
-    layout_list,
     load_ids,
     load_rows,
     scores,
     split_lse,
     store_rows,
     structural_mask,
-    tile_stages,
+    tile_list,
 )
 
 
 @triton.jit
-def _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base, key_start,
-                   key_end, tile_list, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm,
-                   stride_bn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope, rel_base, stride_rel, upper, lower, bh,
-                   seed, offset, threshold,
-                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, INDEXED: tl.constexpr,
-                   LOAD_BIAS: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base, tiles, first,
+                   last, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                   stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope, rel_base, stride_rel, upper, lower, bh, seed,
+                   offset, threshold,
+                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, LOAD_BIAS: tl.constexpr,
+                   HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr,
                    HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, DROPOUT: tl.constexpr,
                    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr):
-    """Fold the key tiles in ``[key_start, key_end)`` into the running (acc, row sum, row max); with
-    ``INDEXED`` the key tiles numbered ``tile_list[key_start:key_end]`` instead (a block-sparse layout's list).
+    """Fold the key tiles numbered ``tiles[first:last]`` into the running (acc, row sum, row max).
 
-    ``MASKED`` applies the band and key-range mask; padding and document masks apply to every tile,
-    and a tile without a valid key is skipped. ``LOAD_BIAS`` false skips reading a bias known to be 0
-    there (see :func:`triton_common.scores`). With ``DROPOUT`` the row sum takes every probability but
-    the accumulator only the kept ones (unscaled; the caller scales by 1 / (1 - p)). With ``HAS_ALIBI`` the
-    scores get the ALiBi term of ``slope`` (this head's), with ``HAS_REL`` the relative-position term read from
-    this head's vector at ``rel_base``.
+    ``PARTIAL`` tiles get the band, key-validity and document masks and range-checked loads; full ones none.
+    ``LOAD_BIAS`` false skips reading a bias known to be 0 there (see :func:`triton_common.scores`). With
+    ``DROPOUT`` the row sum takes every probability but the accumulator only the kept ones (unscaled; the caller
+    scales by 1 / (1 - p)). ``slope`` and ``rel_base`` are this head's ALiBi slope and relative vector.
     """
-    if INDEXED:
-        step: tl.constexpr = 1
-    else:
-        step: tl.constexpr = BLOCK_N
-    for pos in range(key_start, key_end, step):
-        if INDEXED:
-            start_n = tl.load(tile_list + pos) * BLOCK_N
-        else:
-            start_n = pos
-        cols = start_n + offs_n
-        key_ok = load_ids(key_valid_base, cols, stride_kvn, n_k, HAS_KEY_VALID)
-        if HAS_KEY_VALID:
-            live = tl.max(key_ok, 0) > 0
-        else:
-            live = True
-        if live:
-            k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM, MASKED)
-            qk = dot(q, tl.trans(k), UPCAST_DOT, INPUT_PRECISION)
-            s = scores(qk, bias_base, offs_m[:, None], cols[None, :], stride_bm, stride_bn, n_q, n_k, sm_scale,
-                       slope, rel_base, stride_rel, HAS_BIAS, LOAD_BIAS, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL)
-            if MASKED:
-                s = tl.where(band_visible(offs_m[:, None], cols[None, :], n_k, upper, lower, HAS_UPPER, HAS_LOWER),
-                             s, float("-inf"))
+    for pos in range(first, last):
+        cols = tl.load(tiles + pos) * BLOCK_N + offs_n
+        k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM, PARTIAL)
+        qk = dot(q, tl.trans(k), UPCAST_DOT, INPUT_PRECISION)
+        s = scores(qk, bias_base, offs_m[:, None], cols[None, :], stride_bm, stride_bn, n_q, n_k, sm_scale,
+                   slope, rel_base, stride_rel, HAS_BIAS, LOAD_BIAS, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL)
+        if PARTIAL:
+            s = tl.where(band_visible(offs_m[:, None], cols[None, :], n_k, upper, lower, HAS_UPPER, HAS_LOWER),
+                         s, float("-inf"))
+            key_ok = load_ids(key_valid_base, cols, stride_kvn, n_k, HAS_KEY_VALID)
             k_ids = load_ids(k_doc_base, cols, stride_kdn, n_k, HAS_DOCS)
             s = structural_mask(s, q_ids[:, None], k_ids[None, :], key_ok[None, :], HAS_DOCS, HAS_KEY_VALID)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # Rows with no visible key so far keep m = -inf; subtract 0 there instead of -inf - -inf = NaN.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = exp_units(s - m_safe[:, None], HAS_BIAS)
-            alpha = exp_units(m_i - m_safe, HAS_BIAS)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DROPOUT:
-                p = tl.where(dropout_keep(seed, offset, bh, offs_m[:, None], cols[None, :], n_q, n_k, threshold),
-                             p, 0.0)
-            v = load_rows(v_base, cols, offs_d, stride_vn, stride_vd, n_k, HEAD_DIM, MASKED)
-            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST_DOT, INPUT_PRECISION)
-            m_i = m_new
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows with no visible key so far keep m = -inf; subtract 0 there instead of -inf - -inf = NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = exp_units(s - m_safe[:, None], HAS_BIAS)
+        alpha = exp_units(m_i - m_safe, HAS_BIAS)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(dropout_keep(seed, offset, bh, offs_m[:, None], cols[None, :], n_q, n_k, threshold), p, 0.0)
+        v = load_rows(v_base, cols, offs_d, stride_vn, stride_vd, n_k, HEAD_DIM, PARTIAL)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST_DOT, INPUT_PRECISION)
+        m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
 def _attention_forward_kernel(
-    Q, K, V, Bias, Slopes, Rel, KeyValid, QDoc, KDoc, DocBounds, Counts, Indices, Out, Lse,
+    Q, K, V, Bias, Slopes, Rel, KeyValid, QDoc, KDoc, Counts, Indices, Out, Lse,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -115,35 +93,25 @@ def _attention_forward_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower, seed, offset, threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-    HAS_DOCS: tl.constexpr, SORTED_DOCS: tl.constexpr, KV_TILED: tl.constexpr, DROPOUT: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, LAYOUT: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr,
+    HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_READS_BIAS: tl.constexpr,
+    HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, KV_TILED: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_SYMMETRIC: tl.constexpr,
+    HAS_REL: tl.constexpr,
 ):
-    """Grid: (query tiles, batch * query heads). Lse is a contiguous [B, Hq, Nq, 2] float32 tensor
-    (see :func:`triton_common.split_lse`); DocBounds
-    the int32 [B, query tiles, 2] key ranges of :func:`masks.doc_bounds` (read only with SORTED_DOCS).
+    """Grid: (query tiles, batch * query heads). Lse is a contiguous [B, Hq, Nq, 2] float32 tensor (see
+    :func:`triton_common.split_lse`). Counts (int32 [SB, SH, query tiles, 2]) and Indices (int32 [SB, SH, query
+    tiles, key tiles]) are the schedule's per-query-tile lists (:meth:`schedule.TileSchedule.by_query_tile`).
 
     With ``DROPOUT`` probabilities are dropped as :func:`triton_common.dropout_keep` says for (``seed``,
     ``offset``, ``threshold``) and kept ones scaled by ``drop_scale``; the LSE stays that of the undropped
-    softmax.
-
-    With ``LAYOUT`` the key tiles come from a block-sparse layout's per-query-tile lists (Counts int32
-    [LB, LH, query tiles, 2], Indices int32 [LB, LH, query tiles, key tiles], see :func:`layout_arguments`)
-    instead of the band and document ranges.
-
-    With ``HAS_ALIBI`` the scores get ``Slopes[b, h] * (j - i)`` (``* -|j - i|`` if ``ALIBI_SYMMETRIC``; see
-    :func:`triton_common.scores`), Slopes float32 with strides ``stride_sb``, ``stride_sh``.
-
-    With ``HAS_REL`` the scores get ``Rel[b, h, j - i + Nq - 1]`` (a float vector [B, Hq, Nq + Nk - 1] of any
-    float dtype with strides ``stride_rb``, ``stride_rh``, ``stride_rr``; read as float32)."""
+    softmax. ``FULL_READS_BIAS``: full tiles read the bias too (it is not a mask bias). Slopes is float32 [B, Hq];
+    Rel a float vector [B, Hq, Nq + Nk - 1] of any float dtype, read as float32."""
     tile = tl.program_id(0)
-    start_m = tile * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // num_heads
     h = bh % num_heads
     h_kv = kv_head(h, num_kv_heads, group_size, KV_TILED)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
@@ -156,55 +124,25 @@ def _attention_forward_kernel(
     k_doc_base = KDoc + b * stride_kdb
     slope = alibi_slope(Slopes, b, h, stride_sb, stride_sh, HAS_ALIBI)
     rel_base = Rel + b * stride_rb + h * stride_rh
+    tiles, n_partial, n_full = tile_list(Counts, Indices, stride_cb, stride_ch, stride_ib, stride_ih, b, h, tile,
+                                         tl.cdiv(n_k, BLOCK_N))
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    if LAYOUT:
-        # Block-sparse layout: the partial key tiles of this query tile with the band mask and the bias, then
-        # its full ones with neither; empty tiles are not in the list.
-        tile_list, n_partial, n_full = layout_list(Counts, Indices, stride_cb, stride_ch, stride_ib, stride_ih, b, h,
-                                                   tile, tl.cdiv(n_k, BLOCK_N))
-        acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
-                                       0, n_partial, tile_list, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
-                                       stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k, sm_scale,
-                                       slope, rel_base, stride_rr, upper, lower, bh, seed, offset, threshold, HEAD_DIM,
-                                       BLOCK_N, True, True, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
-                                       HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC,
-                                       HAS_REL)
-        acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
-                                       n_partial, n_partial + n_full, tile_list, offs_m, offs_n, offs_d, stride_kn,
-                                       stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn,
-                                       n_q, n_k, sm_scale, slope, rel_base, stride_rr, upper, lower, bh, seed, offset,
-                                       threshold, HEAD_DIM, BLOCK_N, False, True, False, HAS_UPPER, HAS_LOWER, HAS_BIAS,
-                                       HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
-                                       ALIBI_SYMMETRIC, HAS_REL)
-    else:
-        n_tiles = tl.num_programs(0)
-        lo, hi = doc_range(DocBounds + b * n_tiles * 2, tile, n_tiles, n_k, SORTED_DOCS)
-        begin, full_begin, full_end, end = tile_stages(start_m, n_q, n_k, upper, lower, lo, hi, BLOCK_M, BLOCK_N,
-                                                       HAS_UPPER, HAS_LOWER)
-        acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
-                                       begin, full_begin, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd,
-                                       stride_vn, stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k,
-                                       sm_scale, slope, rel_base, stride_rr, upper, lower, bh, seed, offset, threshold,
-                                       HEAD_DIM, BLOCK_N, True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS,
-                                       HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
-                                       ALIBI_SYMMETRIC, HAS_REL)
-        acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
-                                       full_begin, full_end, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd,
-                                       stride_vn, stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k,
-                                       sm_scale, slope, rel_base, stride_rr, upper, lower, bh, seed, offset, threshold,
-                                       HEAD_DIM, BLOCK_N, False, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS,
-                                       HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
-                                       ALIBI_SYMMETRIC, HAS_REL)
-        acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
-                                       full_end, end, Indices, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
-                                       stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k, sm_scale,
-                                       slope, rel_base, stride_rr, upper, lower, bh, seed, offset, threshold, HEAD_DIM,
-                                       BLOCK_N, True, False, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
-                                       HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC,
-                                       HAS_REL)
+    acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
+                                   tiles, 0, n_partial, offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                                   stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope,
+                                   rel_base, stride_rr, upper, lower, bh, seed, offset, threshold, HEAD_DIM, BLOCK_N,
+                                   True, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT,
+                                   UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL)
+    acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
+                                   tiles, n_partial, n_partial + n_full, offs_m, offs_n, offs_d, stride_kn, stride_kd,
+                                   stride_vn, stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k,
+                                   sm_scale, slope, rel_base, stride_rr, upper, lower, bh, seed, offset, threshold,
+                                   HEAD_DIM, BLOCK_N, False, FULL_READS_BIAS, HAS_UPPER, HAS_LOWER, HAS_BIAS,
+                                   HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
+                                   ALIBI_SYMMETRIC, HAS_REL)
 
     # A fully masked row has l = 0 and acc = 0: 0 / 0 = NaN, as eager softmax gives; its LSE is -inf.
     out = acc / l_i[:, None]
@@ -217,16 +155,16 @@ def _attention_forward_kernel(
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, tiles: Tiles,
-                      layout: BlockLayout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel on non-empty inputs for a validated ``spec``; with a ``layout`` (of the bias, for
-    these tiles) only its non-empty tiles are visited."""
+                      schedule: TileSchedule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel on non-empty inputs for a validated ``spec`` over the key tiles of ``schedule``
+    (built for these tiles)."""
     batch, num_heads, n_q = q.shape[:3]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, num_heads, n_q, 2), dtype=torch.float32, device=q.device)
     _attention_forward_kernel[(triton.cdiv(n_q, tiles.block_m), batch * num_heads)](
-        **args.inputs(q, k, v), **args.shapes(q, k, spec), **args.terms(spec, q),
-        **args.masks(spec, q, tiles.block_m, keys_own_tiles=False), **args.layout(layout, q, by_keys=False),
-        **args.dropout_group(spec), **args.tensor("Out", "stride_ob,stride_oh,stride_om,stride_od", out, q), Lse=lse,
+        **args.inputs(q, k, v), **args.shapes(q, k, spec), **args.terms(spec, q), **args.masks(spec, q),
+        **args.schedule(schedule, q, by_keys=False), **args.dropout_group(spec),
+        **args.tensor("Out", "stride_ob,stride_oh,stride_om,stride_od", out, q), Lse=lse,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out, lse

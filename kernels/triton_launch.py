@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 from flash_fx.kernels import config, dropout
-from flash_fx.kernels.layout import BlockLayout
-from flash_fx.kernels.masks import doc_bounds
+from flash_fx.kernels.schedule import TileSchedule
 from flash_fx.kernels.spec import AttentionSpec
 
 Group = dict[str, object]
@@ -48,39 +47,31 @@ def terms(spec: AttentionSpec, dummy: torch.Tensor) -> Group:
         **tensor("Bias", "stride_bb,stride_bh,stride_bm,stride_bn", None if bias is None else bias.values, dummy),
         **tensor("Slopes", "stride_sb,stride_sh", None if alibi is None else alibi.slopes, dummy),
         **tensor("Rel", "stride_rb,stride_rh,stride_rr", None if relative is None else relative.values, dummy),
-        "HAS_BIAS": bias is not None, "HAS_ALIBI": alibi is not None,
+        "HAS_BIAS": bias is not None, "FULL_READS_BIAS": bias is not None and not bias.holds_masks,
+        "HAS_ALIBI": alibi is not None,
         "ALIBI_SYMMETRIC": alibi is not None and alibi.symmetric, "HAS_REL": relative is not None,
     }
 
 
-def masks(spec: AttentionSpec, dummy: torch.Tensor, block: int, *, keys_own_tiles: bool) -> Group:
-    """The structural masks: band offsets, the key-valid (int8) and document (int32) vectors [B, N], the sorted
-    documents' per-tile ranges (:func:`masks.doc_bounds`; tiles of ``block`` queries, or of keys if
-    ``keys_own_tiles``) and the flags."""
+def masks(spec: AttentionSpec, dummy: torch.Tensor) -> Group:
+    """The structural masks of partial tiles: band offsets, the key-valid (int8) and document (int32) vectors
+    [B, N] and the flags."""
     band, documents = spec.band, spec.documents
     key_valid = None if spec.key_valid is None else spec.key_valid.view(torch.int8)
-    ordered = documents is not None and documents.sorted
-    ranges = None
-    if ordered:
-        this, other = (documents.k_ids, documents.q_ids) if keys_own_tiles else (documents.q_ids, documents.k_ids)
-        ranges = doc_bounds(this, other, block)
     return {
         **tensor("KeyValid", "stride_kvb,stride_kvn", key_valid, dummy),
         **tensor("QDoc", "stride_qdb,stride_qdm", None if documents is None else documents.q_ids, dummy),
         **tensor("KDoc", "stride_kdb,stride_kdn", None if documents is None else documents.k_ids, dummy),
-        "DocBounds": dummy if ranges is None else ranges,
         "upper": band.upper or 0, "lower": band.lower or 0,
         "HAS_UPPER": band.upper is not None, "HAS_LOWER": band.lower is not None,
-        "HAS_KEY_VALID": key_valid is not None, "HAS_DOCS": documents is not None, "SORTED_DOCS": ordered,
+        "HAS_KEY_VALID": key_valid is not None, "HAS_DOCS": documents is not None,
     }
 
 
-def layout(tiles: BlockLayout | None, dummy: torch.Tensor, *, by_keys: bool) -> Group:
-    """A block-sparse layout's tile lists (per query tile, or per key tile if ``by_keys``) with their batch and
-    head strides, 0 along the dims the layout broadcasts over (the kernels index them with the real batch row and
-    query head); without a layout, dummy pointers, zero strides and ``LAYOUT`` off."""
-    if tiles is None:
-        return dict(Counts=dummy, Indices=dummy, stride_cb=0, stride_ch=0, stride_ib=0, stride_ih=0, LAYOUT=False)
+def schedule(tiles: TileSchedule, dummy: torch.Tensor, *, by_keys: bool) -> Group:
+    """The tile schedule's lists (per query tile, or per key tile if ``by_keys``) with their batch and head
+    strides, 0 along the dims the schedule broadcasts over (the kernels index them with the real batch row and
+    query head)."""
     counts, indices = tiles.by_key_tile() if by_keys else tiles.by_query_tile()
     counts, indices = counts.to(dummy.device), indices.to(dummy.device)
 
@@ -88,7 +79,7 @@ def layout(tiles: BlockLayout | None, dummy: torch.Tensor, *, by_keys: bool) -> 
         return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0)
 
     (cb, ch), (ib, ih) = strides(counts), strides(indices)
-    return dict(Counts=counts, Indices=indices, stride_cb=cb, stride_ch=ch, stride_ib=ib, stride_ih=ih, LAYOUT=True)
+    return dict(Counts=counts, Indices=indices, stride_cb=cb, stride_ch=ch, stride_ib=ib, stride_ih=ih)
 
 
 def dropout_group(spec: AttentionSpec) -> Group:

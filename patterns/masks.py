@@ -126,7 +126,7 @@ class ConstantMask:
     """A boolean mask computed without input data that is not a band: a constant block-sparse layout.
 
     `visible` is its value on the example inputs ([.., Nq, Nk], True = key visible); the kernels get the
-    mask as a bias and skip its empty tiles (see flash_fx.kernels.layout)."""
+    mask as a bias and skip its empty tiles (see flash_fx.kernels.schedule)."""
 
     visible: torch.Tensor
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from flash_fx.kernels import tiled_torch
-from flash_fx.kernels.layout import BlockLayout, bias_layout
+from flash_fx.kernels.schedule import TileSchedule, bias_classes, schedule
 from flash_fx.kernels.spec import AttentionSpec, Dropout, Launch, Saved
 
 from flash_fx import kernels
@@ -34,26 +34,28 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                                       Launch(block_m, block_n))
 
 
-def tiled_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_n: int = 256,
-                  layout_blocks: tuple[int, int] | None = None, **spec_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tiled PyTorch path itself (with the bias's layout for ``layout_blocks`` tiles if given)."""
+def tiled_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: int | None = None,
+                  block_n: int = 256, **spec_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiled PyTorch path itself, over the schedule of ``block_m`` (all rows if None) x ``block_n`` tiles."""
     spec = spec_of(**spec_kwargs).validate(q, k, v)
-    return tiled_torch.attention_forward(q, k, v, spec, block_n, _layout(spec, layout_blocks))
+    plan = schedule(spec, q.shape[2], k.shape[2], block_m or q.shape[2], block_n)
+    return tiled_torch.attention_forward(q, k, v, spec, plan)
 
 
 def tiled_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, *, block_n: int = 256, layout_blocks: tuple[int, int] | None = None,
+                   lse: torch.Tensor, *, block_m: int | None = None, block_n: int = 256,
                    **spec_kwargs) -> tuple[torch.Tensor, ...]:
     """The tiled PyTorch path's backward itself."""
     spec = spec_of(**spec_kwargs).validate(q, k, v)
-    return tiled_torch.attention_backward(grad_out, Saved(q, k, v, out, lse), spec, block_n,
-                                          _layout(spec, layout_blocks))
+    plan = schedule(spec, q.shape[2], k.shape[2], block_m or q.shape[2], block_n)
+    return tiled_torch.attention_backward(grad_out, Saved(q, k, v, out, lse), spec, plan)
 
 
-def layout_of(bias: torch.Tensor, block_m: int, block_n: int, causal_offset: int | None = None) -> BlockLayout:
-    """The block layout of an expanded [B, H, Nq, Nk] mask bias under a causal band."""
+def layout_of(bias: torch.Tensor, block_m: int, block_n: int, causal_offset: int | None = None) -> TileSchedule:
+    """The tile classes of an expanded [B, H, Nq, Nk] mask bias under a causal band, as a schedule."""
     spec = spec_of(1.0, bias=bias, causal_offset=causal_offset, sparse_bias=True)
-    return bias_layout(spec.replace(band=spec.band.clamped(bias.shape[2] + bias.shape[3])), block_m, block_n)
+    spec = spec.replace(band=spec.band.clamped(bias.shape[2] + bias.shape[3]))
+    return TileSchedule(bias_classes(spec, block_m, block_n), block_m, block_n)
 
 
 def density_spec(n_q: int, n_k: int, **op_kwargs) -> AttentionSpec:
@@ -61,7 +63,3 @@ def density_spec(n_q: int, n_k: int, **op_kwargs) -> AttentionSpec:
     batch = max([t.shape[0] for t in op_kwargs.values() if isinstance(t, torch.Tensor)], default=1)
     q, k = torch.empty(batch, 1, n_q, 1), torch.empty(batch, 1, n_k, 1)
     return spec_of(1.0, **op_kwargs).validate(q, k, k)
-
-
-def _layout(spec: AttentionSpec, blocks: tuple[int, int] | None) -> BlockLayout | None:
-    return None if blocks is None else bias_layout(spec, *blocks)

@@ -14,7 +14,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from flash_fx.kernels import config, dropout_keep_mask, tile_density, uses_triton  # noqa: E402
-from flash_fx.kernels.layout import EMPTY, FULL, PARTIAL  # noqa: E402
+from flash_fx.kernels.schedule import EMPTY, FULL, PARTIAL  # noqa: E402
 from kernel_calls import backward as attention_backward  # noqa: E402
 from kernel_calls import density_spec, layout_of, tiled_backward, tiled_forward  # noqa: E402
 from kernel_calls import forward as attention_forward  # noqa: E402
@@ -153,8 +153,8 @@ def check_attention(q, k, v, dtype, *, causal_offset=None, bias=None, triton=Tru
         forward, backward = tiled_forward, tiled_backward
         block_m = blocks.pop("block_m", None)
         if sparse:
-            block_n = blocks.get("block_n", 16)
-            kernel_options["layout_blocks"] = (block_m or block_n, block_n)
+            blocks["block_n"] = blocks.get("block_n", 16)
+            kernel_options["block_m"] = block_m or blocks["block_n"]
     if masks:
         options["visible"] = dense_mask(q.shape[2], k.shape[2], **masks)
     if dropout_p:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from flash_fx.kernels.layout import masked_threshold
+from flash_fx.kernels.schedule import masked_threshold
 from kernel_calls import spec_of
 from soundness import compare, reran, skips, variants
 

@@ -93,16 +93,18 @@ def _recording(modules: dict[str, ModuleType]) -> Iterator[dict[str, tuple]]:
 def _launches(tiles: Tiles, head_dim: int, dtype: torch.dtype, causal: bool, backward: bool) -> dict[str, tuple]:
     """The recorded (kernel, args, kwargs) of one forward or backward launch with ``tiles``, by kernel name."""
     from flash_fx.kernels import triton_backward, triton_forward
+    from flash_fx.kernels.schedule import schedule
     from flash_fx.kernels.spec import AttentionSpec, Band, Saved
 
     q = torch.randn(1, 2, LENGTH, head_dim).to(dtype)
     spec = AttentionSpec(head_dim ** -0.5, band=Band(None, 0) if causal else Band()).validate(q, q, q)
+    plan = schedule(spec, LENGTH, LENGTH, tiles.block_m, tiles.block_n)
     with _recording({"triton_forward": triton_forward, "triton_backward": triton_backward}) as calls:
         if backward:
             lse = torch.zeros(1, 2, LENGTH, 2)
-            triton_backward.attention_backward(q, Saved(q, q, q, q, lse), spec, tiles)
+            triton_backward.attention_backward(q, Saved(q, q, q, q, lse), spec, tiles, plan)
         else:
-            triton_forward.attention_forward(q, q, q, spec, tiles)
+            triton_forward.attention_forward(q, q, q, spec, tiles, plan)
     return calls
 
 
