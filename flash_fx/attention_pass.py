@@ -1,4 +1,4 @@
-"""The flash_fx graph pass: match every attention, analyze its masks, plan it, rewrite it, report it."""
+"""The flash_fx graph pass: match every attention, analyze its masks, plan it (pure), apply the plan, report it."""
 
 from __future__ import annotations
 
@@ -120,23 +120,28 @@ def _rewrite_graph(gm: fx.GraphModule, example_inputs: list[Any] | None, options
     rewrites = len(result.report.rewrites)
     forward_in_place_results(gm.graph)
     for call in [node for node in gm.graph.nodes if is_mha_call(node)]:
-        outcome = _plan_and_rewrite_mha(match_mha(call), options, apply)
-        if isinstance(outcome, SkipRecord):
-            result.report.skipped.append(outcome)
-        else:
-            result.report.rewrites.append(outcome)
+        mha = match_mha(call)
+        planned = _plan_mha(mha, options)
+        if isinstance(planned, SkipRecord):
+            result.report.skipped.append(planned)
+            continue
+        record, dropout_p = planned
+        result.report.rewrites.append(record)
+        if apply:
+            _apply_mha(mha, dropout_p)
     for anchor in anchor_nodes(gm.graph):
         found = match_anchor(anchor)
         if isinstance(found, NearMiss):
             result.report.skipped.append(SkipRecord(found.location, found.reason))
             continue
-        outcome = _plan_and_rewrite(gm.graph, found, example_inputs, options, apply)
-        if isinstance(outcome, str):
-            result.report.skipped.append(SkipRecord(found.location, outcome))
+        planned = plan_attention(gm.graph, found, example_inputs, options)
+        if isinstance(planned, str):
+            result.report.skipped.append(SkipRecord(found.location, planned))
             continue
-        record, proofs = outcome
-        result.report.rewrites.append(record)
-        result.proofs += proofs
+        result.report.rewrites.append(planned.record)
+        result.proofs += planned.proofs
+        if apply:
+            replace_attention(gm.graph, planned.match, planned.call)
     forget(gm.graph)
     if apply and len(result.report.rewrites) > rewrites:
         gm.graph.lint()
@@ -154,9 +159,21 @@ def _bodies(gm: fx.GraphModule) -> list[fx.GraphModule]:
     return found
 
 
-def _plan_and_rewrite(graph: fx.Graph, match: AttentionMatch, example_inputs: list[Any] | None, options: Options,
-                      apply: bool) -> tuple[RewriteRecord, list[Proof]] | str:
-    """Rewrite one match if its masks are supported and the cost model predicts a win; else the reason."""
+@dataclass
+class BlockPlan:
+    """The rewrite planned for one attention: the op call that replaces it, its report line and the proofs the
+    rewrite rests on (re-checked at run time)."""
+
+    match: AttentionMatch
+    call: KernelCall
+    record: RewriteRecord
+    proofs: list[Proof]
+
+
+def plan_attention(graph: fx.Graph, match: AttentionMatch, example_inputs: list[Any] | None,
+                   options: Options) -> BlockPlan | str:
+    """The plan for one match if its masks are supported and the cost model predicts a win; else the reason. Reads
+    the graph, never changes it (:func:`flash_fx.rewrite.replace_attention` applies the plan)."""
     nq, nk = concrete(match.q_shape[-2]), concrete(match.k_shape[-2])
     masks = _decide_masks(graph, match, example_inputs, nq, nk)
     if isinstance(masks, str):
@@ -170,26 +187,24 @@ def _plan_and_rewrite(graph: fx.Graph, match: AttentionMatch, example_inputs: li
     device = cost.device_model(options.device)
     tiles = options.tiles or cost.model_tiles(device, concrete(match.q_shape[-1]), match.dtype)
     band_density = _band_density(masks.band, nq, nk, tiles)
-    sparse = masks.masks_in_bias > 0  # the kernels reduce the masks in the bias to a tile layout
-    density = _layout_density(masks, nq, nk, tiles) if sparse else band_density
-    plan = _plan(match, masks, options, device, density, sparse)
+    holds_masks = masks.masks_in_bias > 0  # the kernels reduce the masks in the bias to a tile layout
+    density = _layout_density(masks, nq, nk, tiles) if holds_masks else band_density
+    plan = _plan(match, masks, options, device, density, holds_masks)
     sparse_note = []
-    if sparse and density is not None:  # a constant layout: used only where it pays for its pass over the mask
-        unsparse = _plan(match, masks, options, device, band_density, False)
-        if unsparse.hbm_after <= plan.hbm_after:
+    if holds_masks and density is not None:  # a constant layout: used only where it pays for its pass over the mask
+        dense_bias = _plan(match, masks, options, device, band_density, False)
+        if dense_bias.hbm_after <= plan.hbm_after:
             sparse_note = [f"block layout not used: reducing the mask costs more than skipping {1 - density:.0%} "
                            "of the tiles saves"]
-            plan, density, sparse, variant = unsparse, band_density, False, "bias"
+            plan, density, holds_masks, variant = dense_bias, band_density, False, "bias"
             if variant not in options.variants:
                 return _not_allowed(variant, options)
     if not plan.rewrite:
         return plan.reason
-    if apply:
-        copy_output = writes_of(graph).written_after([match.output], match.output) is not None
-        replace_attention(graph, match, KernelCall(match.scale, masks.band, masks.bias_terms, masks.key_valid,
-                                                   masks.documents, sparse_bias=sparse,
-                                                   alibi=masks.alibi, relative=masks.relative,
-                                                   copy_output=copy_output, excluded_fill=masks.excluded_fill))
+    copy_output = writes_of(graph).written_after([match.output], match.output) is not None
+    call = KernelCall(match.scale, masks.band, masks.bias_terms, masks.key_valid, masks.documents,
+                      bias_holds_masks=holds_masks, alibi=masks.alibi, relative=masks.relative, copy_output=copy_output,
+                      excluded_fill=masks.excluded_fill)
     scale = f"{match.scale:.4g}" + "".join(
         " / sqrt(head_dim)" if d == RSQRT_HEAD_DIM else f" {'/' if d.reciprocal else '*'} {d.factor.name}"
         for d in match.dynamic_scales)
@@ -201,7 +216,7 @@ def _plan_and_rewrite(graph: fx.Graph, match: AttentionMatch, example_inputs: li
         notes="; ".join([*match.notes, *_dropout_note(match.dropout_p), *sparse_note, plan.reason]),
         tile_density=density, **_plan_fields(plan),
     )
-    return record, masks.proofs
+    return BlockPlan(match, call, record, masks.proofs)
 
 
 def _moved_read(match: AttentionMatch, masks: MaskDecision) -> str | None:
@@ -230,10 +245,10 @@ def _moved_read(match: AttentionMatch, masks: MaskDecision) -> str | None:
 
 
 def _plan(match: AttentionMatch, masks: MaskDecision, options: Options, device: cost.Device,
-          density: float | None, sparse: bool) -> cost.Plan:
+          density: float | None, holds_masks: bool) -> cost.Plan:
     """The cost model's decision for one match, with sizes as the graph's symbols (hints: example sizes)."""
     sizes = [*match.q_shape, *match.k_shape, *match.output.meta["example_value"].shape]
-    shape = _cost_shape(match, masks, 1.0 if density is None else density, sparse)
+    shape = _cost_shape(match, masks, 1.0 if density is None else density, holds_masks)
     return cost.plan(shape, _size_hints(sizes), device=device, force=options.force,
                      min_speedup=options.min_speedup, tiles=options.tiles)
 
@@ -264,8 +279,9 @@ def _not_allowed(variant: str, options: Options) -> str:
     return f"variant {variant!r} is not in the allowed variants {list(options.variants)}"
 
 
-def _plan_and_rewrite_mha(match: MhaMatch | str, options: Options, apply: bool) -> RewriteRecord | SkipRecord:
-    """Route an nn.MultiheadAttention call's attention to the kernels (masks as a bias), or say why not."""
+def _plan_mha(match: MhaMatch | str, options: Options) -> tuple[RewriteRecord, float] | SkipRecord:
+    """The report line and dropout probability of routing an nn.MultiheadAttention call's attention to the kernels
+    (masks as a bias), or why not."""
     if isinstance(match, str):
         return SkipRecord("<nn.MultiheadAttention>", match)
     args = match.arguments
@@ -284,19 +300,24 @@ def _plan_and_rewrite_mha(match: MhaMatch | str, options: Options, apply: bool) 
     if not plan.rewrite:
         return SkipRecord(match.location, plan.reason)
     dropout_p = float(args["dropout_p"]) if args["training"] is not False else 0.0
-    if apply:
-        match.node.target = multi_head_attention
-        names = ("query", "key", "value", "num_heads", "in_proj_weight", "in_proj_bias", "out_proj_weight",
-                 "out_proj_bias", "key_padding_mask", "attn_mask", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-        match.node.args = (*(args[name] for name in names), dropout_p)
-        match.node.kwargs = {}
-    return RewriteRecord(
+    record = RewriteRecord(
         variant=variant, location=match.location, q_shape=(batch, heads, nq, head_dim),
         k_shape=(batch, heads, nk, head_dim), v_shape=(batch, heads, nk, head_dim),
         dtype=str(match.dtype).removeprefix("torch."), scale=f"{head_dim ** -0.5:.4g}",
         mask=" + ".join(masks) or "none",
         notes="; ".join(["nn.MultiheadAttention", *_dropout_note(dropout_p), plan.reason]), **_plan_fields(plan),
     )
+    return record, dropout_p
+
+
+def _apply_mha(match: MhaMatch, dropout_p: float) -> None:
+    """Point the call at flash_fx.mha.multi_head_attention (same inputs; its attention on the op)."""
+    args = match.arguments
+    match.node.target = multi_head_attention
+    names = ("query", "key", "value", "num_heads", "in_proj_weight", "in_proj_bias", "out_proj_weight",
+             "out_proj_bias", "key_padding_mask", "attn_mask", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+    match.node.args = (*(args[name] for name in names), dropout_p)
+    match.node.kwargs = {}
 
 
 def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[Any] | None, nq: int,

@@ -9,8 +9,9 @@ the forward and in the dQ kernel, and Q, dO, LSE and delta once per key tile of 
 sparse variants visit only the fraction ``density`` of the tile pairs. Sizes may be sympy expressions of the
 graph's symbolic sizes (``s0``...), so the report can show the formula and its value at the example shape.
 
-Tiles come from SRAM as in the FlashAttention paper: ``Bc = ceil(M / 4d)``, ``Br = min(Bc, d)`` for M elements
-of on-chip memory, then clamped to powers of two in [16, 128] (what the Triton kernels tile with).
+Tiles are those the kernels launch with on the card (its compute capability's entry of the kernels' table), so the
+counts and the tile density follow the loops that run; :func:`paper_tiles` gives the FlashAttention paper's
+choice from SRAM (``Bc = ceil(M / 4d)``, ``Br = min(Bc, d)`` for M elements) for comparison.
 Time is a roofline: ``max(bytes / bandwidth, flops / peak)`` plus one launch.
 """
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass, replace
 import sympy as sp
 import torch
 
+from flash_fx import kernels
 from flash_fx.units import format_bytes
 
 Size = int | sp.Expr
@@ -35,14 +37,15 @@ class Device:
     sram_bytes: int
     hbm_bytes_per_s: float
     matmul_flops_per_s: float  # dense fp16/bf16 tensor-core peak
+    capability: tuple[int, int]  # CUDA compute capability: selects the kernels' launch tiles
     launch_overhead_s: float = 5e-6
 
 
 #: Published figures of known cards (SXM parts; SRAM: shared memory + L1 per SM as the paper counts it).
 DEVICES = {
-    "A100": Device("A100", 192 * 1024, 1.555e12, 312e12),
-    "H100": Device("H100", 228 * 1024, 3.35e12, 989e12),
-    "H200": Device("H200", 228 * 1024, 4.8e12, 989e12),
+    "A100": Device("A100", 192 * 1024, 1.555e12, 312e12, (8, 0)),
+    "H100": Device("H100", 228 * 1024, 3.35e12, 989e12, (9, 0)),
+    "H200": Device("H200", 228 * 1024, 4.8e12, 989e12, (9, 0)),
 }
 DEFAULT_DEVICE = "H100"  # the card assumed when the model runs without one (explain on a laptop)
 
@@ -60,11 +63,7 @@ def device_model(name: str | None = None) -> Device:
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     known = next((d for key, d in DEVICES.items() if key in props.name), DEVICES[DEFAULT_DEVICE])
     sram = getattr(props, "shared_memory_per_block_optin", 0) or known.sram_bytes
-    return replace(known, name=props.name, sram_bytes=int(sram))
-
-
-def _power_of_two_in_range(x: int, low: int = 16, high: int = 128) -> int:
-    return max(low, min(high, 1 << (max(int(x), 1).bit_length() - 1)))
+    return replace(known, name=props.name, sram_bytes=int(sram), capability=(props.major, props.minor))
 
 
 def paper_tiles(device: Device, head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -75,9 +74,9 @@ def paper_tiles(device: Device, head_dim: int, dtype: torch.dtype) -> tuple[int,
 
 
 def model_tiles(device: Device, head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(Br, Bc) the model counts with: the paper's choice clamped to powers of two in [16, 128]."""
-    block_r, block_c = paper_tiles(device, head_dim, dtype)
-    return _power_of_two_in_range(block_r), _power_of_two_in_range(block_c)
+    """(Br, Bc) the model counts with: the tiles the forward kernel launches with on the card
+    (:func:`flash_fx.kernels.launch_tiles`)."""
+    return kernels.launch_tiles(head_dim, dtype, device.capability)
 
 
 @dataclass(frozen=True)

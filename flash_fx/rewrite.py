@@ -31,7 +31,7 @@ class KernelCall:
     bias_terms: list[ScoreTerm]
     key_valid: Literal | None = None
     documents: tuple[fx.Node, fx.Node] | None = None
-    sparse_bias: bool = False  # the bias holds masks: the kernels skip its tiles that hide every key
+    bias_holds_masks: bool = False  # the kernels skip the bias's tiles that hide every key (spec.Bias.holds_masks)
     alibi: tuple[AlibiMatch, float] | None = None  # ALiBi computed in the kernels, and the factor applied after it
     relative: tuple[RelativeTableMatch, float] | None = None  # a T5 table read per relative position, and its factor
     copy_output: bool = False  # the program writes the output in place later: give it its own copy
@@ -129,7 +129,7 @@ def _spec(graph: fx.Graph, match: AttentionMatch, call: KernelCall) -> Attention
         relative = RelativeTable(_relative_vector(graph, *call.relative))
     return AttentionSpec(
         scale=call.scale, band=call.band or Band(), key_valid=key_valid, documents=documents,
-        bias=None if bias is None else Bias(bias, holds_masks=call.sparse_bias), alibi=alibi, relative=relative,
+        bias=None if bias is None else Bias(bias, holds_masks=call.bias_holds_masks), alibi=alibi, relative=relative,
         dropout=Dropout(match.dropout_p), kv_heads_tiled=match.kv_heads_tiled, excluded_fill=call.excluded_fill)
 
 

@@ -44,9 +44,12 @@ from flash_fx.kernels.schedule import schedule
 from flash_fx.kernels.spec import AttentionInputError, AttentionSpec, Launch, Saved
 from flash_fx.kernels.tuning import set_autotune, tuned_configs
 
-__all__ = ["AttentionInputError", "AttentionSpec", "Launch", "Saved", "attention_backward", "attention_forward",
-           "dropout_keep_mask", "set_autotune", "tile_density", "triton_failure", "triton_failures", "tuned_configs",
-           "uses_triton"]
+__all__ = ["SUPPORTED_DTYPES", "AttentionInputError", "AttentionSpec", "Launch", "Saved", "attention_backward",
+           "attention_forward", "dropout_keep_mask", "launch_tiles", "set_autotune", "supports", "tile_density",
+           "triton_failure", "triton_failures", "tuned_configs", "uses_triton"]
+
+#: The dtypes of q, k, v the kernels take.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 DEFAULT_LAUNCH = Launch()  # the table's tiles (or autotuned ones)
 _TRITON_FAILURES: dict[tuple, str] = {}  # configuration (see _configuration) -> why its Triton kernels failed
@@ -131,6 +134,42 @@ def _launch_tiles(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, launch:
     return tiles._replace(block_m=launch.block_m or tiles.block_m, block_n=launch.block_n or tiles.block_n)
 
 
+# ---- the narrow interface the graph pass and the cost model use ----
+
+
+def supports(head_dim: int, value_dim: int, dtype: torch.dtype, device_type: str) -> list[str]:
+    """Why the kernels cannot run attention with these head dims (of q and k, of v), dtype and device type: report
+    lines for the pass; empty when they can."""
+    reasons = []
+    if dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"dtype {dtype} is not supported by the kernels (fp16, bf16, fp32)")
+    if device_type not in ("cpu", "cuda"):
+        reasons.append(f"device {device_type} is neither CUDA nor CPU")
+    if value_dim != head_dim:
+        reasons.append(f"value head dim {value_dim} differs from the query head dim {head_dim}")
+    if head_dim > config.MAX_HEAD_DIM:
+        reasons.append(f"head dim {head_dim} is over {config.MAX_HEAD_DIM}")
+    return reasons
+
+
+def launch_tiles(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_N)`` the forward kernel launches with on a GPU of this compute capability (the table's
+    entry, without autotuning), for the cost model and the report's tile density."""
+    tiles = config.table_tiles(head_dim, dtype, capability, backward=False)
+    return tiles.block_m, tiles.block_n
+
+
+def tile_density(spec: AttentionSpec, n_q: int, n_k: int, block_m: int, block_n: int) -> float:
+    """Fraction of the (query tile, key tile) pairs of ``block_m`` x ``block_n`` tiles that a call of the validated
+    ``spec`` visits (averaged over what its schedule depends on)."""
+    if n_q == 0 or n_k == 0:
+        return 0.0
+    return schedule(spec, n_q, n_k, block_m, block_n).density
+
+
+# ---- the entry points ----
+
+
 def _holds_masks(spec: AttentionSpec) -> bool:
     return spec.bias is not None and spec.bias.holds_masks
 
@@ -142,14 +181,6 @@ def _tiled_blocks(spec: AttentionSpec, launch: Launch, n_q: int) -> tuple[int, i
         return launch.block_m or max(n_q, 1), launch.block_n or 256
     block_n = launch.block_n or 128
     return launch.block_m or block_n, block_n
-
-
-def tile_density(spec: AttentionSpec, n_q: int, n_k: int, block_m: int, block_n: int) -> float:
-    """Fraction of the (query tile, key tile) pairs of ``block_m`` x ``block_n`` tiles that a call of the validated
-    ``spec`` visits (averaged over what its schedule depends on)."""
-    if n_q == 0 or n_k == 0:
-        return 0.0
-    return schedule(spec, n_q, n_k, block_m, block_n).density
 
 
 def _check_triton_head_dim(q: torch.Tensor) -> None:

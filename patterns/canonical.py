@@ -136,7 +136,6 @@ class ScaledDotProductAttention:
     dropout_p: Scalar
     is_causal: bool
     scale: Scalar | None
-    enable_gqa: bool
 
 
 CanonOp = (MatMul | Scale | Softmax | Cast | Identity | Dropout | MaskedFill | AddBias | Reshape | HeadExpand
@@ -358,7 +357,7 @@ def _sdpa(node: fx.Node) -> ScaledDotProductAttention | None:
     if dropout_p is None or not isinstance(enable_gqa, bool) or (mask is not None and not isinstance(mask, fx.Node)):
         return None
     scale = None if scale is None else _scalar(scale)
-    return ScaledDotProductAttention(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa)
+    return ScaledDotProductAttention(q, k, v, mask, dropout_p, is_causal, scale)
 
 
 def _softmax(node: fx.Node) -> Softmax | None:

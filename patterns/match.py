@@ -29,12 +29,13 @@ from flash_fx.patterns.canonical import (
     canonicalize,
     swapped_last_two,
 )
+from flash_fx.patterns.masks import concrete
 from flash_fx.patterns.mutation import returns_self
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
+from flash_fx import kernels
+
 RSQRT_HEAD_DIM = "rsqrt_head_dim"  # a dynamic scale: 1 / sqrt(q.size(-1)), for symbolic head dims
 WEIGHTS_HINT = ("; if these are returned attention weights, pass output_attentions=False "
                 "(or stop returning them) to let flash_fx fuse this block")
@@ -89,11 +90,6 @@ class NearMiss:
     node: fx.Node
     reason: str
     location: str
-
-
-def find_attention(graph: fx.Graph) -> list[AttentionMatch | NearMiss]:
-    """Every softmax and SDPA call of `graph`, as an AttentionMatch or a NearMiss, in graph order."""
-    return [match_anchor(node) for node in anchor_nodes(graph)]
 
 
 def anchor_nodes(graph: fx.Graph) -> list[fx.Node]:
@@ -390,11 +386,9 @@ def _operand_shapes(q: Operand, k: Operand, k_is_transposed: bool,
     if len(dtypes) != 1:
         return f"q, k, v have different dtypes {sorted(map(str, dtypes))}"
     dtype = dtypes.pop()
-    if dtype not in SUPPORTED_DTYPES:
-        return f"dtype {dtype} is not supported by the kernels (fp16, bf16, fp32)"
     devices = {v.device.type for v in values}
-    if not devices <= {"cpu", "cuda"}:
-        return f"device {sorted(devices)} is neither CUDA nor CPU"
+    if len(devices) != 1:
+        return f"q, k, v are on different devices {sorted(devices)}"
     q_shape, k_shape, v_shape = (_permuted_shape(o) for o in (q, k, v))
     if min(len(q_shape), len(k_shape), len(v_shape)) < 2:
         return "an operand has fewer than 2 dims"
@@ -403,11 +397,9 @@ def _operand_shapes(q: Operand, k: Operand, k_is_transposed: bool,
     batch_rank = max(len(q_shape), len(k_shape), len(v_shape)) - 2
     if batch_rank > 2:
         return f"{batch_rank} batch dims (at most 2: batch and heads)"
-    head_dim, value_dim = q_shape[-1], v_shape[-1]
-    if not _same(head_dim, value_dim):
-        return f"value head dim {value_dim} differs from the query head dim {head_dim}"
-    if isinstance(head_dim, int) and head_dim > MAX_HEAD_DIM:
-        return f"head dim {head_dim} is over {MAX_HEAD_DIM}"
+    reasons = kernels.supports(concrete(q_shape[-1]), concrete(v_shape[-1]), dtype, devices.pop())
+    if reasons:
+        return reasons[0]
     return q_shape, k_shape, v_shape, dtype
 
 

@@ -12,8 +12,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from flash_fx.patterns.match import MAX_HEAD_DIM, SUPPORTED_DTYPES, location
+from flash_fx.patterns.masks import concrete
+from flash_fx.patterns.match import location
 from torch import fx
+
+from flash_fx import kernels
 
 _SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 
@@ -52,11 +55,10 @@ def match_mha(node: fx.Node) -> MhaMatch | str:
     query, key = (n.meta.get("example_value") if isinstance(n, fx.Node) else None for n in (args["query"], args["key"]))
     if not isinstance(query, torch.Tensor) or not isinstance(key, torch.Tensor) or query.dim() != 3:
         return "unbatched nn.MultiheadAttention input"
-    if query.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {query.dtype} is not supported by the kernels (fp16, bf16, fp32)"
     heads = args["num_heads"]
-    head_dim = query.shape[2] // heads
-    if isinstance(head_dim, int) and head_dim > MAX_HEAD_DIM:
-        return f"head dim {head_dim} is over {MAX_HEAD_DIM}"
+    head_dim = concrete(query.shape[2]) // heads
+    reasons = kernels.supports(head_dim, head_dim, query.dtype, query.device.type)
+    if reasons:
+        return reasons[0]
     return MhaMatch(node, args, location(node), (query.shape[1], heads, query.shape[0], key.shape[0], head_dim),
                     query.dtype)

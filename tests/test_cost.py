@@ -4,6 +4,7 @@ its options, and symbolic formulas under dynamic shapes."""
 import pytest
 import sympy as sp
 import torch
+from flash_fx.kernels import config
 from helpers import capture
 from test_masks import BlockLayoutMask
 
@@ -54,12 +55,15 @@ def test_symbolic_formula_evaluates_at_the_hint():
     assert float(expr.subs({n: 1000})) == float(concrete)
 
 
-def test_tiles_from_sram():
+def test_tiles_from_sram_and_from_the_launch_table():
+    """The paper's tiles from SRAM, for comparison; the model counts the tiles the kernels launch with."""
     a100, h100 = cost.DEVICES["A100"], cost.DEVICES["H100"]
     assert cost.paper_tiles(a100, 64, torch.float16) == (64, 384)  # the paper's B_c = ceil(M / 4d) for 192 KB
-    assert cost.model_tiles(a100, 64, torch.float16) == (64, 128)  # clamped to the kernels' powers of two
     assert cost.paper_tiles(h100, 128, torch.float16) == (128, 228)
-    assert cost.model_tiles(h100, 256, torch.float32) == (32, 32)
+    for device, head_dim, dtype in ((a100, 64, torch.float16), (h100, 128, torch.float16), (h100, 256, torch.float32)):
+        tiles = config.table_tiles(head_dim, dtype, device.capability, backward=False)
+        assert cost.model_tiles(device, head_dim, dtype) == (tiles.block_m, tiles.block_n)
+    assert cost.model_tiles(a100, 64, torch.float16) != cost.model_tiles(h100, 256, torch.float32)
 
 
 def test_device_table():
