@@ -78,7 +78,7 @@ class Identity:
 
 
 @dataclass(frozen=True)
-class Dropout:
+class DropoutCall:
     """out = dropout(x, p) in training mode with p that may be non-zero."""
 
     x: fx.Node
@@ -138,7 +138,7 @@ class ScaledDotProductAttention:
     scale: Scalar | None
 
 
-CanonOp = (MatMul | Scale | Softmax | Cast | Identity | Dropout | MaskedFill | AddBias | Reshape | HeadExpand
+CanonOp = (MatMul | Scale | Softmax | Cast | Identity | DropoutCall | MaskedFill | AddBias | Reshape | HeadExpand
            | ScaledDotProductAttention)
 
 _MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", "__matmul__"}
@@ -421,7 +421,7 @@ def _identity(node: fx.Node) -> Identity | None:
     return Identity(x)
 
 
-def _dropout(node: fx.Node) -> Identity | Dropout | None:
+def _dropout(node: fx.Node) -> Identity | DropoutCall | None:
     x = _arg(node, 0, "input")
     p = _arg(node, 1, "p", 0.5)
     training = _arg(node, 2, "train" if node.target is torch.dropout else "training", True)
@@ -429,7 +429,7 @@ def _dropout(node: fx.Node) -> Identity | Dropout | None:
         return None
     if training is False or (isinstance(p, int | float) and p == 0):
         return Identity(x)
-    return Dropout(x, float(p) if isinstance(p, int | float) else p)
+    return DropoutCall(x, float(p) if isinstance(p, int | float) else p)
 
 
 def _masked_fill(node: fx.Node) -> MaskedFill | None:

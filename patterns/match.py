@@ -16,7 +16,7 @@ import torch
 from flash_fx.patterns.canonical import (
     AddBias,
     Cast,
-    Dropout,
+    DropoutCall,
     HeadExpand,
     Identity,
     MaskedFill,
@@ -149,7 +149,7 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
     while not isinstance(desc := canonicalize(node), MatMul):
         if desc is None and (factor := _non_scalar_factor(node)) is not None:
             return f"scores are multiplied by a non-scalar tensor of shape {factor} (the kernel applies one scale)"
-        if desc is None or isinstance(desc, Softmax | Dropout | HeadExpand | ScaledDotProductAttention):
+        if desc is None or isinstance(desc, Softmax | DropoutCall | HeadExpand | ScaledDotProductAttention):
             return f"scores come from {_op_name(node)}, not from a Q @ K^T product"
         if _only_user(node) is None:
             return f"scores ({node.name}) are also used outside the attention" + WEIGHTS_HINT
@@ -175,7 +175,7 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
         desc = canonicalize(user)
         if isinstance(desc, MatMul):
             break
-        if isinstance(desc, Dropout):
+        if isinstance(desc, DropoutCall):
             why = _fusable_dropout(desc.p, dropout_p)
             if why is not None:
                 return why
