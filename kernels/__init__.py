@@ -16,7 +16,8 @@ the spec's seed and offset (:mod:`dropout`), and :func:`dropout_keep_mask` mater
 Both paths visit the (query tile, key tile) pairs of the call's tile schedule (:mod:`schedule`): empty tiles
 are skipped, partial ones get every mask, full ones none (and no read of a bias that holds masks). The tiled path
 walks one query tile of all rows against key columns of 256 (128 x 128 tile pairs for a mask bias);
-:func:`tile_density` gives the fraction of tile pairs the forward visits.
+:func:`tile_density` gives the fraction of tile pairs the forward visits. On the CPU, dense and causal specs
+(any offset, GQA, no bias or other terms, no dropout) run PyTorch's C++ flash kernel instead (:mod:`cpu_flash`).
 
 Launch configurations (tile sizes, warps, stages) come from :func:`config.choose_tiles`, a table per GPU compute
 capability, overridden by a :class:`Launch`. With autotuning on (``FLASH_FX_AUTOTUNE=1`` for CUDA tensors, or
@@ -37,7 +38,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from flash_fx.kernels import config, tiled_torch, tuning
+from flash_fx.kernels import config, cpu_flash, tiled_torch, tuning
 from flash_fx.kernels.config import Tiles
 from flash_fx.kernels.dropout import dropout_keep_mask
 from flash_fx.kernels.schedule import schedule
@@ -203,6 +204,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: A
         return out, lse
     n_q, n_k = q.shape[2], k.shape[2]
     if not uses_triton(q):
+        if cpu_flash.serves(spec, q):
+            return cpu_flash.attention_forward(q, k, v, spec)
         return tiled_torch.attention_forward(q, k, v, spec, schedule(spec, n_q, n_k, *_tiled_blocks(spec, launch, n_q)))
     _check_triton_head_dim(q)
     # Imported here: Triton decides at decoration time whether kernels run compiled or interpreted.
@@ -235,6 +238,8 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias, drel
     n_q, n_k = q.shape[2], k.shape[2]
     if not uses_triton(q):
+        if cpu_flash.serves(spec, q):
+            return cpu_flash.attention_backward(grad_out, saved, spec)
         plan = schedule(spec, n_q, n_k, *_tiled_blocks(spec, launch, n_q))
         return tiled_torch.attention_backward(grad_out, saved, spec, plan)
     _check_triton_head_dim(q)

@@ -13,10 +13,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from flash_fx.kernels import config, dropout_keep_mask, tile_density, uses_triton  # noqa: E402
+from flash_fx.kernels import config, cpu_flash, dropout_keep_mask, tile_density, uses_triton  # noqa: E402
 from flash_fx.kernels.schedule import EMPTY, FULL, PARTIAL  # noqa: E402
 from kernel_calls import backward as attention_backward  # noqa: E402
-from kernel_calls import density_spec, layout_of, tiled_backward, tiled_forward  # noqa: E402
+from kernel_calls import density_spec, layout_of, spec_of, tiled_backward, tiled_forward  # noqa: E402
 from kernel_calls import forward as attention_forward  # noqa: E402
 
 # The interpreter evaluates 0/0 and log(0) of fully masked rows with numpy, which warns.
@@ -395,9 +395,11 @@ def test_dispatch(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not uses_triton(cpu)
     q, k, v = (t.half() for t in random_inputs((1, 2, 20, 16), (1, 2, 20, 16)))
-    expected, _ = tiled_forward(q, k, v, scale=0.3, causal_offset=0)
-    out, _ = attention_forward(q, k, v, scale=0.3, causal_offset=0)
-    assert torch.equal(out, expected)
+    # On the CPU a spec PyTorch's C++ flash kernel serves runs it; others run the tiled path.
+    served = cpu_flash.attention_forward(q, k, v, spec_of(0.3, causal_offset=0).validate(q, k, v))[0]
+    assert torch.equal(attention_forward(q, k, v, scale=0.3, causal_offset=0)[0], served)
+    expected, _ = tiled_forward(q, k, v, scale=0.3, causal_offset=0, window=(3, 0))
+    assert torch.equal(attention_forward(q, k, v, scale=0.3, causal_offset=0, window=(3, 0))[0], expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -987,7 +989,7 @@ def test_alibi_changes_scores_per_head(triton, monkeypatch):
 
     out, (dq, dk, dv, _, _) = run(torch.tensor([[0.3, 0.0]]))
     swapped, (dq_s, dk_s, dv_s, _, _) = run(torch.tensor([[0.0, 0.3]]))
-    plain, _ = attention_forward(q, k, v, scale=0.25)
+    plain, _ = (attention_forward if triton else tiled_forward)(q, k, v, scale=0.25)  # (CPU: dense runs C++)
     assert torch.equal(out[:, 1], plain[:, 1]) and not torch.allclose(out[:, 0], plain[:, 0])
     torch.testing.assert_close(out.flip(1), swapped)
     torch.testing.assert_close(dq.flip(1), dq_s)

@@ -1,0 +1,99 @@
+"""The CPU path through PyTorch's C++ flash kernel: dense and causal specs (any offset, rows without keys, Nq != Nk,
+both GQA mappings, float32 and bfloat16) against the spec's float64 reference forward and backward, the path
+taken where it should be (and not where it cannot serve), and compiled models on it equal to eager."""
+
+import pytest
+import torch
+from flash_fx.kernels import attention_backward, attention_forward, cpu_flash, tiled_torch
+from flash_fx.kernels.spec import AttentionSpec, Band, Bias, Dropout, Saved
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+@pytest.fixture(autouse=True)
+def cpu_kernels(monkeypatch):
+    """The CPU paths (not Triton's interpreter), and a record of which one ran."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    taken = []
+    for module, name in ((cpu_flash, "attention_forward"), (tiled_torch, "attention_forward")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _m=module: taken.append(_m.__name__) or _real(*a))
+    return taken
+
+
+def qkv(n_q, n_k, heads=4, kv_heads=2, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = ((2, heads, n_q, 24), (2, kv_heads, n_k, 24), (2, kv_heads, n_k, 24))
+    return [torch.randn(s, generator=g).to(dtype) for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n_q,n_k,upper", [
+    (37, 37, None), (37, 37, 0), (29, 45, 16), (45, 29, -16), (45, 29, 3), (33, 50, -5), (20, 20, 100),
+], ids=["dense", "causal", "bottom_right", "bottom_right_rows_without_keys", "tall", "negative_offset", "wide"])
+@pytest.mark.parametrize("tiled", [False, True], ids=["grouped", "tiled"])
+def test_matches_the_float64_reference(n_q, n_k, upper, tiled, dtype, cpu_kernels):
+    q, k, v = qkv(n_q, n_k, dtype=dtype)
+    spec = AttentionSpec(24**-0.5, band=Band(None, upper), kv_heads_tiled=tiled)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = spec.validate(*leaves).reference(*leaves).detach()
+    alive = ~ref.isnan()  # rows without keys (i + upper < 0): NaN in the reference and in the kernel, no gradient
+    first = 0 if upper is None else max(0, -upper)
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    live_spec = spec.replace(band=Band(None, None if upper is None else upper + first))  # rows from `first` on
+    live = live_spec.validate(leaves[0][:, :, first:], *leaves[1:]).reference(leaves[0][:, :, first:], *leaves[1:])
+    ref_grads = torch.autograd.grad(live, leaves, grad_out[:, :, first:])
+
+    out, lse = attention_forward(q, k, v, spec)
+    assert cpu_kernels == ["flash_fx.kernels.cpu_flash"]
+    assert torch.equal(out.isnan(), ~alive) and torch.equal(lse[..., 0] == float("-inf"), ~alive[..., 0])
+    tolerance = 2e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out[alive].double(), ref[alive].detach(), atol=tolerance, rtol=tolerance)
+    grads = attention_backward(grad_out.to(dtype), Saved(q, k, v, out, lse), spec)
+    for mine, theirs in zip(grads[:3], ref_grads, strict=True):
+        assert mine.dtype == dtype
+        torch.testing.assert_close(mine.double(), theirs, atol=tolerance * 5, rtol=tolerance * 5)
+    assert grads[3] is None and grads[4] is None
+
+
+@pytest.mark.parametrize("change", [
+    dict(band=Band(4, 0)), dict(bias=Bias(torch.zeros(37, 37))), dict(dropout=Dropout(0.2, seed=1)),
+    dict(key_valid=torch.ones(2, 37, dtype=torch.bool)),
+], ids=["window", "bias", "dropout", "key_padding"])
+def test_specs_it_cannot_serve_run_the_tiled_path(change, cpu_kernels):
+    q, k, v = qkv(37, 37)
+    spec = AttentionSpec(0.2).replace(**change)
+    out, _ = attention_forward(q, k, v, spec)
+    assert cpu_kernels == ["flash_fx.kernels.tiled_torch"]
+    assert not cpu_flash.serves(spec.validate(q, k, v), q)
+    if not spec.dropout.enabled:
+        torch.testing.assert_close(out.double(), spec.validate(q, k, v).reference(q, k, v), atol=2e-5, rtol=2e-5)
+
+
+def test_float64_runs_the_tiled_path(cpu_kernels):
+    q, k, v = qkv(20, 20, dtype=torch.float64)
+    attention_forward(q, k, v, AttentionSpec(0.2, band=Band(None, 0)))
+    assert cpu_kernels == ["flash_fx.kernels.tiled_torch"]
+
+
+def test_compiled_causal_attention_on_the_cpu_path_equals_eager(cpu_kernels):
+    def causal(q, k, v):
+        n = q.shape[-2]
+        mask = torch.ones(n, n, dtype=torch.bool).tril()
+        return (q @ k.transpose(-1, -2) / 4.9).masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+    q, k, v = (t.requires_grad_() for t in qkv(33, 33, heads=2, kv_heads=2))
+    torch._dynamo.reset()
+    compiled = torch.compile(causal, backend="flash_fx", options={"inner": "eager", "report": False})
+    out = compiled(q, k, v)
+    out.sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    expected = causal(q, k, v)
+    expected.sum().backward()
+    torch._dynamo.reset()
+    assert "flash_fx.kernels.cpu_flash" in cpu_kernels
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    for mine, theirs in zip(grads, (q.grad, k.grad, v.grad), strict=True):
+        torch.testing.assert_close(mine, theirs, atol=2e-5, rtol=2e-5)
