@@ -165,3 +165,14 @@ def test_all_within_a_budget(tmp_path):
     (bar_file,) = [p for p in folder.iterdir() if p.name == "bars.csv"]
     assert {row["met"] for row in rows(folder, "bars")} == {"not measured"}
     assert bar_file.exists()
+
+
+def test_cpu_op_timings_smoke(monkeypatch):
+    """python -m flash_fx.bench.cpu at a tiny size: every row measured (positive milliseconds)."""
+    from flash_fx.bench import cpu
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    rows = cpu.causal_rows(48, heads=2, head_dim=16, reps=1)
+    assert set(rows) == {"flash_fx forward", "C++ CPU flash forward", "tiled path forward", "flash_fx fwd+bwd",
+                         "SDPA causal fwd+bwd"}
+    assert all(ms > 0 for ms in rows.values())
