@@ -1,52 +1,114 @@
 """The CPU path through PyTorch's own C++ flash kernel, for the specs it can serve exactly.
 
 ``aten._scaled_dot_product_flash_attention_for_cpu`` (and its backward) computes dense or top-left causal
-attention and returns the row log-sum-exp. A band with only an upper bound (causal with any offset, bottom-right
-included) is two such calls over disjoint key ranges, merged by their log-sum-exps (exact):
+attention, optionally with an additive mask, and returns the row log-sum-exp. A spec's attention is a few such
+calls over disjoint key ranges of a block of query rows, merged by their log-sum-exps (exact):
 
-- keys ``[0, u)`` are visible to every query row that sees any key (a dense call);
-- keys ``[u, u + Nq)`` are visible to row i up to ``u + i``: top-left causal on that chunk.
+- a band with only an upper bound (causal with any offset, bottom-right included) is at most two calls for all
+  rows: keys ``[0, u)``, visible to every row that sees a key (dense), and keys ``[u, u + Nq)``, visible to row i
+  up to ``u + i`` (top-left causal on that chunk);
+- anything else structural (a window's lower bound, key validity, documents) follows the tile schedule
+  (:mod:`schedule`) per block of query rows: runs of full tiles are dense calls, runs of partial tiles calls with
+  the 0 / -inf mask of that chunk; empty tiles are not read.
 
-Rows that see no key (``i + u < 0``) are not passed to the kernel: they give NaN and an LSE of -inf, as the
-contract says (flash_fx.kernels.spec). GQA runs one call per member of each KV head's query group on views of q
-(no copy of K or V). The backward calls the C++ backward per chunk with the whole rows' output and log-sum-exp, so
-each chunk's probabilities and ``delta`` are the full softmax's, and sums the chunks' dQ.
+The C++ kernel gives a row that its mask hides entirely an output of 0 and a log-sum-exp of 0, not -inf: such rows
+of a chunk are found from the mask and get -inf before merging. Rows that see no key at all give NaN and an LSE
+of -inf, as the contract says (flash_fx.kernels.spec). GQA runs one call per member of each KV head's query group
+on views of q (no copy of K or V). The backward calls the C++ backward per chunk with the whole rows' output and
+log-sum-exp (+inf for rows without keys, so they pass no gradient), so each chunk's probabilities and ``delta`` are
+the full softmax's, and sums the chunks' gradients.
 
-Served: no bias, ALiBi, relative table, key validity, documents, dropout (its stream is flash_fx's own) or lower
-band bound; :func:`serves` says so, and the tiled PyTorch path runs the rest.
+Served: no bias, ALiBi, relative table or dropout (its stream is flash_fx's own): :func:`serves` says so, and the
+tiled PyTorch path runs the rest.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+from flash_fx.kernels.schedule import FULL, PARTIAL, schedule
 from flash_fx.kernels.spec import AttentionSpec, Saved
 
 __all__ = ["attention_backward", "attention_forward", "serves"]
 
 _FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+BLOCK = 256  # query rows per step, and the key tiles of the schedule a structural spec is split by
 
 
 def serves(spec: AttentionSpec, q: torch.Tensor) -> bool:
     """Whether this path computes a validated ``spec`` on CPU tensors like ``q`` exactly."""
     return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and spec.bias is None and spec.alibi is None and spec.relative is None and spec.key_valid is None
-            and spec.documents is None and not spec.dropout.enabled and spec.band.lower is None)
+            and spec.bias is None and spec.alibi is None and spec.relative is None and not spec.dropout.enabled)
 
 
-def _chunks(n_q: int, n_k: int, upper: int | None) -> tuple[int, list[tuple[int, int, bool]]]:
-    """The first query row that sees a key, and the key chunks ``(start, stop, causal)`` all later rows share."""
+class Part(NamedTuple):
+    """One C++ call of a step: keys ``[start, stop)``, top-left causal or not, and an additive 0 / -inf mask
+    [batch rows, 1, rows, keys] in q's dtype with the rows it leaves a key (None: every row sees every key)."""
+
+    start: int
+    stop: int
+    causal: bool = False
+    mask: torch.Tensor | None = None
+    alive: torch.Tensor | None = None
+
+
+class Step(NamedTuple):
+    """A block of query rows of some batch rows and the calls that cover the keys they see."""
+
+    batch: slice
+    rows: slice
+    parts: list[Part]
+
+
+def _steps(spec: AttentionSpec, batch: int, n_q: int, n_k: int, dtype: torch.dtype) -> list[Step]:
+    """The calls a validated spec is made of (see the module docstring)."""
+    band = spec.band
+    if band.lower is None and spec.key_valid is None and spec.documents is None:
+        return _band_steps(band.upper, batch, n_q, n_k)
+    classes = schedule(spec, n_q, n_k, BLOCK, BLOCK).classes[:, 0]  # [SB, Tq, Tk]
+    per_batch = classes.shape[0] > 1
+    steps = []
+    for b in range(classes.shape[0]):
+        batch_rows = slice(b, b + 1) if per_batch else slice(0, batch)
+        for tile in range(classes.shape[1]):
+            rows = slice(tile * BLOCK, min(n_q, (tile + 1) * BLOCK))
+            parts = [Part(start * BLOCK, min(n_k, stop * BLOCK)) for start, stop in _runs(classes[b, tile] == FULL)]
+            for start, stop in _runs(classes[b, tile] == PARTIAL):
+                cols = slice(start * BLOCK, min(n_k, stop * BLOCK))
+                visible = spec.visible(torch.arange(rows.start, rows.stop), torch.arange(cols.start, cols.stop))
+                visible = visible[batch_rows] if visible.shape[0] > 1 else visible
+                mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, float("-inf"))
+                parts.append(Part(cols.start, cols.stop, False, mask[:, None], visible.any(-1)[:, None]))
+            if parts:
+                steps.append(Step(batch_rows, rows, parts))
+    return steps
+
+
+def _band_steps(upper: int | None, batch: int, n_q: int, n_k: int) -> list[Step]:
+    """At most two calls for all rows that see a key under a band with only an upper bound."""
     if upper is None:
-        return 0, [(0, n_k, False)]
+        return [Step(slice(0, batch), slice(0, n_q), [Part(0, n_k)])]
     first_row = max(0, -upper)
-    chunks = []
+    parts = []
     if upper > 0:
-        chunks.append((0, min(upper, n_k), False))
-    causal_start = max(upper, 0)
-    causal_stop = min(n_k, upper + n_q)
-    if causal_start < causal_stop:
-        chunks.append((causal_start, causal_stop, True))
-    return first_row, chunks
+        parts.append(Part(0, min(upper, n_k)))
+    if max(upper, 0) < min(n_k, upper + n_q):
+        parts.append(Part(max(upper, 0), min(n_k, upper + n_q), causal=True))
+    return [Step(slice(0, batch), slice(first_row, n_q), parts)] if parts and first_row < n_q else []
+
+
+def _runs(flags: torch.Tensor) -> list[tuple[int, int]]:
+    """Maximal runs ``[start, stop)`` of True in a 1-d bool tensor."""
+    runs, start = [], None
+    for index, on in enumerate(flags.tolist() + [False]):
+        if on and start is None:
+            start = index
+        elif not on and start is not None:
+            runs.append((start, index))
+            start = None
+    return runs
 
 
 def _groups(q: torch.Tensor, num_kv_heads: int, tiled: bool) -> list[slice]:
@@ -60,56 +122,67 @@ def _groups(q: torch.Tensor, num_kv_heads: int, tiled: bool) -> list[slice]:
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse pairs)`` of a validated ``spec`` that :func:`serves` accepts, on non-empty inputs."""
-    n_q, n_k = q.shape[2], k.shape[2]
-    first_row, chunks = _chunks(n_q, n_k, spec.band.upper)
-    if first_row == 0 and len(chunks) == 1 and q.shape[1] == k.shape[1]:  # one call: its results as they are
-        start, stop, causal = chunks[0]
-        out, lse = _FORWARD(q, k[:, :, start:stop], v[:, :, start:stop], 0.0, causal, scale=spec.scale)
+    steps = _steps(spec, q.shape[0], q.shape[2], k.shape[2], q.dtype)
+    if (len(steps) == 1 and len(steps[0].parts) == 1 and steps[0].rows == slice(0, q.shape[2])
+            and steps[0].parts[0].mask is None and q.shape[1] == k.shape[1]):  # one call: its results as they are
+        part = steps[0].parts[0]
+        out, lse = _FORWARD(q, k[:, :, part.start:part.stop], v[:, :, part.start:part.stop], 0.0, part.causal,
+                            scale=spec.scale)
         return out, torch.stack([lse, torch.zeros_like(lse)], -1)
     out = torch.full(q.shape, float("nan"), dtype=q.dtype)
     lse = torch.zeros((*q.shape[:3], 2), dtype=torch.float32)
     lse[..., 0] = float("-inf")
-    if not chunks or first_row >= n_q:
-        return out, lse
-    for heads in _groups(q, k.shape[1], spec.kv_heads_tiled):
-        rows = q[:, heads, first_row:]
-        merged_out, merged_lse = None, None
-        for start, stop, causal in chunks:
-            part_out, part_lse = _FORWARD(rows, k[:, :, start:stop], v[:, :, start:stop], 0.0, causal,
-                                          scale=spec.scale)
-            merged_out, merged_lse = _merge(merged_out, merged_lse, part_out.float(), part_lse)
-        out[:, heads, first_row:] = merged_out.to(q.dtype)
-        lse[:, heads, first_row:, 0] = merged_lse
+    for step in steps:
+        keys, values = k[step.batch], v[step.batch]
+        for heads in _groups(q, k.shape[1], spec.kv_heads_tiled):
+            rows = q[step.batch, heads, step.rows]
+            merged_out = merged_lse = None
+            for part in step.parts:
+                part_out, part_lse = _FORWARD(rows, keys[:, :, part.start:part.stop],
+                                              values[:, :, part.start:part.stop], 0.0, part.causal,
+                                              attn_mask=part.mask, scale=spec.scale)
+                if part.alive is not None:  # rows the mask hides entirely: the C++ kernel says 0, not -inf
+                    part_lse = part_lse.masked_fill(~part.alive, float("-inf"))
+                merged_out, merged_lse = _merge(merged_out, merged_lse, part_out.float(), part_lse)
+            dead = merged_lse == float("-inf")
+            out[step.batch, heads, step.rows] = merged_out.masked_fill(dead[..., None], float("nan")).to(q.dtype)
+            lse[step.batch, heads, step.rows, 0] = merged_lse
     return out, lse
 
 
 def _merge(out: torch.Tensor | None, lse: torch.Tensor | None, part_out: torch.Tensor,
            part_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two softmax-weighted averages over disjoint keys as one (every row has a finite LSE in both)."""
+    """Two softmax-weighted averages over disjoint keys as one; a side with LSE -inf weighs nothing."""
     if out is None:
         return part_out, part_lse
     total = torch.logaddexp(lse, part_lse)
-    weight = torch.exp(lse - total)[..., None]
-    return out * weight + part_out * (1 - weight), total
+    safe = total.masked_fill(total == float("-inf"), 0.0)
+    weight, part_weight = torch.exp(lse - safe)[..., None], torch.exp(part_lse - safe)[..., None]
+    return out * weight + part_out * part_weight, total
 
 
 def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec) -> tuple[torch.Tensor, ...]:
     """``(dq, dk, dv, None, None)`` of a validated ``spec`` that :func:`serves` accepts, from the forward's outputs."""
     q, k, v, out, lse = saved
-    n_q, n_k = q.shape[2], k.shape[2]
-    first_row, chunks = _chunks(n_q, n_k, spec.band.upper)
+    # Rows without keys: output 0 and LSE +inf, so every probability of theirs is 0 and they pass no gradient.
+    dead = lse[..., 0] == float("-inf")
+    out = out.masked_fill(dead[..., None], 0.0)
+    row_lse = lse[..., 0].masked_fill(dead, float("inf"))
     dq = torch.zeros(q.shape, dtype=torch.float32)
     dk = torch.zeros(k.shape, dtype=torch.float32)
     dv = torch.zeros(v.shape, dtype=torch.float32)
-    if chunks and first_row < n_q:
+    for step in _steps(spec, q.shape[0], q.shape[2], k.shape[2], q.dtype):
+        keys, values = k[step.batch], v[step.batch]
         for heads in _groups(q, k.shape[1], spec.kv_heads_tiled):
-            rows = q[:, heads, first_row:]
-            row_out, row_grad = out[:, heads, first_row:], grad_out[:, heads, first_row:]
-            row_lse = lse[:, heads, first_row:, 0].contiguous()
-            for start, stop, causal in chunks:
-                dq_part, dk_part, dv_part = _BACKWARD(row_grad, rows, k[:, :, start:stop], v[:, :, start:stop],
-                                                      row_out, row_lse, 0.0, causal, scale=spec.scale)
-                dq[:, heads, first_row:] += dq_part
-                dk[:, :, start:stop] += dk_part
-                dv[:, :, start:stop] += dv_part
+            index = (step.batch, heads, step.rows)
+            rows, rows_out, rows_grad = q[index], out[index], grad_out[index]
+            rows_lse = row_lse[index].contiguous()
+            for part in step.parts:
+                keys_part = slice(part.start, part.stop)
+                dq_part, dk_part, dv_part = _BACKWARD(rows_grad, rows, keys[:, :, keys_part], values[:, :, keys_part],
+                                                      rows_out, rows_lse, 0.0, part.causal, attn_mask=part.mask,
+                                                      scale=spec.scale)
+                dq[index] += dq_part
+                dk[step.batch, :, keys_part] += dk_part
+                dv[step.batch, :, keys_part] += dv_part
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None

@@ -176,3 +176,5 @@ def test_cpu_op_timings_smoke(monkeypatch):
     assert set(rows) == {"flash_fx forward", "C++ CPU flash forward", "tiled path forward", "flash_fx fwd+bwd",
                          "SDPA causal fwd+bwd"}
     assert all(ms > 0 for ms in rows.values())
+    window = cpu.window_rows(64, window=8, heads=2, head_dim=16, reps=1)
+    assert len(window) == 2 and all(ms > 0 for ms in window.values())

@@ -5,7 +5,7 @@ taken where it should be (and not where it cannot serve), and compiled models on
 import pytest
 import torch
 from flash_fx.kernels import attention_backward, attention_forward, cpu_flash, tiled_torch
-from flash_fx.kernels.spec import AttentionSpec, Band, Bias, Dropout, Saved
+from flash_fx.kernels.spec import Alibi, AttentionSpec, Band, Bias, Documents, Dropout, Saved
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -57,9 +57,8 @@ def test_matches_the_float64_reference(n_q, n_k, upper, tiled, dtype, cpu_kernel
 
 
 @pytest.mark.parametrize("change", [
-    dict(band=Band(4, 0)), dict(bias=Bias(torch.zeros(37, 37))), dict(dropout=Dropout(0.2, seed=1)),
-    dict(key_valid=torch.ones(2, 37, dtype=torch.bool)),
-], ids=["window", "bias", "dropout", "key_padding"])
+    dict(bias=Bias(torch.zeros(37, 37))), dict(dropout=Dropout(0.2, seed=1)), dict(alibi=Alibi(torch.ones(1, 4))),
+], ids=["bias", "dropout", "alibi"])
 def test_specs_it_cannot_serve_run_the_tiled_path(change, cpu_kernels):
     q, k, v = qkv(37, 37)
     spec = AttentionSpec(0.2).replace(**change)
@@ -68,6 +67,52 @@ def test_specs_it_cannot_serve_run_the_tiled_path(change, cpu_kernels):
     assert not cpu_flash.serves(spec.validate(q, k, v), q)
     if not spec.dropout.enabled:
         torch.testing.assert_close(out.double(), spec.validate(q, k, v).reference(q, k, v), atol=2e-5, rtol=2e-5)
+
+
+def structural_cases(n_q, n_k):
+    """Specs with a window's lower bound, key validity (a batch row fully padded: rows without keys) and
+    documents, alone and together, at sizes spanning several 256-row blocks."""
+    key_valid = torch.ones(2, n_k, dtype=torch.bool)
+    key_valid[0, -70:] = False
+    key_valid[1, :] = False  # batch row 1 sees no key at all
+    docs = torch.tensor([0] * 200 + [1] * 250 + [2] * (n_q - 450))
+    unsorted = torch.arange(n_q) % 3
+    return {
+        "window": AttentionSpec(0.2, band=Band(100, 0)),
+        "two_sided_window": AttentionSpec(0.2, band=Band(300, 40)),
+        "key_padding": AttentionSpec(0.2, key_valid=key_valid),
+        "causal_documents": AttentionSpec(0.2, band=Band(None, 0), documents=Documents(docs[None], docs[None])),
+        "unsorted_documents": AttentionSpec(0.2, documents=Documents(unsorted[None], unsorted[None])),
+        "window_padding_documents_gqa_tiled": AttentionSpec(0.2, band=Band(64, 0), key_valid=key_valid,
+                                                            documents=Documents(docs[None], docs[None]),
+                                                            kv_heads_tiled=True),
+    }
+
+
+@pytest.mark.parametrize("case", list(structural_cases(600, 600)))
+def test_structural_masks_follow_the_schedule_and_match_the_reference(case, cpu_kernels):
+    """Windows, key padding and documents on the C++ path (calls over the schedule's full and partial runs),
+    against a float64 reference, rows without keys included (NaN, no gradient)."""
+    n = 600
+    q, k, v = qkv(n, n, seed=7)
+    spec = structural_cases(n, n)[case]
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    terms = spec.validate(*leaves).materialize(*leaves[:2])
+    dead = terms.isinf().all(-1, keepdim=True)
+    # The same attention with its masks as a finite bias where a row has no key: a reference with gradients.
+    finite = AttentionSpec(spec.scale, bias=Bias(terms.masked_fill(dead, 0.0)), kv_heads_tiled=spec.kv_heads_tiled)
+    ref = finite.validate(*leaves).reference(*leaves)
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out.masked_fill(dead, 0.0))
+
+    out, lse = attention_forward(q, k, v, spec)
+    assert cpu_kernels == ["flash_fx.kernels.cpu_flash"]
+    alive = ~dead.expand(ref.shape)
+    assert torch.equal(out.isnan(), ~alive) and torch.equal(lse[..., 0] == float("-inf"), dead[..., 0])
+    torch.testing.assert_close(out[alive].double(), ref[alive].detach(), atol=2e-5, rtol=2e-5)
+    grads = attention_backward(grad_out.float(), Saved(q, k, v, out, lse), spec)
+    for mine, theirs in zip(grads[:3], ref_grads, strict=True):
+        torch.testing.assert_close(mine.double(), theirs, atol=1e-4, rtol=1e-4)
 
 
 def test_float64_runs_the_tiled_path(cpu_kernels):

@@ -1,6 +1,6 @@
 """CPU attention-op timings against PyTorch's own CPU kernels, in one process (medians).
 
-    python -m flash_fx.bench.cpu --n 2048          # B1 H12 d64 fp32 causal
+    python -m flash_fx.bench.cpu --n 2048          # B1 H12 d64 fp32 causal at N, sliding window 256 at 2N
 
 Rows: the flash_fx op forward (the C++ flash path on the CPU), PyTorch's C++ CPU flash kernel forward, the tiled
 PyTorch path forward (what flash_fx ran on the CPU before the C++ path), and forward+backward of the flash_fx op
@@ -65,6 +65,28 @@ def causal_rows(n: int, heads: int = 12, head_dim: int = 64, reps: int = 5) -> d
             "SDPA causal fwd+bwd": median_ms(sdpa_step, reps)}
 
 
+def window_rows(n: int, window: int = 256, heads: int = 12, head_dim: int = 64, reps: int = 3) -> dict[str, float]:
+    """Forward timings (ms) of causal sliding-window attention (``window`` keys back) B1 x ``heads`` x ``n`` fp32:
+    the flash_fx op (the schedule's calls of the C++ kernel) against the C++ kernel given the dense mask."""
+    import flash_fx  # noqa: F401  (registers torch.ops.flash_fx.attention)
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, head_dim) for _ in range(3))
+    scale = head_dim**-0.5
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    mask = torch.zeros(n, n).masked_fill(~((j <= i) & (j >= i - window)), float("-inf"))
+
+    def flash_forward() -> None:
+        torch.ops.flash_fx.attention(q, k, v, None, scale, 0, window=[window, 0])
+
+    def cpp_forward() -> None:
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+
+    with torch.no_grad():
+        return {"flash_fx window forward": median_ms(flash_forward, reps),
+                "C++ CPU flash forward, dense window mask": median_ms(cpp_forward, reps)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2048)
@@ -82,6 +104,11 @@ def main() -> None:
     print(f"forward: C++ CPU flash / flash_fx = {rows['C++ CPU flash forward'] / rows['flash_fx forward']:.2f}x; "
           f"fwd+bwd: SDPA / flash_fx = {rows['SDPA causal fwd+bwd'] / rows['flash_fx fwd+bwd']:.2f}x "
           "(above 1: flash_fx faster)")
+    window_n = 2 * args.n
+    window = window_rows(window_n, 256, args.heads, args.head_dim, max(1, args.reps // 2))
+    print(f"sliding window 256, causal, N{window_n}: " + "; ".join(f"{k} {v:.1f} ms" for k, v in window.items()))
+    print(f"window forward: C++ CPU flash with the dense mask / flash_fx = "
+          f"{window['C++ CPU flash forward, dense window mask'] / window['flash_fx window forward']:.2f}x")
 
 
 if __name__ == "__main__":
