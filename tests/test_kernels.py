@@ -398,8 +398,9 @@ def test_dispatch(monkeypatch):
     # On the CPU a spec PyTorch's C++ flash kernel serves runs it; others run the tiled path.
     served = cpu_flash.attention_forward(q, k, v, spec_of(0.3, causal_offset=0).validate(q, k, v))[0]
     assert torch.equal(attention_forward(q, k, v, scale=0.3, causal_offset=0)[0], served)
-    expected, _ = tiled_forward(q, k, v, scale=0.3, causal_offset=0, window=(3, 0))
-    assert torch.equal(attention_forward(q, k, v, scale=0.3, causal_offset=0, window=(3, 0))[0], expected)
+    bias = torch.randn(20, 20, generator=torch.Generator().manual_seed(3)).half()  # a bias: the tiled path
+    expected, _ = tiled_forward(q, k, v, scale=0.3, causal_offset=0, bias=bias)
+    assert torch.equal(attention_forward(q, k, v, scale=0.3, causal_offset=0, bias=bias)[0], expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
