@@ -247,8 +247,9 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec
     dk = k.new_zeros(k.shape, dtype=dtype)
     dv = v.new_zeros(v.shape, dtype=dtype)
     # Zeros stay in the skipped key tiles.
-    dbias = q.new_zeros((*q.shape[:3], n_k), dtype=torch.float32) if spec.features()["bias_grad"] else None
-    drel = q.new_zeros((*q.shape[:2], n_q + n_k - 1), dtype=dtype) if spec.features()["rel_grad"] else None
+    features = spec.features()
+    dbias = q.new_zeros((*q.shape[:3], n_k), dtype=torch.float32) if features["bias_grad"] else None
+    drel = q.new_zeros((*q.shape[:2], n_q + n_k - 1), dtype=dtype) if features["rel_grad"] else None
 
     def add_drel(ds: torch.Tensor, rows: slice, cols: Columns) -> None:
         if drel is not None:

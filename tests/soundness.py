@@ -16,7 +16,8 @@ RERAN = "original ops run at run time"
 
 @contextmanager
 def kernel_path(path: str):
-    """Run attention on the Triton kernels (through the interpreter) or on the tiled PyTorch path."""
+    """Run attention on the Triton kernels (through the interpreter) for "triton", else on the CPU paths (PyTorch's
+    C++ flash kernel where it serves the spec, the tiled PyTorch path otherwise)."""
     before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1" if path == "triton" else "0"
     try:
