@@ -206,14 +206,15 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: A
     if not uses_triton(q):
         if cpu_flash.serves(spec, q):
             return cpu_flash.attention_forward(q, k, v, spec)
-        return tiled_torch.attention_forward(q, k, v, spec, schedule(spec, n_q, n_k, *_tiled_blocks(spec, launch, n_q)))
+        plan = schedule(spec, n_q, n_k, *_tiled_blocks(spec, launch, n_q), q.device)
+        return tiled_torch.attention_forward(q, k, v, spec, plan)
     _check_triton_head_dim(q)
     # Imported here: Triton decides at decoration time whether kernels run compiled or interpreted.
     from flash_fx.kernels import triton_forward
 
     def run(tiles: Tiles) -> tuple[torch.Tensor, torch.Tensor]:
         return triton_forward.attention_forward(q, k, v, spec, tiles,
-                                                schedule(spec, n_q, n_k, tiles.block_m, tiles.block_n))
+                                                schedule(spec, n_q, n_k, tiles.block_m, tiles.block_n, q.device))
 
     return run(_launch_tiles(q, k, spec, launch, run, backward=False))
 
@@ -240,7 +241,7 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec
     if not uses_triton(q):
         if cpu_flash.serves(spec, q):
             return cpu_flash.attention_backward(grad_out, saved, spec)
-        plan = schedule(spec, n_q, n_k, *_tiled_blocks(spec, launch, n_q))
+        plan = schedule(spec, n_q, n_k, *_tiled_blocks(spec, launch, n_q), q.device)
         return tiled_torch.attention_backward(grad_out, saved, spec, plan)
     _check_triton_head_dim(q)
     from flash_fx.kernels import triton_backward
@@ -249,6 +250,6 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec
 
     def run(tiles: Tiles) -> tuple[torch.Tensor, ...]:
         return triton_backward.attention_backward(grad_out, saved, spec, tiles,
-                                                  schedule(spec, n_q, n_k, tiles.block_m, tiles.block_n))
+                                                  schedule(spec, n_q, n_k, tiles.block_m, tiles.block_n, q.device))
 
     return run(_launch_tiles(q, k, spec, launch, run, backward=True))

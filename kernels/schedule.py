@@ -59,11 +59,19 @@ class TileSchedule:
     def by_query_tile(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(counts, indices)`` for the forward and dQ kernels: ``counts`` int32 [SB, SH, Tq, 2] holds the number
         of partial and of full key tiles of each query tile, ``indices`` int32 [SB, SH, Tq, Tk] their key-tile
-        numbers, partial ones first (ascending), then full ones (ascending)."""
-        return _tile_lists(self.classes)
+        numbers, partial ones first (ascending), then full ones (ascending). Built once per schedule."""
+        return self._query_lists
 
     def by_key_tile(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The same lists per key tile (for the dK/dV kernel): [SB, SH, Tk, 2] and [SB, SH, Tk, Tq]."""
+        return self._key_lists
+
+    @functools.cached_property
+    def _query_lists(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return _tile_lists(self.classes)
+
+    @functools.cached_property
+    def _key_lists(self) -> tuple[torch.Tensor, torch.Tensor]:
         return _tile_lists(self.classes.transpose(-1, -2))
 
     def plan(self) -> list[tuple[int, list[int], list[int]]]:
@@ -75,9 +83,14 @@ class TileSchedule:
                  (visited[tile] & full[tile]).nonzero().flatten().tolist()) for tile in range(classes.shape[1])]
 
 
-def schedule(spec: AttentionSpec, n_q: int, n_k: int, block_m: int, block_n: int) -> TileSchedule:
-    """The tile schedule of a validated ``spec`` for ``n_q`` queries and ``n_k`` keys."""
-    device = _device(spec)
+def schedule(spec: AttentionSpec, n_q: int, n_k: int, block_m: int, block_n: int,
+             device: torch.device | None = None) -> TileSchedule:
+    """The tile schedule of a validated ``spec`` for ``n_q`` queries and ``n_k`` keys, on ``device`` (the inputs'
+    device; default: that of the spec's tensors, else the CPU). A band alone gives a schedule cached per shape,
+    whose tile lists are then built once."""
+    device = device or _device(spec)
+    if spec.key_valid is None and spec.documents is None and not (spec.bias is not None and spec.bias.holds_masks):
+        return _band_schedule(spec.band, n_q, n_k, block_m, block_n, device)
     classes = _band_classes(spec.band, n_q, n_k, block_m, block_n, device)
     if spec.key_valid is not None:
         classes = _combine(classes, _key_classes(spec.key_valid, block_n)[:, None, None, :])
@@ -86,6 +99,11 @@ def schedule(spec: AttentionSpec, n_q: int, n_k: int, block_m: int, block_n: int
     if spec.bias is not None and spec.bias.holds_masks:
         classes = _combine(classes, bias_classes(spec, block_m, block_n))
     return TileSchedule(classes, block_m, block_n)
+
+
+@functools.lru_cache(maxsize=256)
+def _band_schedule(band: Band, n_q: int, n_k: int, block_m: int, block_n: int, device: torch.device) -> TileSchedule:
+    return TileSchedule(_band_classes(band, n_q, n_k, block_m, block_n, device), block_m, block_n)
 
 
 def _device(spec: AttentionSpec) -> torch.device:
