@@ -33,9 +33,15 @@ def _broadcast_qkv(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Views of q, k, v with one batch size, k and v with one head count, and a one-head q against several KV
     heads broadcast to them (size-1 dims expanded, as eager's matmul broadcasts)."""
-    batch = torch.broadcast_shapes(q.shape[:1], k.shape[:1], v.shape[:1])[0]
-    kv_heads = torch.broadcast_shapes(k.shape[1:2], v.shape[1:2])[0]
+    batch, kv_heads = max(q.shape[0], k.shape[0], v.shape[0]), max(k.shape[1], v.shape[1])
     heads = kv_heads if q.shape[1] == 1 else q.shape[1]
+    if (q.shape[0], q.shape[1], k.shape[0], k.shape[1], v.shape[0], v.shape[1]) == (
+            batch, heads, batch, kv_heads, batch, kv_heads):
+        return q, k, v
+    for name, size, sizes in (("batch", batch, (q.shape[0], k.shape[0], v.shape[0])),
+                              ("KV head", kv_heads, (k.shape[1], v.shape[1]))):
+        if any(s not in (1, size) for s in sizes):
+            raise RuntimeError(f"flash_fx::attention: the {name} sizes {sizes} do not broadcast")
     return q.expand(batch, heads, -1, -1), k.expand(batch, kv_heads, -1, -1), v.expand(batch, kv_heads, -1, -1)
 
 

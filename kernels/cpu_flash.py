@@ -9,7 +9,10 @@ calls over disjoint key ranges of a block of query rows, merged by their log-sum
   up to ``u + i`` (top-left causal on that chunk);
 - anything else structural (a window's lower bound, key validity, documents) follows the tile schedule
   (:mod:`schedule`) per block of query rows: runs of full tiles are dense calls, runs of partial tiles calls with
-  the 0 / -inf mask of that chunk; empty tiles are not read.
+  the 0 / -inf mask of that chunk; empty tiles are not read;
+- with a bias (a mask bias included), one call per block of query rows over the keys from the first to the last
+  tile the schedule visits, with the bias chunk (float32) as the mask and -inf where structural masks hide: a
+  row's whole softmax in one call, so a row that large finite values hide entirely is eager's uniform average.
 
 The C++ kernel gives a row that its mask hides entirely an output of 0 and a log-sum-exp of 0, not -inf: such rows
 of a chunk are found from the mask and get -inf before merging. Rows that see no key at all give NaN and an LSE
@@ -18,8 +21,11 @@ on views of q (no copy of K or V). The backward calls the C++ backward per chunk
 log-sum-exp (+inf for rows without keys, so they pass no gradient), so each chunk's probabilities and ``delta`` are
 the full softmax's, and sums the chunks' gradients.
 
-Served: no bias, ALiBi, relative table or dropout (its stream is flash_fx's own): :func:`serves` says so, and the
-tiled PyTorch path runs the rest.
+Served: no ALiBi, relative table, dropout (its stream is flash_fx's own) or bias that needs a gradient (the C++
+backward returns none): :func:`serves` says so, and the tiled PyTorch path runs the rest. The C++ backward takes a
+float32 log-sum-exp, without the residual the spec's pairs keep: a call whose log-sum-exps reach beyond
+:data:`LARGE_LSE` (rows hidden entirely by large finite values) runs on the tiled path instead
+(:func:`keeps_precision`).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from flash_fx.kernels.schedule import FULL, PARTIAL, schedule
+from flash_fx.kernels.schedule import EMPTY, FULL, PARTIAL, schedule
 from flash_fx.kernels.spec import AttentionSpec, Saved
 
 __all__ = ["attention_backward", "attention_forward", "serves"]
@@ -35,17 +41,31 @@ __all__ = ["attention_backward", "attention_forward", "serves"]
 _FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 BLOCK = 256  # query rows per step, and the key tiles of the schedule a structural spec is split by
+LARGE_LSE = 2.0**12  # a log-sum-exp beyond this lost the log of its row's count to rounding (see keeps_precision)
 
 
 def serves(spec: AttentionSpec, q: torch.Tensor) -> bool:
-    """Whether this path computes a validated ``spec`` on CPU tensors like ``q`` exactly."""
+    """Whether this path computes a validated ``spec`` on CPU tensors like ``q`` (see the module docstring)."""
     return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and spec.bias is None and spec.alibi is None and spec.relative is None and not spec.dropout.enabled)
+            and not (spec.bias is not None and spec.bias.requires_grad) and spec.alibi is None
+            and spec.relative is None and not spec.dropout.enabled)
+
+
+def keeps_precision(lse: torch.Tensor) -> bool:
+    """Whether float32 log-sum-exps ``lse`` [..., 2] (hi, lo) are exact enough for the C++ backward, which takes
+    the rounded value alone: no finite one is far beyond the scores' scale (a row hidden entirely by a large
+    finite value, whose ``fill + log(n)`` rounds to the fill)."""
+    low, high = lse[..., 0].aminmax()
+    if low.item() >= -LARGE_LSE and high.item() <= LARGE_LSE:  # one reduction in the common case
+        return True
+    total = lse[..., 0]
+    return not bool(((total.abs() > LARGE_LSE) & total.isfinite()).any())
 
 
 class Part(NamedTuple):
-    """One C++ call of a step: keys ``[start, stop)``, top-left causal or not, and an additive 0 / -inf mask
-    [batch rows, 1, rows, keys] in q's dtype with the rows it leaves a key (None: every row sees every key)."""
+    """One C++ call of a step: keys ``[start, stop)``, top-left causal or not, and an additive float mask
+    [batch rows, heads or 1, rows, keys] (the bias, -inf where structural masks hide) with the rows it leaves a
+    key (None: every row sees every key, unmasked)."""
 
     start: int
     stop: int
@@ -65,25 +85,53 @@ class Step(NamedTuple):
 def _steps(spec: AttentionSpec, batch: int, n_q: int, n_k: int, dtype: torch.dtype) -> list[Step]:
     """The calls a validated spec is made of (see the module docstring)."""
     band = spec.band
-    if band.lower is None and spec.key_valid is None and spec.documents is None:
+    if band.lower is None and spec.key_valid is None and spec.documents is None and spec.bias is None:
         return _band_steps(band.upper, batch, n_q, n_k)
-    classes = schedule(spec, n_q, n_k, BLOCK, BLOCK).classes[:, 0]  # [SB, Tq, Tk]
+    classes = schedule(spec, n_q, n_k, BLOCK, BLOCK).classes  # [SB, SH, Tq, Tk]
     per_batch = classes.shape[0] > 1
     steps = []
     for b in range(classes.shape[0]):
         batch_rows = slice(b, b + 1) if per_batch else slice(0, batch)
-        for tile in range(classes.shape[1]):
+        for tile in range(classes.shape[2]):
             rows = slice(tile * BLOCK, min(n_q, (tile + 1) * BLOCK))
-            parts = [Part(start * BLOCK, min(n_k, stop * BLOCK)) for start, stop in _runs(classes[b, tile] == FULL)]
-            for start, stop in _runs(classes[b, tile] == PARTIAL):
-                cols = slice(start * BLOCK, min(n_k, stop * BLOCK))
-                visible = spec.visible(torch.arange(rows.start, rows.stop), torch.arange(cols.start, cols.stop))
-                visible = visible[batch_rows] if visible.shape[0] > 1 else visible
-                mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, float("-inf"))
-                parts.append(Part(cols.start, cols.stop, False, mask[:, None], visible.any(-1)[:, None]))
+            tiles = classes[b, :, tile]  # [SH, Tk]
+
+            def part(start: int, stop: int, rows: slice = rows, batch_rows: slice = batch_rows) -> Part:
+                return _masked_part(spec, batch_rows, rows, slice(start * BLOCK, min(n_k, stop * BLOCK)), dtype)
+
+            if spec.bias is None:  # structural masks only: no head varies
+                parts = [Part(start * BLOCK, min(n_k, stop * BLOCK)) for start, stop in _runs(tiles[0] == FULL)]
+                parts += [part(start, stop) for start, stop in _runs(tiles[0] == PARTIAL)]
+            else:  # one call over the keys any head visits: a row's whole softmax in one call, never merged
+                visited = (tiles != EMPTY).any(0).nonzero()
+                parts = [part(int(visited[0]), int(visited[-1]) + 1)] if len(visited) else []
             if parts:
                 steps.append(Step(batch_rows, rows, parts))
     return steps
+
+
+def _masked_part(spec: AttentionSpec, batch_rows: slice, rows: slice, cols: slice, dtype: torch.dtype) -> Part:
+    """The call over keys ``cols`` of these rows with its mask: the bias chunk (float32) where the structural
+    masks let attend and -inf elsewhere, or (without a bias) 0 / -inf in q's ``dtype``."""
+    visible = spec.visible(torch.arange(rows.start, rows.stop), torch.arange(cols.start, cols.stop))
+    if visible is not None:
+        visible = (visible[batch_rows] if visible.shape[0] > 1 else visible)[:, None]
+    if spec.bias is None:
+        mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, float("-inf"))
+    else:
+        values = _broadcast_dims_kept(spec.bias.values)
+        values = values[batch_rows] if values.shape[0] > 1 else values
+        mask = values[:, :, rows, cols].float()
+        mask = mask if visible is None else mask.masked_fill(~visible, float("-inf"))
+    return Part(cols.start, cols.stop, False, mask, ~(mask == float("-inf")).all(-1))
+
+
+def _broadcast_dims_kept(values: torch.Tensor) -> torch.Tensor:
+    """A [B, H, Nq, Nk] view whose broadcast batch and head dims (stride 0) are narrowed to size 1."""
+    for dim in (0, 1):
+        if values.stride(dim) == 0:
+            values = values.narrow(dim, 0, 1)
+    return values
 
 
 def _band_steps(upper: int | None, batch: int, n_q: int, n_k: int) -> list[Step]:
@@ -120,15 +168,17 @@ def _groups(q: torch.Tensor, num_kv_heads: int, tiled: bool) -> list[slice]:
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse pairs)`` of a validated ``spec`` that :func:`serves` accepts, on non-empty inputs."""
+                      spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(out, lse pairs)`` of a validated ``spec`` that :func:`serves` accepts, on non-empty inputs; None when a
+    row's log-sum-exp came out beyond :func:`keeps_precision` (the tiled path then runs the call)."""
     steps = _steps(spec, q.shape[0], q.shape[2], k.shape[2], q.dtype)
     if (len(steps) == 1 and len(steps[0].parts) == 1 and steps[0].rows == slice(0, q.shape[2])
             and steps[0].parts[0].mask is None and q.shape[1] == k.shape[1]):  # one call: its results as they are
         part = steps[0].parts[0]
         out, lse = _FORWARD(q, k[:, :, part.start:part.stop], v[:, :, part.start:part.stop], 0.0, part.causal,
                             scale=spec.scale)
-        return out, torch.stack([lse, torch.zeros_like(lse)], -1)
+        lse = torch.stack([lse, torch.zeros_like(lse)], -1)
+        return (out, lse) if keeps_precision(lse) else None
     out = torch.full(q.shape, float("nan"), dtype=q.dtype)
     lse = torch.zeros((*q.shape[:3], 2), dtype=torch.float32)
     lse[..., 0] = float("-inf")
@@ -140,14 +190,19 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             for part in step.parts:
                 part_out, part_lse = _FORWARD(rows, keys[:, :, part.start:part.stop],
                                               values[:, :, part.start:part.stop], 0.0, part.causal,
-                                              attn_mask=part.mask, scale=spec.scale)
+                                              attn_mask=_of_heads(part.mask, heads), scale=spec.scale)
                 if part.alive is not None:  # rows the mask hides entirely: the C++ kernel says 0, not -inf
-                    part_lse = part_lse.masked_fill(~part.alive, float("-inf"))
+                    part_lse = part_lse.masked_fill(~_of_heads(part.alive, heads), float("-inf"))
                 merged_out, merged_lse = _merge(merged_out, merged_lse, part_out.float(), part_lse)
             dead = merged_lse == float("-inf")
             out[step.batch, heads, step.rows] = merged_out.masked_fill(dead[..., None], float("nan")).to(q.dtype)
             lse[step.batch, heads, step.rows, 0] = merged_lse
-    return out, lse
+    return (out, lse) if keeps_precision(lse) else None
+
+
+def _of_heads(t: torch.Tensor | None, heads: slice) -> torch.Tensor | None:
+    """The query heads ``heads`` of a per-head mask (or alive rows); a mask broadcast over heads as it is."""
+    return t[:, heads] if t is not None and t.shape[1] > 1 else t
 
 
 def _merge(out: torch.Tensor | None, lse: torch.Tensor | None, part_out: torch.Tensor,
@@ -162,7 +217,8 @@ def _merge(out: torch.Tensor | None, lse: torch.Tensor | None, part_out: torch.T
 
 
 def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec) -> tuple[torch.Tensor, ...]:
-    """``(dq, dk, dv, None, None)`` of a validated ``spec`` that :func:`serves` accepts, from the forward's outputs."""
+    """``(dq, dk, dv, None, None)`` of a validated ``spec`` that :func:`serves` accepts, from the forward's outputs
+    when their log-sum-exps pass :func:`keeps_precision`."""
     q, k, v, out, lse = saved
     # Rows without keys: output 0 and LSE +inf, so every probability of theirs is 0 and they pass no gradient.
     dead = lse[..., 0] == float("-inf")
@@ -180,7 +236,8 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec
             for part in step.parts:
                 keys_part = slice(part.start, part.stop)
                 dq_part, dk_part, dv_part = _BACKWARD(rows_grad, rows, keys[:, :, keys_part], values[:, :, keys_part],
-                                                      rows_out, rows_lse, 0.0, part.causal, attn_mask=part.mask,
+                                                      rows_out, rows_lse, 0.0, part.causal,
+                                                      attn_mask=_of_heads(part.mask, heads),
                                                       scale=spec.scale)
                 dq[index] += dq_part
                 dk[step.batch, :, keys_part] += dk_part

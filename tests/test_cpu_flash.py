@@ -58,8 +58,9 @@ def test_matches_the_float64_reference(n_q, n_k, upper, tiled, dtype, cpu_kernel
 
 
 @pytest.mark.parametrize("change", [
-    dict(bias=Bias(torch.zeros(37, 37))), dict(dropout=Dropout(0.2, seed=1)), dict(alibi=Alibi(torch.ones(1, 4))),
-], ids=["bias", "dropout", "alibi"])
+    dict(bias=Bias(torch.randn(37, 37), requires_grad=True)), dict(dropout=Dropout(0.2, seed=1)),
+    dict(alibi=Alibi(torch.ones(1, 4))),
+], ids=["bias_with_gradient", "dropout", "alibi"])
 def test_specs_it_cannot_serve_run_the_tiled_path(change, cpu_kernels):
     q, k, v = qkv(37, 37)
     spec = AttentionSpec(0.2).replace(**change)
@@ -97,23 +98,84 @@ def test_structural_masks_follow_the_schedule_and_match_the_reference(case, cpu_
     n = 600
     q, k, v = qkv(n, n, seed=7)
     spec = structural_cases(n, n)[case]
+    assert_matches_reference_with_dead_rows(q, k, v, spec, cpu_kernels, tolerance=2e-5, grad_tolerance=1e-4)
+
+
+def assert_matches_reference_with_dead_rows(q, k, v, spec, taken, tolerance, grad_tolerance):
+    """The C++ path's forward and backward of ``spec`` against a float64 reference: rows without keys NaN (LSE
+    -inf) and without gradient; the reference is the same attention with its masks as a bias, finite on those rows."""
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
     terms = spec.validate(*leaves).materialize(*leaves[:2])
     dead = terms.isinf().all(-1, keepdim=True)
-    # The same attention with its masks as a finite bias where a row has no key: a reference with gradients.
     finite = AttentionSpec(spec.scale, bias=Bias(terms.masked_fill(dead, 0.0)), kv_heads_tiled=spec.kv_heads_tiled)
     ref = finite.validate(*leaves).reference(*leaves)
     grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     ref_grads = torch.autograd.grad(ref, leaves, grad_out.masked_fill(dead, 0.0))
 
     out, lse = attention_forward(q, k, v, spec)
-    assert cpu_kernels == ["flash_fx.kernels.cpu_flash"]
+    assert taken == ["flash_fx.kernels.cpu_flash"]
     alive = ~dead.expand(ref.shape)
     assert torch.equal(out.isnan(), ~alive) and torch.equal(lse[..., 0] == float("-inf"), dead[..., 0])
-    torch.testing.assert_close(out[alive].double(), ref[alive].detach(), atol=2e-5, rtol=2e-5)
-    grads = attention_backward(grad_out.float(), Saved(q, k, v, out, lse), spec)
+    torch.testing.assert_close(out[alive].double(), ref[alive].detach(), atol=tolerance, rtol=tolerance)
+    grads = attention_backward(grad_out.to(q.dtype), Saved(q, k, v, out, lse), spec)
     for mine, theirs in zip(grads[:3], ref_grads, strict=True):
-        torch.testing.assert_close(mine.double(), theirs, atol=1e-4, rtol=1e-4)
+        assert mine.dtype == q.dtype
+        torch.testing.assert_close(mine.double(), theirs, atol=grad_tolerance, rtol=grad_tolerance)
+
+
+def bias_cases(n):
+    """Specs with a bias: dense float, per head with -inf holes (rows without keys too), a mask bias whose empty
+    tiles are skipped, and a bias beside a window, documents and GQA."""
+    g = torch.Generator().manual_seed(11)
+    dense = torch.randn(2, 1, n, n, generator=g)
+    holes = torch.randn(2, 4, n, n, generator=g).masked_fill(torch.rand(2, 4, n, n, generator=g) < 0.3, float("-inf"))
+    holes[1, 2, 5:9] = float("-inf")  # rows without keys
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    blocks = torch.zeros(n, n).masked_fill((i // 256 != j // 256) & (j > 300), float("-inf"))
+    docs = torch.tensor([0] * 200 + [1] * (n - 200))
+    return {
+        "dense_bias": AttentionSpec(0.2, bias=Bias(dense)),
+        "per_head_holes": AttentionSpec(0.2, bias=Bias(holes)),
+        "mask_bias_skipping_tiles": AttentionSpec(0.2, bias=Bias(blocks, holds_masks=True)),
+        "bias_window_documents_gqa": AttentionSpec(0.2, band=Band(150, 0), bias=Bias(dense),
+                                                   documents=Documents(docs[None], docs[None]), kv_heads_tiled=True),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(bias_cases(8)))
+def test_biases_run_one_call_per_block_and_match_the_reference(case, dtype, cpu_kernels):
+    """Biases on the C++ path (one call per block of rows over the keys the schedule visits) against a float64
+    reference, forward and backward, at ragged sizes over several blocks; rows without keys NaN, no gradient."""
+    n_q, n_k = 600, 520
+    q, k, v = qkv(n_q, n_k, dtype=dtype, seed=3)
+    spec = bias_cases(max(n_q, n_k))[case]
+    spec = spec.replace(bias=Bias(spec.bias.values[..., :n_q, :n_k], holds_masks=spec.bias.holds_masks))
+    if spec.documents is not None:
+        ids = spec.documents.q_ids
+        spec = spec.replace(documents=Documents(ids[:, :n_q], ids[:, :n_k]))
+    tolerance = 2e-5 if dtype == torch.float32 else 3e-2
+    assert_matches_reference_with_dead_rows(q, k, v, spec, cpu_kernels, tolerance, tolerance * 5)
+
+
+def test_rows_hidden_entirely_by_a_large_finite_bias_run_the_tiled_path(cpu_kernels):
+    """A row that a bias of float32's lowest value hides entirely is eager's uniform average, whose log-sum-exp
+    (lowest + log Nk) rounds to lowest: the C++ backward, which takes the rounded value alone, would scale its
+    gradients by Nk, so the call runs on the tiled path (pairs of floats) and matches eager forward and backward."""
+    q, k, v = (t.requires_grad_() for t in qkv(40, 40, heads=2, kv_heads=2))
+    bias = torch.randn(40, 40)
+    bias[3] = torch.finfo(torch.float32).min  # query row 3 sees nothing but the fill
+    spec = AttentionSpec(0.2, bias=Bias(bias))
+    out, lse = attention_forward(q.detach(), k.detach(), v.detach(), spec)
+    assert cpu_kernels == ["flash_fx.kernels.cpu_flash", "flash_fx.kernels.tiled_torch"]
+    assert not cpu_flash.keeps_precision(lse)
+    expected = torch.softmax(q @ k.transpose(-1, -2) * 0.2 + bias, -1) @ v
+    torch.testing.assert_close(out, expected.detach(), atol=2e-5, rtol=2e-5)
+    grad_out = torch.randn(expected.shape)
+    mine = attention_backward(grad_out, Saved(q.detach(), k.detach(), v.detach(), out, lse), spec)
+    theirs = torch.autograd.grad(expected, (q, k, v), grad_out)
+    for a, b in zip(mine[:3], theirs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_float64_runs_the_tiled_path(cpu_kernels):
@@ -154,3 +216,28 @@ def test_low_precision_error_within_the_spec_bound(case, dtype, cpu_kernels):
     alive = ~dead.expand(ref.shape)
     error, eager_error = ((x.double()[alive] - ref[alive]).abs().max() for x in (out, eager))
     assert cpu_kernels == ["flash_fx.kernels.cpu_flash"] and error <= 2 * eager_error + 1e-6
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"window": [15, 0]}, {"q_doc": "docs", "k_doc": "docs"}],
+                         ids=["causal", "window", "documents"])
+def test_memory_of_forward_and_backward_is_linear_in_n(kwargs, cpu_kernels):
+    """What the op keeps for the backward grows linearly with N (no Nq x Nk scores or probabilities), and so does
+    what any op of the backward allocates (the profiler's memory records of every op, inner ones included, where a
+    quadratic temporary would quadruple when N doubles)."""
+    import flash_fx  # noqa: F401
+
+    def run(n):
+        q, k, v = (t.requires_grad_() for t in qkv(n, n, heads=2, kv_heads=2))
+        args = {key: (torch.arange(n)[None].expand(2, n) * 3 // n if value == "docs" else value)
+                for key, value in kwargs.items()}
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+            out = torch.ops.flash_fx.attention(q, k, v, None, 0.2, 0, **args)[0]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            out.sum().backward()
+        largest = max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0)
+        return sum(saved), largest
+
+    (saved_n, largest_n), (saved_2n, largest_2n) = run(256), run(512)
+    assert saved_2n <= 2.05 * saved_n  # linear (a constant for the seed)
+    assert 0 < largest_2n <= 2.5 * largest_n  # a quadratic temporary would quadruple
