@@ -184,7 +184,7 @@ def plan_attention(graph: fx.Graph, match: AttentionMatch, example_inputs: list[
     variant = masks.variant
     if variant not in options.variants:
         return _not_allowed(variant, options)
-    device = cost.device_model(options.device)
+    device = cost.device_for(match.device_type, options.device)
     tiles = options.tiles or cost.model_tiles(device, concrete(match.q_shape[-1]), match.dtype)
     band_density = _band_density(masks.band, nq, nk, tiles)
     holds_masks = masks.masks_in_bias > 0  # the kernels reduce the masks in the bias to a tile layout
@@ -295,7 +295,7 @@ def _plan_mha(match: MhaMatch | str, options: Options) -> tuple[RewriteRecord, f
                                 head_dim=_symbolic(match.shape[4]), dtype=match.dtype, density=1.0,
                                 elementwise_passes=1, mask_bytes_per_score=4.0 * bool(masks),
                                 training=torch.is_grad_enabled())
-    plan = cost.plan(shape, _size_hints(list(match.shape)), device=cost.device_model(options.device),
+    plan = cost.plan(shape, _size_hints(list(match.shape)), device=cost.device_for(match.device_type, options.device),
                      force=options.force, min_speedup=options.min_speedup, tiles=options.tiles)
     if not plan.rewrite:
         return SkipRecord(match.location, plan.reason)

@@ -12,7 +12,12 @@ graph's symbolic sizes (``s0``...), so the report can show the formula and its v
 Tiles are those the kernels launch with on the card (its compute capability's entry of the kernels' table), so the
 counts and the tile density follow the loops that run; :func:`paper_tiles` gives the FlashAttention paper's
 choice from SRAM (``Bc = ceil(M / 4d)``, ``Br = min(Bc, d)`` for M elements) for comparison.
-Time is a roofline: ``max(bytes / bandwidth, flops / peak)`` plus one launch.
+Time is a roofline: ``max(bytes / bandwidth, flops / peak)`` plus the call's fixed time (one launch on a card).
+
+The device is the one the kernels will run on (:func:`device_for`): a card from :data:`DEVICES` (or the current
+one), or this machine's CPU, whose figures are measured once per process (:mod:`flash_fx.cpu_profile`): the rate of the
+unfused ops' passes over the scores, float32 matrix throughput, the flash op's attained throughput and the fixed
+time of a call of each; on a CPU the fixed times decide small attentions, which stay unfused.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from dataclasses import dataclass, replace
 import sympy as sp
 import torch
 
-from flash_fx import kernels
+from flash_fx import cpu_profile, kernels
+from flash_fx.kernels.spec import Band
 from flash_fx.units import format_bytes
 
 Size = int | sp.Expr
@@ -31,14 +37,34 @@ Size = int | sp.Expr
 
 @dataclass(frozen=True)
 class Device:
-    """What the model needs of a card: on-chip memory for one program, HBM bandwidth, matrix throughput."""
+    """What the model needs of a device: on-chip memory for one program, memory bandwidth, matrix throughput and
+    the fixed time of one attention call, unfused and flash, forward and forward + backward."""
 
     name: str
-    sram_bytes: int
-    hbm_bytes_per_s: float
-    matmul_flops_per_s: float  # dense fp16/bf16 tensor-core peak
-    capability: tuple[int, int]  # CUDA compute capability: selects the kernels' launch tiles
-    launch_overhead_s: float = 5e-6
+    sram_bytes: int  # shared memory per program (0 on a CPU, which has none managed by software)
+    hbm_bytes_per_s: float  # memory bandwidth (a CPU: the rate its unfused attention ops attain, measured)
+    matmul_flops_per_s: float  # dense fp16/bf16 tensor-core peak on a card; measured float32 on a CPU
+    capability: tuple[int, int] | None  # CUDA compute capability (selects the launch tiles); None: a CPU
+    launch_overhead_s: float = 5e-6  # fixed time of a flash call's forward (one kernel launch on a card)
+    eager_overhead_s: float = 5e-6  # the same for the unfused ops
+    launch_overhead_training_s: float = 5e-6  # forward + backward
+    eager_overhead_training_s: float = 5e-6
+    flash_flops_per_s: float | None = None  # what the flash kernels attain, where measured (None: the peak)
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.capability is None
+
+    @property
+    def memory(self) -> str:
+        """What the bytes the model counts move through: a card's HBM, a CPU's main memory."""
+        return "main-memory" if self.is_cpu else "HBM"
+
+    def fixed_s(self, flash: bool, training: bool) -> float:
+        """Fixed time of one attention call: flash or unfused, with its backward or not."""
+        if flash:
+            return self.launch_overhead_training_s if training else self.launch_overhead_s
+        return self.eager_overhead_training_s if training else self.eager_overhead_s
 
 
 #: Published figures of known cards (SXM parts; SRAM: shared memory + L1 per SM as the paper counts it).
@@ -48,15 +74,18 @@ DEVICES = {
     "H200": Device("H200", 228 * 1024, 4.8e12, 989e12, (9, 0)),
 }
 DEFAULT_DEVICE = "H100"  # the card assumed when the model runs without one (explain on a laptop)
+CPU = "cpu"  # the name of this machine's CPU for the option ``device`` (figures measured: flash_fx.cpu_profile)
 
 
 def device_model(name: str | None = None) -> Device:
-    """The named card from :data:`DEVICES`; without a name the current CUDA device (its shared memory per
-    block from torch's device properties, bandwidth and peak from the table entry its name contains, H100's
-    otherwise), or :data:`DEFAULT_DEVICE` when there is no GPU."""
+    """The named card from :data:`DEVICES` (or this machine's CPU for ``"cpu"``); without a name the current CUDA
+    device (its shared memory per block from torch's device properties, bandwidth and peak from the table entry
+    its name contains, H100's otherwise), or :data:`DEFAULT_DEVICE` when there is no GPU."""
+    if name == CPU:
+        return cpu_device()
     if name is not None:
         if name not in DEVICES:
-            raise ValueError(f"unknown device {name!r}; known devices are {sorted(DEVICES)}")
+            raise ValueError(f"unknown device {name!r}; known devices are {sorted(DEVICES)} and {CPU!r}")
         return DEVICES[name]
     if not torch.cuda.is_available():
         return DEVICES[DEFAULT_DEVICE]
@@ -66,16 +95,45 @@ def device_model(name: str | None = None) -> Device:
     return replace(known, name=props.name, sram_bytes=int(sram), capability=(props.major, props.minor))
 
 
+def cpu_device() -> Device:
+    """This machine's CPU from its timings, measured once per process (:func:`flash_fx.cpu_profile.measure`): the
+    rate of the unfused ops is their byte count over their time on the reference attention (fixed time left out),
+    the flash op's attained throughput its FLOP count over its time."""
+    profile = cpu_profile.measure()
+    heads, n, head_dim = profile.reference
+    density = kernels.tile_density(kernels.AttentionSpec(1.0, band=Band(None, 0)), n, n, *_CPU_TILES)
+    reference = AttentionShape(heads, n, n, head_dim, torch.float32, density, elementwise_passes=2,
+                               mask_bytes_per_score=1.0, training=False)
+    eager_rate = float(eager_bytes(reference)) / max(profile.eager_reference_s - profile.eager_fixed_s, 1e-9)
+    flash_rate = float(flops(reference, recompute=True)) / max(profile.flash_reference_s - profile.flash_fixed_s, 1e-9)
+    return Device(profile.name, 0, eager_rate, profile.matmul_flops_per_s, None, profile.flash_fixed_s,
+                  profile.eager_fixed_s, profile.flash_fixed_training_s, profile.eager_fixed_training_s, flash_rate)
+
+
+_CPU_TILES = kernels.launch_tiles(64, torch.float32, None)
+
+
+def device_for(device_type: str, name: str | None = None) -> Device:
+    """The device the model predicts for: the named one (option ``device``), else where the kernels will run:
+    this machine's CPU for CPU tensors, the current card for CUDA tensors. Under Triton's interpreter, which runs
+    the GPU kernels on CPU tensors to check them, the default card."""
+    if name is None and device_type == "cpu" and not kernels.triton_interpreted():
+        return cpu_device()
+    return device_model(name)
+
+
 def paper_tiles(device: Device, head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
     """The paper's (Br, Bc) for the card's SRAM: Bc = ceil(M / 4d) elements, Br = min(Bc, d)."""
+    if device.is_cpu:
+        raise ValueError(f"{device.name} has no SRAM managed by software; the paper's tiles are a GPU's")
     elements = device.sram_bytes // dtype.itemsize
     block_c = math.ceil(elements / (4 * head_dim))
     return min(block_c, head_dim), block_c
 
 
 def model_tiles(device: Device, head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(Br, Bc) the model counts with: the tiles the forward kernel launches with on the card
-    (:func:`flash_fx.kernels.launch_tiles`)."""
+    """(Br, Bc) the model counts with: the tiles the forward kernel launches with on the card, or the blocks the
+    CPU path steps by (:func:`flash_fx.kernels.launch_tiles`)."""
     return kernels.launch_tiles(head_dim, dtype, device.capability)
 
 
@@ -143,9 +201,11 @@ def flops(s: AttentionShape, recompute: bool) -> sp.Expr:
     return sp.expand(s.batch_heads * total)
 
 
-def estimate_time(bytes_moved: float, flop_count: float, device: Device) -> float:
-    """Roofline time on the card plus one launch."""
-    return max(bytes_moved / device.hbm_bytes_per_s, flop_count / device.matmul_flops_per_s) + device.launch_overhead_s
+def estimate_time(bytes_moved: float, flop_count: float, device: Device, *, flash: bool, training: bool) -> float:
+    """Roofline time on the device (the flash kernels' attained throughput where measured) plus the fixed time of
+    the call, flash or unfused, with its backward or not."""
+    peak = (device.flash_flops_per_s or device.matmul_flops_per_s) if flash else device.matmul_flops_per_s
+    return max(bytes_moved / device.hbm_bytes_per_s, flop_count / peak) + device.fixed_s(flash, training)
 
 
 @dataclass(frozen=True)
@@ -176,20 +236,23 @@ def plan(s: AttentionShape, hints: dict[sp.Symbol, int], *, device: Device, forc
     before_expr, after_expr = eager_bytes(s), flash_bytes(s, block_r, block_c)
     before, after = _evaluate(before_expr, hints), _evaluate(after_expr, hints)
     flops_before, flops_after = _evaluate(flops(s, recompute=False), hints), _evaluate(flops(s, recompute=True), hints)
-    time_before = estimate_time(before, flops_before, device)
-    time_after = estimate_time(after, flops_after, device)
+    time_before = estimate_time(before, flops_before, device, flash=False, training=s.training)
+    time_after = estimate_time(after, flops_after, device, flash=True, training=s.training)
     speedup = time_before / time_after
     wins = after < before and speedup >= min_speedup
     if wins:
-        reason = f"flash moves {before / after:.1f}x fewer HBM bytes, predicted {speedup:.2f}x faster on {device.name}"
+        reason = (f"flash moves {before / after:.1f}x fewer {device.memory} bytes, predicted {speedup:.2f}x faster "
+                  f"on {device.name}")
     elif force:
         reason = f"forced: the model predicts {speedup:.2f}x on {device.name}"
     elif after >= before:
-        reason = f"kept: flash would move {format_bytes(after)} vs {format_bytes(before)}, no fewer HBM bytes"
+        reason = (f"kept: flash would move {format_bytes(after)} vs {format_bytes(before)}, no fewer "
+                  f"{device.memory} bytes")
     else:
         saved = before - after
         reason = (f"kept: flash saves {format_bytes(saved)} but is predicted only {speedup:.2f}x faster "
-                  f"(threshold {min_speedup:g}x; launch overhead {device.launch_overhead_s * 1e6:g} us)")
+                  f"(threshold {min_speedup:g}x; fixed time per call {device.fixed_s(True, s.training) * 1e6:.3g} "
+                  f"us flash, {device.fixed_s(False, s.training) * 1e6:.3g} us unfused)")
     symbolic = bool(before_expr.free_symbols | after_expr.free_symbols)
     formula = f"{_short(before_expr)} -> {_short(after_expr)}" if symbolic else ""
     return Plan(before, after, flops_before, flops_after, time_before, time_after, wins or force, reason,

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from flash_fx.cost import DEVICES
+from flash_fx.cost import CPU, DEVICES
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 VARIANTS = ("dense", "causal", "sliding_window", "key_padding", "document", "block_sparse", "bias")
@@ -32,7 +32,7 @@ class Options:
     verify: bool | str = False
     variants: tuple[str, ...] = field(default=VARIANTS)
     force: bool = False
-    device: str | None = None  # the card the cost model assumes: "A100", "H100", "H200" (None: detect)
+    device: str | None = None  # what the cost model predicts for: "A100", "H100", "H200", "cpu" (None: the inputs')
     min_speedup: float = 1.0  # rewrite only where the predicted speedup reaches this
     tiles: tuple[int, int] | None = None  # (Br, Bc) for the cost model instead of the SRAM-derived choice
     autotune: bool = False  # turn on the kernels' launch-configuration autotuning (flash_fx.kernels.set_autotune)
@@ -66,9 +66,9 @@ def parse_options(options: dict[str, Any] | None) -> Options:
     bad = sorted(set(variants) - set(VARIANTS))
     if bad:
         raise ValueError(f"flash_fx: unknown variant(s) {bad}; valid variants are {list(VARIANTS)}")
-    if merged["device"] is not None and merged["device"] not in DEVICES:
+    if merged["device"] is not None and merged["device"] not in (*DEVICES, CPU):
         raise ValueError(f"flash_fx: option device={merged['device']!r}; valid values are None, "
-                         f"{', '.join(map(repr, DEVICES))}")
+                         f"{', '.join(map(repr, (*DEVICES, CPU)))}")
     speedup = merged["min_speedup"]
     if isinstance(speedup, bool) or not isinstance(speedup, int | float) or not speedup > 0:
         raise ValueError(f"flash_fx: option min_speedup={speedup!r} must be a positive number")

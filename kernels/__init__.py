@@ -16,8 +16,8 @@ the spec's seed and offset (:mod:`dropout`), and :func:`dropout_keep_mask` mater
 Both paths visit the (query tile, key tile) pairs of the call's tile schedule (:mod:`schedule`): empty tiles
 are skipped, partial ones get every mask, full ones none (and no read of a bias that holds masks). The tiled path
 walks one query tile of all rows against key columns of 256 (128 x 128 tile pairs for a mask bias);
-:func:`tile_density` gives the fraction of tile pairs the forward visits. On the CPU, dense and causal specs
-(any offset, GQA, no bias or other terms, no dropout) run PyTorch's C++ flash kernel instead (:mod:`cpu_flash`).
+:func:`tile_density` gives the fraction of tile pairs the forward visits. On the CPU, specs without ALiBi, relative
+tables, dropout or a bias that needs a gradient run PyTorch's C++ flash kernel instead (:mod:`cpu_flash`).
 
 Launch configurations (tile sizes, warps, stages) come from :func:`config.choose_tiles`, a table per GPU compute
 capability, overridden by a :class:`Launch`. With autotuning on (``FLASH_FX_AUTOTUNE=1`` for CUDA tensors, or
@@ -47,7 +47,7 @@ from flash_fx.kernels.tuning import set_autotune, tuned_configs
 
 __all__ = ["SUPPORTED_DTYPES", "AttentionInputError", "AttentionSpec", "Launch", "Saved", "attention_backward",
            "attention_forward", "dropout_keep_mask", "launch_tiles", "set_autotune", "supports", "tile_density",
-           "triton_failure", "triton_failures", "tuned_configs", "uses_triton"]
+           "triton_failure", "triton_failures", "triton_interpreted", "tuned_configs", "uses_triton"]
 
 #: The dtypes of q, k, v the kernels take.
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -57,10 +57,15 @@ _TRITON_FAILURES: dict[tuple, str] = {}  # configuration (see _configuration) ->
 _FORCED_TILED = contextvars.ContextVar("flash_fx_forced_tiled", default=False)
 
 
+def triton_interpreted() -> bool:
+    """True when Triton's interpreter runs the Triton kernels on CPU tensors (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def uses_triton(t: torch.Tensor) -> bool:
-    """True if attention on ``t`` runs the Triton kernels: CUDA tensors, or CPU ones with TRITON_INTERPRET=1,
+    """True if attention on ``t`` runs the Triton kernels: CUDA tensors, or CPU ones under the interpreter,
     unless the call's configuration failed in Triton before in this process (see :func:`triton_failures`)."""
-    on_device = t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    on_device = t.is_cuda or (t.device.type == "cpu" and triton_interpreted())
     return on_device and not _FORCED_TILED.get()
 
 
@@ -155,7 +160,10 @@ def supports(head_dim: int, value_dim: int, dtype: torch.dtype, device_type: str
 
 def launch_tiles(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None) -> tuple[int, int]:
     """``(BLOCK_M, BLOCK_N)`` the forward kernel launches with on a GPU of this compute capability (the table's
-    entry, without autotuning), for the cost model and the report's tile density."""
+    entry, without autotuning), or (capability None) the blocks the CPU path steps by, for the cost model and
+    the report's tile density."""
+    if capability is None:
+        return cpu_flash.BLOCK, cpu_flash.BLOCK
     tiles = config.table_tiles(head_dim, dtype, capability, backward=False)
     return tiles.block_m, tiles.block_n
 
@@ -204,8 +212,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: A
         return out, lse
     n_q, n_k = q.shape[2], k.shape[2]
     if not uses_triton(q):
-        if cpu_flash.serves(spec, q):
-            return cpu_flash.attention_forward(q, k, v, spec)
+        result = cpu_flash.attention_forward(q, k, v, spec) if cpu_flash.serves(spec, q) else None
+        if result is not None:
+            return result
         plan = schedule(spec, n_q, n_k, *_tiled_blocks(spec, launch, n_q), q.device)
         return tiled_torch.attention_forward(q, k, v, spec, plan)
     _check_triton_head_dim(q)
@@ -239,7 +248,7 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias, drel
     n_q, n_k = q.shape[2], k.shape[2]
     if not uses_triton(q):
-        if cpu_flash.serves(spec, q):
+        if cpu_flash.serves(spec, q) and cpu_flash.keeps_precision(lse):
             return cpu_flash.attention_backward(grad_out, saved, spec)
         plan = schedule(spec, n_q, n_k, *_tiled_blocks(spec, launch, n_q), q.device)
         return tiled_torch.attention_backward(grad_out, saved, spec, plan)

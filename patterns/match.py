@@ -77,6 +77,7 @@ class AttentionMatch:
     k_shape: tuple  # [..., Nk, d]
     v_shape: tuple  # [..., Nk, d]
     dtype: torch.dtype
+    device_type: str  # "cpu" or "cuda": where the kernels run, which the cost model predicts for
     location: str
     zero_dead_rows: bool = False  # fully masked rows give 0 (SDPA) instead of NaN (softmax)
     dropout_p: float = 0.0  # dropout on the probabilities in training, fused into the kernels
@@ -322,10 +323,10 @@ def _finish(*, anchor: fx.Node, q: Operand, k: Operand, k_is_transposed: bool, v
     shapes = _operand_shapes(q, k, k_is_transposed, v)
     if isinstance(shapes, str):
         return shapes
-    q_shape, k_shape, v_shape, dtype = shapes
+    q_shape, k_shape, v_shape, dtype, device_type = shapes
     return AttentionMatch(
         anchor=anchor, q=q, k=k, k_is_transposed=k_is_transposed, v=v, kv_heads_tiled=kv_heads_tiled, scale=scale,
-        batch_view=batch_view, q_shape=q_shape, k_shape=k_shape, v_shape=v_shape, dtype=dtype,
+        batch_view=batch_view, q_shape=q_shape, k_shape=k_shape, v_shape=v_shape, dtype=dtype, device_type=device_type,
         location=location(anchor), notes=notes, **fields,
     )
 
@@ -377,8 +378,9 @@ def _permuted_shape(operand: Operand) -> tuple:
 
 
 def _operand_shapes(q: Operand, k: Operand, k_is_transposed: bool,
-                    v: Operand) -> tuple[tuple, tuple, tuple, torch.dtype] | str:
-    """Shapes of q [..., Nq, d], k [..., Nk, d], v [..., Nk, d] and their dtype, or why they do not fit."""
+                    v: Operand) -> tuple[tuple, tuple, tuple, torch.dtype, str] | str:
+    """Shapes of q [..., Nq, d], k [..., Nk, d], v [..., Nk, d], their dtype and device type, or why they do not
+    fit."""
     values = [_value(o.node) for o in (q, k, v)]
     if any(v is None for v in values):
         return "an operand has no tensor example value"
@@ -389,6 +391,7 @@ def _operand_shapes(q: Operand, k: Operand, k_is_transposed: bool,
     devices = {v.device.type for v in values}
     if len(devices) != 1:
         return f"q, k, v are on different devices {sorted(devices)}"
+    device_type = devices.pop()
     q_shape, k_shape, v_shape = (_permuted_shape(o) for o in (q, k, v))
     if min(len(q_shape), len(k_shape), len(v_shape)) < 2:
         return "an operand has fewer than 2 dims"
@@ -397,10 +400,10 @@ def _operand_shapes(q: Operand, k: Operand, k_is_transposed: bool,
     batch_rank = max(len(q_shape), len(k_shape), len(v_shape)) - 2
     if batch_rank > 2:
         return f"{batch_rank} batch dims (at most 2: batch and heads)"
-    reasons = kernels.supports(concrete(q_shape[-1]), concrete(v_shape[-1]), dtype, devices.pop())
+    reasons = kernels.supports(concrete(q_shape[-1]), concrete(v_shape[-1]), dtype, device_type)
     if reasons:
         return reasons[0]
-    return q_shape, k_shape, v_shape, dtype
+    return q_shape, k_shape, v_shape, dtype, device_type
 
 
 def _op_name(node: fx.Node) -> str:

@@ -30,6 +30,7 @@ class MhaMatch:
     location: str
     shape: tuple  # (batch, heads, Nq, Nk, head_dim) at the example
     dtype: torch.dtype
+    device_type: str
 
 
 def is_mha_call(node: fx.Node) -> bool:
@@ -61,4 +62,4 @@ def match_mha(node: fx.Node) -> MhaMatch | str:
     if reasons:
         return reasons[0]
     return MhaMatch(node, args, location(node), (query.shape[1], heads, query.shape[0], key.shape[0], head_dim),
-                    query.dtype)
+                    query.dtype, query.device.type)

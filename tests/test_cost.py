@@ -1,6 +1,8 @@
 """The cost model: byte and FLOP formulas against hand counts, tiles from SRAM, the device table, the decision and
 its options, and symbolic formulas under dynamic shapes."""
 
+import math
+
 import pytest
 import sympy as sp
 import torch
@@ -8,7 +10,7 @@ from flash_fx.kernels import config
 from helpers import capture
 from test_masks import BlockLayoutMask
 
-from flash_fx import cost
+from flash_fx import cost, cpu_profile
 from flash_fx.options import parse_options
 
 
@@ -135,3 +137,66 @@ def test_symbolic_report_under_dynamic_shapes():
     assert "ceiling(" in dynamic.hbm_formula and " -> " in dynamic.hbm_formula
     assert dynamic.hbm_before == static.hbm_before and dynamic.hbm_after == static.hbm_after
     assert "symbolic:" in str(report)
+
+
+# ---- the CPU as a device of the cost model ----
+
+FIXED_CPU = cpu_profile.CpuProfile("CPU test, 2 threads", matmul_flops_per_s=150e9, reference=(4, 512, 64),
+                                   eager_reference_s=5.6e-3, flash_reference_s=2.7e-3, eager_fixed_s=30e-6,
+                                   flash_fixed_s=100e-6, eager_fixed_training_s=80e-6, flash_fixed_training_s=300e-6)
+
+
+def test_cpu_profile_is_measured_once_per_process(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU paths, as a CPU user runs them
+    cpu_profile.measure.cache_clear()
+    profile = cpu_profile.measure()
+    assert profile is cpu_profile.measure()
+    assert profile.name.startswith("CPU ") and "threads" in profile.name
+    timings = [profile.eager_reference_s, profile.flash_reference_s, profile.eager_fixed_s, profile.flash_fixed_s,
+               profile.eager_fixed_training_s, profile.flash_fixed_training_s]
+    assert all(math.isfinite(t) and 0 < t < 10 for t in timings)
+    assert 1e8 < profile.matmul_flops_per_s < 1e14 and profile.reference == (4, 512, 64)
+
+
+def test_cpu_rates_reproduce_the_timings_they_come_from(monkeypatch):
+    """The rates derived for the CPU predict the reference attention's measured times, each side."""
+    monkeypatch.setattr(cost.cpu_profile, "measure", lambda: FIXED_CPU)
+    cpu = cost.cpu_device()
+    heads, n, head_dim = FIXED_CPU.reference
+    density = cost.kernels.tile_density(cost.kernels.AttentionSpec(1.0, band=cost.Band(None, 0)), n, n, 256, 256)
+    shape = cost.AttentionShape(heads, n, n, head_dim, torch.float32, density, elementwise_passes=2,
+                                mask_bytes_per_score=1.0, training=False)
+    plan = cost.plan(shape, {}, device=cpu)
+    assert math.isclose(plan.time_before, FIXED_CPU.eager_reference_s, rel_tol=1e-6)
+    assert math.isclose(plan.time_after, FIXED_CPU.flash_reference_s, rel_tol=1e-6)
+    assert plan.rewrite and f"predicted {5.6 / 2.7:.2f}x faster on {FIXED_CPU.name}" in plan.reason
+
+
+def test_the_device_predicted_for_is_where_the_kernels_run(monkeypatch):
+    monkeypatch.setattr(cost.cpu_profile, "measure", lambda: FIXED_CPU)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cpu = cost.device_for("cpu")
+    assert cpu.is_cpu and cpu.name == FIXED_CPU.name and cpu.memory == "main-memory"
+    assert cost.device_for("cpu", "A100").name == "A100"  # the option plans for a card on a laptop
+    assert cost.device_for("cuda", "cpu").is_cpu
+    assert cost.model_tiles(cpu, 64, torch.float32) == (256, 256)  # the blocks the CPU path steps by
+    with pytest.raises(ValueError, match="no SRAM"):
+        cost.paper_tiles(cpu, 64, torch.float32)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs the GPU kernels: plan for the default card
+    assert cost.device_for("cpu").name == cost.DEFAULT_DEVICE
+
+
+def test_cpu_decisions_follow_its_fixed_call_times(monkeypatch):
+    """On a CPU the flash op's larger fixed time keeps small attentions unfused; large ones are rewritten, and the
+    report names the CPU."""
+    monkeypatch.setattr(cost.cpu_profile, "measure", lambda: FIXED_CPU)
+    small, large = torch.randn(1, 1, 16, 16), torch.randn(1, 2, 512, 64)
+    kept = capture(attention, small, small, small, device="cpu").reports[0]
+    reason = kept.skipped[0].reason
+    assert kept.rewrites == [] and "fixed time per call 100 us flash, 30 us unfused" in reason
+    report = capture(attention, large, large, large, device="cpu").reports[0]
+    (rewrite,) = report.rewrites
+    assert rewrite.device == FIXED_CPU.name and "main-memory bytes" in rewrite.notes
+    assert f"cost model: {FIXED_CPU.name}, tiles Br x Bc = 256 x 256" in str(report)
+    (on_card,) = capture(attention, small, small, small, device="H100").reports[0].rewrites
+    assert on_card.device == "H100"  # 5 us launches on a card: the same small attention is rewritten there
