@@ -142,7 +142,8 @@ def test_bars_from_rows():
 
 
 def test_models_bench_cpu(tmp_path):
-    _, folder = bench(tmp_path, "models", "--sizes", "32", "--kinds", "gpt", "packed", "--tokens", "64")
+    _, folder = bench(tmp_path, "models", "--sizes", "32", "--kinds", "gpt", "packed", "--tokens", "64",
+                      "--cost-device", "H100")  # planned as for a card: this CPU would keep attention this small
     found = rows(folder, "models")
     assert {(row["model"], row["backend"]) for row in found} == {
         (kind, backend) for kind in ("gpt", "packed") for backend in ("eager", "flash_fx")}
@@ -167,14 +168,37 @@ def test_all_within_a_budget(tmp_path):
     assert bar_file.exists()
 
 
-def test_cpu_op_timings_smoke(monkeypatch):
-    """python -m flash_fx.bench.cpu at a tiny size: every row measured (positive milliseconds)."""
-    from flash_fx.bench import cpu
+def test_cpu_section_op_rows(tmp_path):
+    """`python -m flash_fx.bench cpu` at a tiny size: every op row with its baseline and positive times."""
+    _, folder = bench(tmp_path, "cpu", "--op-n", "48", "--op-only")
+    found = rows(folder, "cpu")
+    assert {(row["level"], row["case"], row["mode"], row["baseline"]) for row in found} == {
+        ("op", "causal", "forward", "C++ CPU flash kernel"), ("op", "causal", "forward", "flash_fx tiled path (before)"),
+        ("op", "causal", "forward+backward", "SDPA is_causal"),
+        *(("op", kind, "forward", "C++ CPU flash kernel, dense mask") for kind in ("sliding window", "documents")),
+        *(("op", kind, "forward+backward", "SDPA, dense mask") for kind in ("sliding window", "documents"))}
+    assert all(float(row["flash_fx_ms"]) > 0 and float(row["baseline_ms"]) > 0 for row in found)
+    assert all(math.isclose(float(row["ratio"]), float(row["baseline_ms"]) / float(row["flash_fx_ms"]), rel_tol=1e-3)
+               for row in found)
 
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    rows = cpu.causal_rows(48, heads=2, head_dim=16, reps=1)
-    assert set(rows) == {"flash_fx forward", "C++ CPU flash forward", "tiled path forward", "flash_fx fwd+bwd",
-                         "SDPA causal fwd+bwd"}
-    assert all(ms > 0 for ms in rows.values())
-    window = cpu.window_rows(64, window=8, heads=2, head_dim=16, reps=1)
-    assert len(window) == 2 and all(ms > 0 for ms in window.values())
+
+def test_cpu_section_model_rows_pair_each_mode_with_plain_compile(monkeypatch):
+    """The model rows put flash_fx and torch.compile's default of one model, N and mode side by side (the models
+    themselves are smoke-tested by test_models_bench_cpu; Inductor's CPU compiles are too slow for CI)."""
+    from flash_fx.bench import cpu, models
+
+    def timed(device, cases, backends, *args, **kwargs):
+        assert device == "cpu" and backends == ["inductor", "flash_fx"]
+        for kind, n in cases:
+            for backend, ms in (("inductor", 300.0), ("flash_fx", 200.0)):
+                for mode in ("train step", "inference"):
+                    yield {"model": kind, "n": n, "backend": backend, "mode": mode, "ms": ms + (mode == "inference"),
+                           "attention rewritten": "2 causal" if backend == "flash_fx" else "-"}
+
+    monkeypatch.setattr(models, "run", timed)
+    found = list(cpu.model_rows([("gpt", 2048), ("packed", 4096)]))
+    assert [(row["case"], row["n"], row["mode"]) for row in found] == [
+        ("gpt (2 causal)", 2048, "train step"), ("gpt (2 causal)", 2048, "inference"),
+        ("packed (2 causal)", 4096, "train step"), ("packed (2 causal)", 4096, "inference")]
+    assert math.isclose(found[0]["ratio"], 1.5)
+    assert math.isclose(found[1]["flash_fx_ms"], 201.0) and math.isclose(found[1]["baseline_ms"], 301.0)

@@ -6,6 +6,8 @@
     python -m flash_fx.bench sparse    # block-sparse: time against tile density
     python -m flash_fx.bench models    # training step and inference of small transformers
     python -m flash_fx.bench memory    # peak memory of forward + backward against N (CUDA)
+    python -m flash_fx.bench cpu       # the CPU: the op against PyTorch's C++ flash kernel and SDPA, and models
+                                       # against plain torch.compile (its own command; not part of `all`)
     python -m flash_fx.bench all --budget-s 300   # everything above in one folder within a time budget, then
                                                   # the performance bars: the one command for a GPU session
 
@@ -24,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from flash_fx.bench import autotune, bars, check, kernels, memory, models, report, roofline, sparse
+from flash_fx.bench import autotune, bars, check, cpu, kernels, memory, models, report, roofline, sparse
 from flash_fx.bench.timing import NO_DEADLINE, Deadline, environment
+from flash_fx.kernels import triton_interpreted as kernels_interpreted
 
 GPU = torch.cuda.is_available()
 
@@ -90,7 +93,8 @@ def models_command(args: argparse.Namespace, deadline: Deadline) -> Iterator[dic
     backends = args.backends or (["eager", "inductor", "flash_fx"] if on_gpu else ["eager", "flash_fx"])
     return models.run(args.device, cases, backends, width, heads, layers, tokens, vocab,
                       args.reps or (5 if on_gpu else 1), _dtype(args.dtype or ("bfloat16" if on_gpu else "float32")),
-                      regional=not args.whole_model, deadline=deadline)
+                      regional=not args.whole_model, deadline=deadline,
+                      inner="inductor" if on_gpu else "aot_eager", cost_device=args.cost_device)
 
 
 def memory_command(args: argparse.Namespace, deadline: Deadline) -> Iterator[dict]:
@@ -101,11 +105,24 @@ def memory_command(args: argparse.Namespace, deadline: Deadline) -> Iterator[dic
     return memory.run(sizes, args.heads or 16, args.head_dim, _dtype(args.dtype or "float16"), deadline)
 
 
+def cpu_command(args: argparse.Namespace, deadline: Deadline) -> Iterator[dict]:
+    if args.device != "cpu":
+        print("# cpu: run with --device cpu (the CPU section times the CPU)")
+        return iter(())
+    if kernels_interpreted():
+        print("# cpu: TRITON_INTERPRET=1 would time the Triton interpreter; run without it")
+        return iter(())
+    cases = [(kind, n) for n in args.sizes or [2048, 4096] for kind in args.kinds or cpu.MODEL_KINDS]
+    return cpu.run(args.op_n, [] if args.op_only else cases, args.reps or 5, deadline)
+
+
 #: Each command, and its share of ``all``'s budget (time a section leaves unused passes to the next).
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, Deadline], Iterator[dict]], float]] = {
     "check": (check_command, 0.08), "kernels": (kernels_command, 0.30), "autotune": (autotune_command, 0.06),
     "sparse": (sparse_command, 0.14), "memory": (memory_command, 0.06), "models": (models_command, 0.36),
+    "cpu": (cpu_command, 0.0),
 }
+GPU_SECTIONS = [name for name in COMMANDS if name != "cpu"]  # what `all` runs by default
 
 
 def _write(name: str, rows: list[dict], folder: Path, env: dict[str, str], *, streamed: bool = False) -> None:
@@ -143,15 +160,22 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--batch-heads", type=int, default=None)
             sub.add_argument("--block", type=int, default=128, help="layout block size (positions)")
             sub.add_argument("--backward", action="store_true", help="also time forward+backward")
+        if name == "cpu":
+            sub.add_argument("--op-n", type=int, default=2048, help="N of the op-level rows (masked ones at 2N)")
+            sub.add_argument("--kinds", nargs="+", default=None, choices=models.KINDS,
+                             help=f"model kinds (default {' '.join(cpu.MODEL_KINDS)}); --sizes: their N")
+            sub.add_argument("--op-only", action="store_true", help="only the op-level rows")
         if name in ("models", "all"):
             sub.add_argument("--kinds", nargs="+", default=None, choices=models.KINDS)
             sub.add_argument("--backends", nargs="+", default=None, choices=("eager", "inductor", "flash_fx"))
+            sub.add_argument("--cost-device", default=None, help="flash_fx's option device: what its cost model "
+                             "predicts for (e.g. H100 to rewrite as on a card; default: where the model runs)")
             sub.add_argument("--whole-model", action="store_true",
                              help="compile the whole model instead of each block (slower first compiles)")
         if name == "all":
             sub.add_argument("--budget-s", type=float, default=300.0,
                              help="start nothing new after this many seconds (each section gets a share)")
-            sub.add_argument("--sections", nargs="+", default=list(COMMANDS), choices=list(COMMANDS),
+            sub.add_argument("--sections", nargs="+", default=GPU_SECTIONS, choices=list(COMMANDS),
                              help="run only these sections (e.g. to rerun one that failed)")
     return parser
 

@@ -1,115 +1,116 @@
-"""CPU attention-op timings against PyTorch's own CPU kernels, in one process (medians).
+"""The CPU section of ``python -m flash_fx.bench``: flash_fx against PyTorch's own CPU kernels and plain
+``torch.compile``, in one process, medians of wall time (``python -m flash_fx.bench cpu``).
 
-    python -m flash_fx.bench.cpu --n 2048          # B1 H12 d64 fp32 causal at N, sliding window 256 at 2N
-
-Rows: the flash_fx op forward (the C++ flash path on the CPU), PyTorch's C++ CPU flash kernel forward, the tiled
-PyTorch path forward (what flash_fx ran on the CPU before the C++ path), and forward+backward of the flash_fx op
-and of ``F.scaled_dot_product_attention(is_causal=True)``, with the two ratios the CPU goals are stated in.
+Op level (B1, 12 heads, d 64, float32): causal attention at N through the flash_fx op (the C++ flash path)
+against PyTorch's C++ CPU flash kernel (forward) and ``F.scaled_dot_product_attention(is_causal=True)``
+(forward + backward), and against the tiled PyTorch path flash_fx ran before; a causal sliding window of 256 keys
+and packed documents (4 per sequence, causal) at 2N against the same C++ kernel and SDPA given the dense mask.
+Model level: the 2-layer, width-768 transformers of :mod:`models` (GPT, sliding window, packed documents), one
+inference forward and one training step (forward, backward, AdamW) under ``backend="flash_fx"`` (Inductor inside)
+against ``torch.compile``'s default. Every row says what was timed, against what, and the ratio
+``baseline / flash_fx`` (above 1: flash_fx is faster).
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from flash_fx.bench import models
+from flash_fx.bench.timing import NO_DEADLINE, Deadline, median_seconds
 
-def median_ms(fn: Callable[[], object], reps: int) -> float:
-    """Median wall time of ``fn()`` in milliseconds after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+WINDOW = 256
+DOCUMENTS = 4
+MODEL_KINDS = ("gpt", "sliding_window", "packed")
 
 
-def causal_rows(n: int, heads: int = 12, head_dim: int = 64, reps: int = 5) -> dict[str, float]:
-    """The timings (ms) of causal attention B1 x ``heads`` x ``n`` x ``head_dim`` fp32 on the CPU."""
+def _row(level: str, case: str, n: int, mode: str, flash_s: float, baseline: str, baseline_s: float) -> dict:
+    return {"level": level, "case": case, "n": n, "mode": mode, "flash_fx_ms": flash_s * 1e3, "baseline": baseline,
+            "baseline_ms": baseline_s * 1e3, "ratio": baseline_s / flash_s}
+
+
+def _masks(kind: str, n: int) -> tuple[dict, torch.Tensor]:
+    """The flash_fx op's keyword arguments for a masked case and the same mask as a dense 0 / -inf float mask."""
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    if kind == "sliding window":
+        visible, kwargs = (j <= i) & (j > i - WINDOW), {"window": [WINDOW - 1, 0]}
+    else:
+        doc = torch.arange(n) * DOCUMENTS // n
+        visible, kwargs = (j <= i) & (doc[:, None] == doc[None, :]), {"q_doc": doc[None], "k_doc": doc[None]}
+    return kwargs, torch.zeros(n, n).masked_fill(~visible, float("-inf"))
+
+
+def op_rows(n: int, heads: int = 12, head_dim: int = 64, reps: int = 5) -> Iterator[dict]:
+    """The op-level rows (see the module docstring); masked cases at 2N."""
     import flash_fx  # noqa: F401  (registers torch.ops.flash_fx.attention)
     from flash_fx.kernels import AttentionSpec, tiled_torch
     from flash_fx.kernels.schedule import schedule
     from flash_fx.kernels.spec import Band
 
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, heads, n, head_dim, requires_grad=True) for _ in range(3))
+    cpp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     scale = head_dim**-0.5
+
+    def inputs(length: int) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        return [torch.randn(1, heads, length, head_dim, requires_grad=True) for _ in range(3)]
+
+    def forward(fn: Callable[[], object]) -> float:
+        def run() -> None:
+            with torch.no_grad():
+                fn()
+        return median_seconds(run, "cpu", reps)
+
+    def step(fn: Callable[[], torch.Tensor]) -> float:
+        return median_seconds(lambda: fn().sum().backward(), "cpu", reps)
+
+    q, k, v = inputs(n)
     spec = AttentionSpec(scale, band=Band(None, 0)).validate(q, k, v)
-
-    def flash_forward() -> None:
-        with torch.no_grad():
-            torch.ops.flash_fx.attention(q, k, v, None, scale, 0)
-
-    def cpp_forward() -> None:
-        with torch.no_grad():
-            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
-
-    def tiled_forward() -> None:
-        with torch.no_grad():
-            tiled_torch.attention_forward(q, k, v, spec, schedule(spec, n, n, n, 256))
-
-    def flash_step() -> None:
-        torch.ops.flash_fx.attention(q, k, v, None, scale, 0)[0].sum().backward()
-
-    def sdpa_step() -> None:
-        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
-
-    return {"flash_fx forward": median_ms(flash_forward, reps), "C++ CPU flash forward": median_ms(cpp_forward, reps),
-            "tiled path forward": median_ms(tiled_forward, reps), "flash_fx fwd+bwd": median_ms(flash_step, reps),
-            "SDPA causal fwd+bwd": median_ms(sdpa_step, reps)}
+    flash = forward(lambda: torch.ops.flash_fx.attention(q, k, v, None, scale, 0))
+    yield _row("op", "causal", n, "forward", flash, "C++ CPU flash kernel", forward(
+        lambda: cpp(q, k, v, 0.0, True, scale=scale)))
+    yield _row("op", "causal", n, "forward", flash, "flash_fx tiled path (before)", forward(
+        lambda: tiled_torch.attention_forward(q, k, v, spec, schedule(spec, n, n, n, 256))))
+    yield _row("op", "causal", n, "forward+backward", step(lambda: torch.ops.flash_fx.attention(
+        q, k, v, None, scale, 0)[0]), "SDPA is_causal", step(lambda: F.scaled_dot_product_attention(
+            q, k, v, is_causal=True)))
+    for kind in ("sliding window", "documents"):
+        yield from _masked_rows(kind, *inputs(2 * n), scale, forward, step)
 
 
-def window_rows(n: int, window: int = 256, heads: int = 12, head_dim: int = 64, reps: int = 3) -> dict[str, float]:
-    """Forward timings (ms) of causal sliding-window attention (``window`` keys back) B1 x ``heads`` x ``n`` fp32:
-    the flash_fx op (the schedule's calls of the C++ kernel) against the C++ kernel given the dense mask."""
-    import flash_fx  # noqa: F401  (registers torch.ops.flash_fx.attention)
-
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, heads, n, head_dim) for _ in range(3))
-    scale = head_dim**-0.5
-    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    mask = torch.zeros(n, n).masked_fill(~((j <= i) & (j >= i - window)), float("-inf"))
-
-    def flash_forward() -> None:
-        torch.ops.flash_fx.attention(q, k, v, None, scale, 0, window=[window, 0])
-
-    def cpp_forward() -> None:
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
-
-    with torch.no_grad():
-        return {"flash_fx window forward": median_ms(flash_forward, reps),
-                "C++ CPU flash forward, dense window mask": median_ms(cpp_forward, reps)}
+def _masked_rows(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 forward: Callable[[Callable[[], object]], float],
+                 step: Callable[[Callable[[], torch.Tensor]], float]) -> Iterator[dict]:
+    """Forward and forward + backward of one masked case against the dense-mask baselines."""
+    n = q.shape[2]
+    kwargs, mask = _masks(kind, n)
+    cpp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    yield _row("op", kind, n, "forward", forward(lambda: torch.ops.flash_fx.attention(
+        q, k, v, None, scale, None, **kwargs)), "C++ CPU flash kernel, dense mask", forward(
+            lambda: cpp(q, k, v, 0.0, False, attn_mask=mask, scale=scale)))
+    yield _row("op", kind, n, "forward+backward", step(lambda: torch.ops.flash_fx.attention(
+        q, k, v, None, scale, None, **kwargs)[0]), "SDPA, dense mask", step(
+            lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=2048)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=5)
-    args = parser.parse_args()
-    os.environ["TRITON_INTERPRET"] = "0"
-    rows = causal_rows(args.n, args.heads, args.head_dim, args.reps)
-    print(f"causal attention B1 H{args.heads} N{args.n} d{args.head_dim} fp32, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, medians of {args.reps}:")
-    print("| what | ms |\n| --- | --- |")
-    for name, ms in rows.items():
-        print(f"| {name} | {ms:.1f} |")
-    print(f"forward: C++ CPU flash / flash_fx = {rows['C++ CPU flash forward'] / rows['flash_fx forward']:.2f}x; "
-          f"fwd+bwd: SDPA / flash_fx = {rows['SDPA causal fwd+bwd'] / rows['flash_fx fwd+bwd']:.2f}x "
-          "(above 1: flash_fx faster)")
-    window_n = 2 * args.n
-    window = window_rows(window_n, 256, args.heads, args.head_dim, max(1, args.reps // 2))
-    print(f"sliding window 256, causal, N{window_n}: " + "; ".join(f"{k} {v:.1f} ms" for k, v in window.items()))
-    print(f"window forward: C++ CPU flash with the dense mask / flash_fx = "
-          f"{window['C++ CPU flash forward, dense window mask'] / window['flash_fx window forward']:.2f}x")
+def model_rows(cases: list[tuple[str, int]], width: int = 768, heads: int = 12, layers: int = 2,
+               vocab: int = 50304, reps: int = 3, deadline: Deadline = NO_DEADLINE) -> Iterator[dict]:
+    """The model-level rows: flash_fx (Inductor inside) against ``torch.compile``'s default, batch 1."""
+    by_case: dict[tuple, dict] = {}
+    for row in models.run("cpu", cases, ["inductor", "flash_fx"], width, heads, layers, 0, vocab, reps,
+                          torch.float32, deadline=deadline):
+        key = (row["model"], row["n"], row["mode"])
+        by_case.setdefault(key, {})[row["backend"]] = row
+        if len(by_case[key]) == 2:
+            flash, plain = by_case[key]["flash_fx"], by_case[key]["inductor"]
+            yield {**_row("model", f"{row['model']} ({flash['attention rewritten']})", row["n"], row["mode"],
+                          flash["ms"] / 1e3, "torch.compile default", plain["ms"] / 1e3)}
 
 
-if __name__ == "__main__":
-    main()
+def run(op_n: int, model_cases: list[tuple[str, int]], reps: int, deadline: Deadline = NO_DEADLINE) -> Iterator[dict]:
+    """All rows of the section: op level at ``op_n`` (masked cases at twice that), then ``model_cases``."""
+    if op_n:
+        yield from op_rows(op_n, reps=reps)
+    if model_cases:
+        yield from model_rows(model_cases, reps=max(1, reps // 2 + 1), deadline=deadline)

@@ -88,14 +88,16 @@ def model_inputs(batch: int, n: int, vocab: int, device: str, seed: int = 0) -> 
     return tokens.to(device), key_valid.to(device), doc_ids.to(device)
 
 
-def compiled(model: Transformer, backend: str, cpu_smoke: bool, regional: bool) -> Callable:
+def compiled(model: Transformer, backend: str, inner: str, regional: bool,
+             cost_device: str | None = None) -> Callable:
     """``model`` under ``backend``: the whole model compiled, or (``regional``) each transformer block, which the
     blocks share, so a 12-layer model compiles one block instead of twelve inlined ones (both compiled backends
-    alike; embedding, final norm and head then run eagerly)."""
+    alike; embedding, final norm and head then run eagerly). ``inner`` compiles the rest of flash_fx's graphs,
+    ``cost_device`` is its option ``device``."""
     if backend == "eager":
         return model
     kwargs = {} if backend == "inductor" else {
-        "backend": "flash_fx", "options": {"report": False, "inner": "aot_eager" if cpu_smoke else "inductor"}}
+        "backend": "flash_fx", "options": {"report": False, "inner": inner, "device": cost_device}}
     if not regional:
         return torch.compile(model, **kwargs)
     for block in model.blocks:
@@ -104,10 +106,11 @@ def compiled(model: Transformer, backend: str, cpu_smoke: bool, regional: bool) 
 
 
 def _time_backend(model: Transformer, backend: str, inputs: tuple[torch.Tensor, ...], device: str,
-                  dtype: torch.dtype, reps: int, regional: bool) -> dict[str, float | str]:
+                  dtype: torch.dtype, reps: int, regional: bool, inner: str,
+                  cost_device: str | None) -> dict[str, float | str]:
     """Median seconds of a training step and of an inference forward of ``model`` under ``backend``, and which
     attention variants flash_fx rewrote over the graphs it compiled, training and inference ("rewritten")."""
-    runner = compiled(model, backend, cpu_smoke=device == "cpu", regional=regional)
+    runner = compiled(model, backend, inner, regional, cost_device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     autocast = dict(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
 
@@ -137,9 +140,11 @@ def _time_backend(model: Transformer, backend: str, inputs: tuple[torch.Tensor, 
 
 def run(device: str, cases: list[tuple[str, int]], backends: list[str], width: int, heads: int, layers: int,
         tokens: int, vocab: int, reps: int, dtype: torch.dtype, regional: bool = True,
-        deadline: Deadline = NO_DEADLINE) -> Iterator[dict]:
+        deadline: Deadline = NO_DEADLINE, inner: str = "inductor", cost_device: str | None = None) -> Iterator[dict]:
     """One row per (kind, N) of ``cases`` (in that order), backend and mode: median ms per step and the speedup over
-    eager. Each case has ``tokens`` tokens per batch (batch = tokens // N). Stops at ``deadline``."""
+    eager. Each case has ``tokens`` tokens per batch (batch = tokens // N). Stops at ``deadline``. ``inner`` is
+    flash_fx's inner compiler ("aot_eager" for a quick smoke run on the CPU), ``cost_device`` the device its cost
+    model predicts for (None: where the model runs)."""
     max_len = max(n for _, n in cases)
     for kind, n in cases:
         if deadline.expired():
@@ -154,7 +159,7 @@ def run(device: str, cases: list[tuple[str, int]], backends: list[str], width: i
             model = Transformer(kind, width, heads, layers, vocab=vocab, max_len=max_len).to(device)
             model.load_state_dict(base.state_dict())
             print(f"# {kind} N={n} batch={batch} {backend}")
-            times[backend] = _time_backend(model, backend, inputs, device, dtype, reps, regional)
+            times[backend] = _time_backend(model, backend, inputs, device, dtype, reps, regional, inner, cost_device)
             del model
             if device == "cuda":
                 torch.cuda.empty_cache()
