@@ -172,9 +172,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """``(out, lse pairs)`` of a validated ``spec`` that :func:`serves` accepts, on non-empty inputs; None when a
     row's log-sum-exp came out beyond :func:`keeps_precision` (the tiled path then runs the call)."""
     steps = _steps(spec, q.shape[0], q.shape[2], k.shape[2], q.dtype)
-    if (len(steps) == 1 and len(steps[0].parts) == 1 and steps[0].rows == slice(0, q.shape[2])
-            and steps[0].parts[0].mask is None and q.shape[1] == k.shape[1]):  # one call: its results as they are
-        part = steps[0].parts[0]
+    part = _single_call(steps, q, k)
+    if part is not None:  # one call: its results as they are
         out, lse = _FORWARD(q, k[:, :, part.start:part.stop], v[:, :, part.start:part.stop], 0.0, part.causal,
                             scale=spec.scale)
         lse = torch.stack([lse, torch.zeros_like(lse)], -1)
@@ -200,6 +199,15 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return (out, lse) if keeps_precision(lse) else None
 
 
+def _single_call(steps: list[Step], q: torch.Tensor, k: torch.Tensor) -> Part | None:
+    """The one unmasked call over every row and key that ``steps`` amount to (heads matched one to one), else None."""
+    if len(steps) != 1 or len(steps[0].parts) != 1 or q.shape[1] != k.shape[1]:
+        return None
+    part = steps[0].parts[0]
+    whole = steps[0].rows == slice(0, q.shape[2]) and (part.start, part.stop) == (0, k.shape[2])
+    return part if whole and part.mask is None else None
+
+
 def _of_heads(t: torch.Tensor | None, heads: slice) -> torch.Tensor | None:
     """The query heads ``heads`` of a per-head mask (or alive rows); a mask broadcast over heads as it is."""
     return t[:, heads] if t is not None and t.shape[1] > 1 else t
@@ -220,14 +228,19 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec
     """``(dq, dk, dv, None, None)`` of a validated ``spec`` that :func:`serves` accepts, from the forward's outputs
     when their log-sum-exps pass :func:`keeps_precision`."""
     q, k, v, out, lse = saved
+    steps = _steps(spec, q.shape[0], q.shape[2], k.shape[2], q.dtype)
+    part = _single_call(steps, q, k)
     # Rows without keys: output 0 and LSE +inf, so every probability of theirs is 0 and they pass no gradient.
     dead = lse[..., 0] == float("-inf")
+    if part is not None and not bool(dead.any()):  # one call: its gradients as they are
+        return (*_BACKWARD(grad_out, q, k, v, out, lse[..., 0].contiguous(), 0.0, part.causal, scale=spec.scale),
+                None, None)
     out = out.masked_fill(dead[..., None], 0.0)
     row_lse = lse[..., 0].masked_fill(dead, float("inf"))
     dq = torch.zeros(q.shape, dtype=torch.float32)
     dk = torch.zeros(k.shape, dtype=torch.float32)
     dv = torch.zeros(v.shape, dtype=torch.float32)
-    for step in _steps(spec, q.shape[0], q.shape[2], k.shape[2], q.dtype):
+    for step in steps:
         keys, values = k[step.batch], v[step.batch]
         for heads in _groups(q, k.shape[1], spec.kv_heads_tiled):
             index = (step.batch, heads, step.rows)

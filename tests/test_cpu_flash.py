@@ -124,8 +124,9 @@ def assert_matches_reference_with_dead_rows(q, k, v, spec, taken, tolerance, gra
 
 
 def bias_cases(n):
-    """Specs with a bias: dense float, per head with -inf holes (rows without keys too), a mask bias whose empty
-    tiles are skipped, and a bias beside a window, documents and GQA."""
+    """Specs with a bias: dense float, transformers' padding mask of float32's lowest value (broadcast), per head with
+    -inf holes (rows without keys too), a mask bias whose empty tiles are skipped, and a bias beside a window,
+    documents and GQA."""
     g = torch.Generator().manual_seed(11)
     dense = torch.randn(2, 1, n, n, generator=g)
     holes = torch.randn(2, 4, n, n, generator=g).masked_fill(torch.rand(2, 4, n, n, generator=g) < 0.3, float("-inf"))
@@ -133,8 +134,11 @@ def bias_cases(n):
     i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
     blocks = torch.zeros(n, n).masked_fill((i // 256 != j // 256) & (j > 300), float("-inf"))
     docs = torch.tensor([0] * 200 + [1] * (n - 200))
+    padding = torch.zeros(2, 1, 1, n)  # transformers' additive padding mask, broadcast over heads and rows
+    padding[1, ..., n // 2:] = torch.finfo(torch.float32).min
     return {
         "dense_bias": AttentionSpec(0.2, bias=Bias(dense)),
+        "padding_bias_of_lowest_floats": AttentionSpec(0.2, bias=Bias(padding)),
         "per_head_holes": AttentionSpec(0.2, bias=Bias(holes)),
         "mask_bias_skipping_tiles": AttentionSpec(0.2, bias=Bias(blocks, holds_masks=True)),
         "bias_window_documents_gqa": AttentionSpec(0.2, band=Band(150, 0), bias=Bias(dense),
@@ -150,7 +154,9 @@ def test_biases_run_one_call_per_block_and_match_the_reference(case, dtype, cpu_
     n_q, n_k = 600, 520
     q, k, v = qkv(n_q, n_k, dtype=dtype, seed=3)
     spec = bias_cases(max(n_q, n_k))[case]
-    spec = spec.replace(bias=Bias(spec.bias.values[..., :n_q, :n_k], holds_masks=spec.bias.holds_masks))
+    values = spec.bias.values
+    values = values[..., :n_q if values.shape[-2] > 1 else 1, :n_k]
+    spec = spec.replace(bias=Bias(values, holds_masks=spec.bias.holds_masks))
     if spec.documents is not None:
         ids = spec.documents.q_ids
         spec = spec.replace(documents=Documents(ids[:, :n_q], ids[:, :n_k]))
@@ -194,6 +200,19 @@ def test_compiled_causal_attention_on_the_cpu_path_equals_eager(cpu_kernels):
     q, k, v = (t.requires_grad_() for t in qkv(33, 33, heads=2, kv_heads=2))
     assert variants(compare(causal, q, k, v, path="cpu")) == ["causal"]
     assert "flash_fx.kernels.cpu_flash" in cpu_kernels
+
+
+def test_compiled_attention_with_an_additive_padding_mask_on_the_cpu_path_equals_eager(cpu_kernels):
+    """transformers' eager padding mask (float32's lowest value added to the scores of padded keys) compiled on the
+    C++ path: values and input gradients equal eager's."""
+    def padded(q, k, v, mask):
+        return (q @ k.transpose(-1, -2) * 0.2 + mask).softmax(-1) @ v
+
+    q, k, v = (t.requires_grad_() for t in qkv(40, 40, heads=2, kv_heads=2))
+    mask = torch.zeros(2, 1, 1, 40)
+    mask[1, ..., 25:] = torch.finfo(torch.float32).min
+    assert variants(compare(padded, q, k, v, mask, path="cpu")) == ["bias"]
+    assert set(cpu_kernels) == {"flash_fx.kernels.cpu_flash"}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

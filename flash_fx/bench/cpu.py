@@ -5,28 +5,31 @@ Op level (B1, 12 heads, d 64, float32): causal attention at N through the flash_
 against PyTorch's C++ CPU flash kernel (forward) and ``F.scaled_dot_product_attention(is_causal=True)``
 (forward + backward), and against the tiled PyTorch path flash_fx ran before; a causal sliding window of 256 keys
 and packed documents (4 per sequence, causal) at 2N against the same C++ kernel and SDPA given the dense mask.
-Model level: the 2-layer, width-768 transformers of :mod:`models` (GPT, sliding window, packed documents), one
-inference forward and one training step (forward, backward, AdamW) under ``backend="flash_fx"`` (Inductor inside)
-against ``torch.compile``'s default. Every row says what was timed, against what, and the ratio
+The two sides of each op row are timed in turn, rep by rep, in alternating order. Model level: the 2-layer,
+width-768 transformers of :mod:`models` (GPT, sliding window, packed documents), one inference forward and one
+training step (forward, backward, AdamW) under ``backend="flash_fx"`` (Inductor inside) against
+``torch.compile``'s default. Every row says what was timed, against what, and the ratio
 ``baseline / flash_fx`` (above 1: flash_fx is faster).
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from flash_fx.bench import models
-from flash_fx.bench.timing import NO_DEADLINE, Deadline, median_seconds
+from flash_fx.bench.timing import NO_DEADLINE, Deadline
 
 WINDOW = 256
 DOCUMENTS = 4
 MODEL_KINDS = ("gpt", "sliding_window", "packed")
 
 
-def _row(level: str, case: str, n: int, mode: str, flash_s: float, baseline: str, baseline_s: float) -> dict:
+def _row(level: str, case: str, n: int, mode: str, flash_s: float, baseline_s: float, baseline: str) -> dict:
     return {"level": level, "case": case, "n": n, "mode": mode, "flash_fx_ms": flash_s * 1e3, "baseline": baseline,
             "baseline_ms": baseline_s * 1e3, "ratio": baseline_s / flash_s}
 
@@ -42,8 +45,23 @@ def _masks(kind: str, n: int) -> tuple[dict, torch.Tensor]:
     return kwargs, torch.zeros(n, n).masked_fill(~visible, float("-inf"))
 
 
+def paired_seconds(first: Callable[[], object], second: Callable[[], object], reps: int) -> tuple[float, float]:
+    """Median seconds of two functions timed in turn, rep by rep after a warm-up call each, in alternating order (so
+    a busy moment of the machine, or going first, weighs on both alike)."""
+    first()
+    second()
+    times: tuple[list[float], list[float]] = ([], [])
+    for rep in range(reps):
+        pairs = ((first, times[0]), (second, times[1]))
+        for fn, record in pairs if rep % 2 == 0 else pairs[::-1]:
+            start = time.perf_counter()
+            fn()
+            record.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def op_rows(n: int, heads: int = 12, head_dim: int = 64, reps: int = 5) -> Iterator[dict]:
-    """The op-level rows (see the module docstring); masked cases at 2N."""
+    """The op-level rows (see the module docstring); masked cases at 2N. Each row's two sides are timed in turn."""
     import flash_fx  # noqa: F401  (registers torch.ops.flash_fx.attention)
     from flash_fx.kernels import AttentionSpec, tiled_torch
     from flash_fx.kernels.schedule import schedule
@@ -51,47 +69,54 @@ def op_rows(n: int, heads: int = 12, head_dim: int = 64, reps: int = 5) -> Itera
 
     cpp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     scale = head_dim**-0.5
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, head_dim, requires_grad=True) for _ in range(3))
+    spec = AttentionSpec(scale, band=Band(None, 0)).validate(q, k, v)
 
-    def inputs(length: int) -> list[torch.Tensor]:
+    def flash() -> torch.Tensor:
+        return torch.ops.flash_fx.attention(q, k, v, None, scale, 0)[0]
+
+    yield _row("op", "causal", n, "forward", *_forward_pair(flash, lambda: cpp(q, k, v, 0.0, True, scale=scale),
+                                                           reps), "C++ CPU flash kernel")
+    yield _row("op", "causal", n, "forward", *_forward_pair(flash, lambda: tiled_torch.attention_forward(
+        q, k, v, spec, schedule(spec, n, n, n, 256)), reps), "flash_fx tiled path (before)")
+    yield _row("op", "causal", n, "forward+backward", *_step_pair(
+        flash, lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), reps), "SDPA is_causal")
+    for kind in ("sliding window", "documents"):
         torch.manual_seed(0)
-        return [torch.randn(1, heads, length, head_dim, requires_grad=True) for _ in range(3)]
+        yield from _masked_rows(kind, *(torch.randn(1, heads, 2 * n, head_dim, requires_grad=True) for _ in range(3)),
+                                scale, reps)
 
-    def forward(fn: Callable[[], object]) -> float:
+
+def _forward_pair(flash: Callable[[], object], baseline: Callable[[], object], reps: int) -> tuple[float, float]:
+    def without_grad(fn: Callable[[], object]) -> Callable[[], None]:
         def run() -> None:
             with torch.no_grad():
                 fn()
-        return median_seconds(run, "cpu", reps)
+        return run
+    return paired_seconds(without_grad(flash), without_grad(baseline), reps)
 
-    def step(fn: Callable[[], torch.Tensor]) -> float:
-        return median_seconds(lambda: fn().sum().backward(), "cpu", reps)
 
-    q, k, v = inputs(n)
-    spec = AttentionSpec(scale, band=Band(None, 0)).validate(q, k, v)
-    flash = forward(lambda: torch.ops.flash_fx.attention(q, k, v, None, scale, 0))
-    yield _row("op", "causal", n, "forward", flash, "C++ CPU flash kernel", forward(
-        lambda: cpp(q, k, v, 0.0, True, scale=scale)))
-    yield _row("op", "causal", n, "forward", flash, "flash_fx tiled path (before)", forward(
-        lambda: tiled_torch.attention_forward(q, k, v, spec, schedule(spec, n, n, n, 256))))
-    yield _row("op", "causal", n, "forward+backward", step(lambda: torch.ops.flash_fx.attention(
-        q, k, v, None, scale, 0)[0]), "SDPA is_causal", step(lambda: F.scaled_dot_product_attention(
-            q, k, v, is_causal=True)))
-    for kind in ("sliding window", "documents"):
-        yield from _masked_rows(kind, *inputs(2 * n), scale, forward, step)
+def _step_pair(flash: Callable[[], torch.Tensor], baseline: Callable[[], torch.Tensor],
+               reps: int) -> tuple[float, float]:
+    return paired_seconds(lambda: flash().sum().backward(), lambda: baseline().sum().backward(), reps)
 
 
 def _masked_rows(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                 forward: Callable[[Callable[[], object]], float],
-                 step: Callable[[Callable[[], torch.Tensor]], float]) -> Iterator[dict]:
+                 reps: int) -> Iterator[dict]:
     """Forward and forward + backward of one masked case against the dense-mask baselines."""
     n = q.shape[2]
     kwargs, mask = _masks(kind, n)
     cpp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    yield _row("op", kind, n, "forward", forward(lambda: torch.ops.flash_fx.attention(
-        q, k, v, None, scale, None, **kwargs)), "C++ CPU flash kernel, dense mask", forward(
-            lambda: cpp(q, k, v, 0.0, False, attn_mask=mask, scale=scale)))
-    yield _row("op", kind, n, "forward+backward", step(lambda: torch.ops.flash_fx.attention(
-        q, k, v, None, scale, None, **kwargs)[0]), "SDPA, dense mask", step(
-            lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+
+    def flash() -> torch.Tensor:
+        return torch.ops.flash_fx.attention(q, k, v, None, scale, None, **kwargs)[0]
+
+    yield _row("op", kind, n, "forward", *_forward_pair(
+        flash, lambda: cpp(q, k, v, 0.0, False, attn_mask=mask, scale=scale), reps),
+        "C++ CPU flash kernel, dense mask")
+    yield _row("op", kind, n, "forward+backward", *_step_pair(
+        flash, lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), reps), "SDPA, dense mask")
 
 
 def model_rows(cases: list[tuple[str, int]], width: int = 768, heads: int = 12, layers: int = 2,
@@ -104,8 +129,8 @@ def model_rows(cases: list[tuple[str, int]], width: int = 768, heads: int = 12, 
         by_case.setdefault(key, {})[row["backend"]] = row
         if len(by_case[key]) == 2:
             flash, plain = by_case[key]["flash_fx"], by_case[key]["inductor"]
-            yield {**_row("model", f"{row['model']} ({flash['attention rewritten']})", row["n"], row["mode"],
-                          flash["ms"] / 1e3, "torch.compile default", plain["ms"] / 1e3)}
+            yield _row("model", f"{row['model']} ({flash['attention rewritten']})", row["n"], row["mode"],
+                       flash["ms"] / 1e3, plain["ms"] / 1e3, "torch.compile default")
 
 
 def run(op_n: int, model_cases: list[tuple[str, int]], reps: int, deadline: Deadline = NO_DEADLINE) -> Iterator[dict]:

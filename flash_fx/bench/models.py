@@ -159,6 +159,7 @@ def run(device: str, cases: list[tuple[str, int]], backends: list[str], width: i
             model = Transformer(kind, width, heads, layers, vocab=vocab, max_len=max_len).to(device)
             model.load_state_dict(base.state_dict())
             print(f"# {kind} N={n} batch={batch} {backend}")
+            torch._dynamo.reset()  # each model's blocks compile afresh, never against Dynamo's recompile limit
             times[backend] = _time_backend(model, backend, inputs, device, dtype, reps, regional, inner, cost_device)
             del model
             if device == "cuda":
