@@ -55,7 +55,10 @@ def compare(mode: str, wrap, rank: int) -> float:
     reference, candidate = wrap(copy.deepcopy(base)), wrap(copy.deepcopy(base))
     flash_fx.clear_reports()
     torch._dynamo.reset()
-    compiled = torch.compile(candidate, backend="flash_fx", options={"inner": "aot_eager", "report": False})
+    # force: at this toy size the CPU's cost model would keep attention unfused; the point here is the rewritten
+    # graphs under DDP's graph splitting and FSDP2's hooks
+    compiled = torch.compile(candidate, backend="flash_fx",
+                             options={"inner": "aot_eager", "report": False, "force": True})
     ref_losses, ref_grads = train(reference, reference, rank)
     losses, grads = train(candidate, compiled, rank)
     reports = flash_fx.reports()

@@ -396,11 +396,13 @@ def test_dispatch(monkeypatch):
     assert not uses_triton(cpu)
     q, k, v = (t.half() for t in random_inputs((1, 2, 20, 16), (1, 2, 20, 16)))
     # On the CPU a spec PyTorch's C++ flash kernel serves runs it; others run the tiled path.
-    served = cpu_flash.attention_forward(q, k, v, spec_of(0.3, causal_offset=0).validate(q, k, v))[0]
-    assert torch.equal(attention_forward(q, k, v, scale=0.3, causal_offset=0)[0], served)
-    bias = torch.randn(20, 20, generator=torch.Generator().manual_seed(3)).half()  # a bias: the tiled path
-    expected, _ = tiled_forward(q, k, v, scale=0.3, causal_offset=0, bias=bias)
-    assert torch.equal(attention_forward(q, k, v, scale=0.3, causal_offset=0, bias=bias)[0], expected)
+    bias = torch.randn(20, 20, generator=torch.Generator().manual_seed(3)).half()
+    for served in (dict(causal_offset=0), dict(causal_offset=0, bias=bias)):
+        expected = cpu_flash.attention_forward(q, k, v, spec_of(0.3, **served).validate(q, k, v))[0]
+        assert torch.equal(attention_forward(q, k, v, scale=0.3, **served)[0], expected)
+    slopes = torch.tensor([[0.5, 0.25]])  # ALiBi: the tiled path
+    expected, _ = tiled_forward(q, k, v, scale=0.3, causal_offset=0, alibi_slopes=slopes)
+    assert torch.equal(attention_forward(q, k, v, scale=0.3, causal_offset=0, alibi_slopes=slopes)[0], expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -854,19 +856,19 @@ def test_bias_layout_density_counts_visible_tiles(block_m, block_n, causal_offse
 
 
 @pytest.mark.parametrize("triton", [True, False], ids=["triton", "tiled"])
-def test_sparse_bias_skips_empty_tiles(triton, monkeypatch):
-    """K and V are NaN in keys 32..63, which only empty tiles cover: with sparse_bias the kernels never read
-    them (a visited tile would spread NaN through ``0 * NaN``); those keys get zero dK, dV and dbias."""
-    if not triton:
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_sparse_bias_skips_empty_tiles(triton):
+    """K and V are NaN in keys 32..63, which only empty tiles cover: with sparse_bias the kernels (the Triton
+    kernels, the tiled path) never read them (a visited tile would spread NaN through ``0 * NaN``); those keys get
+    zero dK, dV and dbias."""
     q, k, v = (t.float() for t in random_inputs((1, 2, 40, 16), (1, 2, 64, 16), seed=45))
     bias = block_mask_bias((1, 1, 40, 64), seed=46).float()
     bias[..., 32:] = NEG_INF
     k[:, :, 32:], v[:, :, 32:] = float("nan"), float("nan")
     blocks = dict(block_m=16, block_n=16)
-    out, lse = attention_forward(q, k, v, scale=0.25, bias=bias, sparse_bias=True, **blocks)
-    dq, dk, dv, dbias, _ = attention_backward(torch.ones_like(out), q, k, v, out, lse, scale=0.25, bias=bias,
-                                              bias_requires_grad=True, sparse_bias=True, **blocks)
+    run_forward, run_backward = (attention_forward, attention_backward) if triton else (tiled_forward, tiled_backward)
+    out, lse = run_forward(q, k, v, scale=0.25, bias=bias, sparse_bias=True, **blocks)
+    dq, dk, dv, dbias, _ = run_backward(torch.ones_like(out), q, k, v, out, lse, scale=0.25, bias=bias,
+                                        bias_requires_grad=True, sparse_bias=True, **blocks)
     dead = (bias[0, 0] == NEG_INF).all(-1)
     assert out[:, :, ~dead].isfinite().all() and out[:, :, dead].isnan().all() and dq.isfinite().all()
     assert (dk[:, :, 32:] == 0).all() and (dv[:, :, 32:] == 0).all() and (dbias[..., 32:] == 0).all()
