@@ -48,7 +48,7 @@ class Block(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    def __init__(self, vocab: int = 512, width: int = 128, heads: int = 4, layers: int = 2, block_size: int = 256):
+    def __init__(self, vocab: int = 512, width: int = 128, heads: int = 4, layers: int = 2, block_size: int = 1024):
         super().__init__()
         self.embed = nn.Embedding(vocab, width)
         self.position = nn.Embedding(block_size, width)
@@ -65,7 +65,7 @@ class TinyGPT(nn.Module):
 
 def explain_inputs() -> tuple[nn.Module, tuple[torch.Tensor]]:
     """A model and example inputs for `python -m flash_fx explain examples/quickstart.py:explain_inputs`."""
-    return TinyGPT().eval(), (torch.randint(0, 512, (2, 200)),)
+    return TinyGPT().eval(), (torch.randint(0, 512, (2, 1000)),)
 
 
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -103,7 +103,7 @@ def main() -> None:
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = TinyGPT().to(device).eval()  # eval: dropout off, so compiled and eager outputs are comparable
-    tokens = torch.randint(0, 512, (2, 200), device=device)
+    tokens = torch.randint(0, 512, (2, 1000), device=device)
 
     compiled = torch.compile(model, backend="flash_fx")  # no flash_fx import needed: an entry point
     start = time.perf_counter()

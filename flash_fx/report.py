@@ -54,7 +54,7 @@ class Report:
         lines = [f"flash_fx report for graph {self.graph_id}: "
                  f"{len(self.rewrites)} rewritten, {len(self.skipped)} skipped"]
         if self.rewrites:
-            header = ("variant", "location", "q", "k", "dtype", "scale", "mask", "tiles", "HBM before -> after",
+            header = ("variant", "location", "q", "k", "dtype", "scale", "mask", "tiles", "bytes before -> after",
                       "GFLOP before -> after", "time before -> after", "notes")
             rows = [(r.variant, r.location, _shape(r.q_shape), _shape(r.k_shape), r.dtype, r.scale, r.mask,
                      "run time" if r.tile_density is None else f"{r.tile_density:.0%}",
