@@ -78,7 +78,8 @@ def measure() -> CpuProfile:
     """This CPU's figures (measured on the first call of the process, then cached)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    with unset_fake_temporarily(), torch.inference_mode(False), torch.random.fork_rng():
+    with (unset_fake_temporarily(), torch.inference_mode(False), torch.autocast("cpu", enabled=False),
+          torch.random.fork_rng()):
         torch.manual_seed(0)
         a, b = torch.randn(16, 256, HEAD_DIM), torch.randn(16, HEAD_DIM, 256)
         matmul_s = _seconds(lambda: torch.bmm(a, b), 9, best=True)
