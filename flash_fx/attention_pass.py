@@ -48,6 +48,7 @@ from flash_fx.patterns.positions import (
     analyze_alibi,
     analyze_relative_table,
 )
+from flash_fx.patterns.uses import detach_side_uses
 from flash_fx.report import Report, RewriteRecord, SkipRecord
 from flash_fx.rewrite import KernelCall, replace_attention
 
@@ -311,7 +312,9 @@ def _plan_mha(match: MhaMatch | str, options: Options) -> tuple[RewriteRecord, f
 
 
 def _apply_mha(match: MhaMatch, dropout_p: float) -> None:
-    """Point the call at flash_fx.mha.multi_head_attention (same inputs; its attention on the op)."""
+    """Point the call at flash_fx.mha.multi_head_attention (same inputs; its attention on the op, no weights: unused
+    weight reads are erased)."""
+    detach_side_uses(match.node.graph, match.node, set())
     args = match.arguments
     match.node.target = multi_head_attention
     names = ("query", "key", "value", "num_heads", "in_proj_weight", "in_proj_bias", "out_proj_weight",

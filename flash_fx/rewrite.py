@@ -18,8 +18,8 @@ from flash_fx.op import zero_dead_rows
 from flash_fx.patterns.canonical import AddBias, MaskedFill, Operand
 from flash_fx.patterns.masks import Literal
 from flash_fx.patterns.match import RSQRT_HEAD_DIM, AttentionMatch, ScoreTerm
-from flash_fx.patterns.mutation import written_args
 from flash_fx.patterns.positions import AlibiMatch, RelativeTableMatch
+from flash_fx.patterns.uses import detach_side_uses, has_side_effects
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ def replace_attention(graph: fx.Graph, match: AttentionMatch, call: KernelCall) 
     out.meta["example_value"] = match.output.meta["example_value"]  # later matches may read it
     match.output.replace_all_uses_with(out)
     for node in reversed(match.nodes):
+        detach_side_uses(graph, node, replaced)  # dead uses erased, shape/dtype reads given a stand-in
         if not node.users:
             graph.erase_node(node)
     _erase_dead(graph, list(inputs))
@@ -206,13 +207,10 @@ def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:
         node = candidates.pop()
         if node in erased or node.op in ("placeholder", "output", "get_attr") or node.users:
             continue
-        if _has_side_effects(node):
+        if has_side_effects(node):
             continue
         inputs = list(node.all_input_nodes)
         graph.erase_node(node)
         erased.add(node)
         candidates.extend(inputs)
 
-
-def _has_side_effects(node: fx.Node) -> bool:
-    return node.is_impure() or bool(written_args(node))

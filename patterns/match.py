@@ -31,6 +31,7 @@ from flash_fx.patterns.canonical import (
 )
 from flash_fx.patterns.masks import concrete
 from flash_fx.patterns.mutation import returns_self
+from flash_fx.patterns.uses import value_users
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
@@ -127,9 +128,26 @@ def _shape(node: fx.Node) -> tuple:
     return tuple(_value(node).shape)
 
 
-def _only_user(node: fx.Node) -> fx.Node | None:
-    users = list(node.users)
+def _only_value_user(node: fx.Node) -> fx.Node | None:
+    """The one user that reads ``node``'s values (dead uses and reads of its shape or dtype aside), else None."""
+    users = value_users(node)
     return users[0] if len(users) == 1 else None
+
+
+def _multiplies(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` is a product whose left operand is ``node`` (the P @ V the walk looks for)."""
+    desc = canonicalize(user)
+    return isinstance(desc, MatMul) and desc.a.node is node
+
+
+def _escape(what: str, node: fx.Node, inside: fx.Node | None) -> str:
+    """Why ``node`` (scores or probabilities) cannot be fused: the users beside ``inside`` that read its values,
+    named with their model lines; the hint about returned weights only when one of them is the graph's output."""
+    others = [user for user in value_users(node) if user is not inside and not _multiplies(user, node)]
+    returned = any(user.op == "output" for user in others)
+    named = ", ".join("the graph's outputs" if user.op == "output" else f"{_op_name(user)} at {location(user)}"
+                      for user in others[:3])
+    return f"{what} ({node.name}) are also used outside the attention, by {named}" + (WEIGHTS_HINT if returned else "")
 
 
 def _same(a: object, b: object) -> bool:
@@ -152,15 +170,15 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
             return f"scores are multiplied by a non-scalar tensor of shape {factor} (the kernel applies one scale)"
         if desc is None or isinstance(desc, Softmax | DropoutCall | HeadExpand | ScaledDotProductAttention):
             return f"scores come from {_op_name(node)}, not from a Q @ K^T product"
-        if _only_user(node) is None:
-            return f"scores ({node.name}) are also used outside the attention" + WEIGHTS_HINT
+        if _only_value_user(node) is None:
+            return _escape("scores", node, back[-1] if back else softmax)
         if isinstance(desc, Cast) and _narrows(desc.x, node):
             return f"scores are cast to {_value(node).dtype} ({node.name}), which rounds them before the softmax"
         back.append(node)
         node = desc.x
     qk, qk_desc = node, desc
-    if _only_user(qk) is None:
-        return f"scores ({qk.name}) are also used outside the attention" + WEIGHTS_HINT
+    if _only_value_user(qk) is None:
+        return _escape("scores", qk, back[-1] if back else softmax)
     if qk_desc.out_perm is not None:
         return "the Q @ K^T einsum writes its output transposed"
     back.reverse()  # program order: from Q @ K^T towards the softmax
@@ -170,9 +188,9 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
     dropout_p = 0.0
     node = softmax
     while True:
-        user = _only_user(node)
+        user = _only_value_user(node)
         if user is None:
-            return f"attention probabilities ({node.name}) are also used outside the attention" + WEIGHTS_HINT
+            return _escape("attention probabilities", node, None)
         desc = canonicalize(user)
         if isinstance(desc, MatMul):
             break

@@ -8,12 +8,14 @@ training, batched inputs), else the reason it cannot.
 from __future__ import annotations
 
 import inspect
+import operator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from flash_fx.patterns.masks import concrete
 from flash_fx.patterns.match import location
+from flash_fx.patterns.uses import is_dead
 from torch import fx
 
 from flash_fx import kernels
@@ -38,6 +40,14 @@ def is_mha_call(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is F.multi_head_attention_forward
 
 
+def _weight_users(node: fx.Node) -> list[fx.Node]:
+    """The uses of a multi_head_attention_forward call's second result (the weights) that read it: every user but
+    the output's getitem and dead weight reads (erased by the rewrite)."""
+    return [user for user in node.users
+            if not (user.op == "call_function" and user.target is operator.getitem
+                    and (user.args[1] == 0 or is_dead(user)))]
+
+
 def match_mha(node: fx.Node) -> MhaMatch | str:
     """The MhaMatch of `node`, or why its attention stays as it is."""
     try:
@@ -46,8 +56,10 @@ def match_mha(node: fx.Node) -> MhaMatch | str:
         return "multi_head_attention_forward called with arguments that do not bind"
     bound.apply_defaults()
     args = dict(bound.arguments)
-    if args["need_weights"] is not False:
-        return "nn.MultiheadAttention with need_weights=True returns the attention weights; pass need_weights=False"
+    weight_users = _weight_users(node)
+    if args["need_weights"] is not False and weight_users:
+        return (f"nn.MultiheadAttention returns the attention weights, which {weight_users[0].name} at "
+                f"{location(weight_users[0])} reads; pass need_weights=False if they are not needed")
     unsupported = [name for name in ("bias_k", "bias_v", "static_k", "static_v") if args[name] is not None]
     if unsupported or args["add_zero_attn"]:
         return f"nn.MultiheadAttention with {unsupported or ['add_zero_attn']} is not supported"

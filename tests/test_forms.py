@@ -1146,11 +1146,26 @@ def forward(self, L_x_ : torch.Tensor, L_module_parameters_in_proj_bias_ : torch
     return (attn_output_1,)
 """)
 
-    def test_weights_requested_is_skipped(self):
+    def test_weights_requested_but_unused_are_dropped(self):
+        """need_weights=True (the module's default) with the weights never read: rewritten, equal to eager."""
+        module = nn.MultiheadAttention(16, 4)
+        x = torch.randn(7, 2, 16, requires_grad=True)
+        captured = capture(lambda x: module(x, x, x)[0], x)
+        self.assertEqual(captured.variants, ["dense"])
+        self.assertNotIn("multi_head_attention_forward(", captured.after)
+        compiled_matches_eager(lambda x: module(x, x, x)[0], x)
+
+    def test_weights_read_are_skipped_naming_the_reader(self):
         module = nn.MultiheadAttention(16, 4)
         x = torch.randn(7, 2, 16)
-        captured = capture(lambda x: module(x, x, x)[0], x)
+
+        def with_weights(x):
+            out, weights = module(x, x, x)
+            return out + weights.sum()
+
+        captured = capture(with_weights, x)
         self.assertEqual(captured.variants, [])
+        self.assertIn("returns the attention weights, which", captured.skip_reasons[0])
         self.assertIn("need_weights=False", captured.skip_reasons[0])
 
 
