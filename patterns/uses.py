@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from flash_fx.patterns.mutation import written_args
 from torch import fx
 
@@ -27,9 +28,31 @@ METADATA_METHODS = {"reshape_as": 1, "view_as": 1, "expand_as": 1, "type_as": 1,
 LIKE_FUNCTIONS = (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like)
 
 
+#: Methods and functions that draw from a random generator (FX does not count all of them impure): erasing one,
+#: even unused, would shift the stream every later random op draws from.
+RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_", "geometric_",
+                  "cauchy_", "log_normal_", "multinomial"}
+RANDOM_FUNCTIONS = {torch.bernoulli, torch.multinomial, torch.normal, torch.poisson, torch.rand, torch.rand_like,
+                    torch.randn, torch.randn_like, torch.randint, torch.randint_like, torch.randperm, torch.dropout,
+                    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+                    F.rrelu, F.gumbel_softmax, F.scaled_dot_product_attention}
+
+
 def has_side_effects(node: fx.Node) -> bool:
-    """Whether ``node`` does more than compute its result: an impure op or a write to an argument."""
-    return node.is_impure() or bool(written_args(node))
+    """Whether ``node`` does more than compute its result: an impure op, a write to an argument or a draw from a
+    random generator."""
+    return node.is_impure() or bool(written_args(node)) or _draws_random(node)
+
+
+def _draws_random(node: fx.Node) -> bool:
+    target = node.target
+    if node.op == "call_method":
+        return target in RANDOM_METHODS
+    if isinstance(target, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
+        overloads = [target] if isinstance(target, torch._ops.OpOverload) else [
+            getattr(target, name) for name in target.overloads()]
+        return any(torch.Tag.nondeterministic_seeded in overload.tags for overload in overloads)
+    return node.op == "call_function" and target in RANDOM_FUNCTIONS
 
 
 def is_dead(node: fx.Node) -> bool:

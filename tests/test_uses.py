@@ -59,6 +59,27 @@ def test_uses_that_read_values_keep_the_block_and_are_named():
     assert "clone" in reason
 
 
+def test_unused_random_draws_on_the_scores_are_not_dead():
+    """An unused dropout or bernoulli of the scores still draws from the generator: erasing it would shift every
+    later random number, so the block is kept."""
+    import torch.nn.functional as F
+
+    def dropped(q, k, v):
+        scores = q @ k.transpose(-1, -2) * 0.3
+        F.dropout(scores, 0.1, training=True)
+        return scores.softmax(-1) @ v
+
+    def sampled(q, k, v):
+        scores = q @ k.transpose(-1, -2) * 0.3
+        scores.sigmoid().bernoulli()
+        return scores.softmax(-1) @ v
+
+    q, k, v = qkv()
+    for fn, name in ((dropped, "dropout"), (sampled, "sigmoid")):
+        captured = capture(fn, q, k, v)
+        assert captured.variants == [] and name in captured.skip_reasons[0]
+
+
 def test_shape_reads_at_dynamic_shapes_stay_escapes():
     """At symbolic sizes a stand-in would need the sizes as graph values: such a read keeps the block (for now)."""
     q, k, v = qkv(n=16)
