@@ -78,6 +78,16 @@ class Identity:
 
 
 @dataclass(frozen=True)
+class RowMaxShift:
+    """out = x - max(x, last dim, keepdim) (``.max(-1, keepdim=True).values``, ``amax``, optionally detached): a
+    per-row constant, to which a softmax over the last dim is invariant. ``reduction`` holds the nodes computing the
+    max, from the subtraction outward (detach, getitem, max)."""
+
+    x: fx.Node
+    reduction: tuple[fx.Node, ...]
+
+
+@dataclass(frozen=True)
 class DropoutCall:
     """out = dropout(x, p) in training mode with p that may be non-zero."""
 
@@ -139,7 +149,7 @@ class ScaledDotProductAttention:
 
 
 CanonOp = (MatMul | Scale | Softmax | Cast | Identity | DropoutCall | MaskedFill | AddBias | Reshape | HeadExpand
-           | ScaledDotProductAttention)
+           | ScaledDotProductAttention | RowMaxShift)
 
 _MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", "__matmul__"}
 _SOFTMAXES = {F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax, "softmax"}
@@ -148,6 +158,8 @@ _MULS = {operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__"}
 _DIVS = {operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_", "true_divide"}
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__"}
 _IDENTITIES = {"contiguous", "clone", torch.clone}
+_SUBS = {operator.sub, torch.sub, "sub", "__sub__"}
+_DETACHES = {"detach", torch.detach}
 _DROPOUTS = {F.dropout, torch.dropout, torch.nn.functional.dropout, "dropout"}
 _MASKED_FILLS = {"masked_fill", "masked_fill_", torch.masked_fill}
 _DTYPE_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}
@@ -394,6 +406,30 @@ def _add(node: fx.Node) -> AddBias | None:
     return AddBias(a, b)
 
 
+def _row_max_shift(node: fx.Node) -> RowMaxShift | None:
+    x, shift = _arg(node, 0, "input"), _arg(node, 1, "other")
+    if node.kwargs.get("alpha", 1) != 1 or not _is_tensor_node(x) or not isinstance(shift, fx.Node):
+        return None
+    reduction, m = [], shift
+    if m.op in ("call_function", "call_method") and _is_one_of(m.target, _DETACHES) and len(m.args) == 1:
+        reduction.append(m)
+        m = m.args[0]
+    if m.op == "call_function" and m.target is operator.getitem and m.args[1] == 0:  # max(...).values
+        reduction.append(m)
+        m = m.args[0]
+        maxes = {"max", torch.max}
+    else:
+        maxes = {"amax", torch.amax}
+    if not isinstance(m, fx.Node) or m.op not in ("call_function", "call_method") or not _is_one_of(m.target, maxes):
+        return None
+    dim, keepdim = _arg(m, 1, "dim"), _arg(m, 2, "keepdim", False)
+    dim = dim[0] if isinstance(dim, list | tuple) and len(dim) == 1 else dim
+    rank = x.meta["example_value"].dim()
+    if m.args[0] is not x or not isinstance(dim, int) or dim % rank != rank - 1 or keepdim is not True:
+        return None
+    return RowMaxShift(x, (*reduction, m))
+
+
 def _cast(node: fx.Node) -> Cast | None:
     """A conversion to a floating-point dtype (a cast through an integer or bool dtype changes values)."""
     x = node.args[0] if node.args else None
@@ -476,6 +512,7 @@ _HANDLERS: list[tuple[set, Any]] = [
     (_MULS, _mul),
     (_DIVS, _div),
     (_ADDS, _add),
+    (_SUBS, _row_max_shift),
     ({"float", "half", "bfloat16", "double", "to", "type", "type_as"}, _cast),
     (_IDENTITIES, _identity),
     (_DROPOUTS, _dropout),

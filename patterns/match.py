@@ -23,6 +23,7 @@ from flash_fx.patterns.canonical import (
     MatMul,
     Operand,
     Reshape,
+    RowMaxShift,
     Scale,
     ScaledDotProductAttention,
     Softmax,
@@ -140,10 +141,15 @@ def _multiplies(user: fx.Node, node: fx.Node) -> bool:
     return isinstance(desc, MatMul) and desc.a.node is node
 
 
-def _escape(what: str, node: fx.Node, inside: fx.Node | None) -> str:
-    """Why ``node`` (scores or probabilities) cannot be fused: the users beside ``inside`` that read its values,
+def _used_outside(node: fx.Node, inside: set[fx.Node]) -> bool:
+    """Whether a use of ``node`` that reads its values lies outside the pattern's nodes ``inside``."""
+    return any(user not in inside for user in value_users(node))
+
+
+def _escape(what: str, node: fx.Node, inside: set[fx.Node]) -> str:
+    """Why ``node`` (scores or probabilities) cannot be fused: the users outside ``inside`` that read its values,
     named with their model lines; the hint about returned weights only when one of them is the graph's output."""
-    others = [user for user in value_users(node) if user is not inside and not _multiplies(user, node)]
+    others = [user for user in value_users(node) if user not in inside and not _multiplies(user, node)]
     returned = any(user.op == "output" for user in others)
     named = ", ".join("the graph's outputs" if user.op == "output" else f"{_op_name(user)} at {location(user)}"
                       for user in others[:3])
@@ -164,21 +170,29 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
 
     # Walk back from the softmax to the Q @ K^T product.
     back: list[fx.Node] = []
+    inside = {softmax}  # the nodes of the pattern so far: the only users the scores may have
     node = canon.x
     while not isinstance(desc := canonicalize(node), MatMul):
         if desc is None and (factor := _non_scalar_factor(node)) is not None:
             return f"scores are multiplied by a non-scalar tensor of shape {factor} (the kernel applies one scale)"
         if desc is None or isinstance(desc, Softmax | DropoutCall | HeadExpand | ScaledDotProductAttention):
             return f"scores come from {_op_name(node)}, not from a Q @ K^T product"
-        if _only_value_user(node) is None:
-            return _escape("scores", node, back[-1] if back else softmax)
+        if _used_outside(node, inside):
+            return _escape("scores", node, inside)
         if isinstance(desc, Cast) and _narrows(desc.x, node):
             return f"scores are cast to {_value(node).dtype} ({node.name}), which rounds them before the softmax"
         back.append(node)
+        inside.add(node)
+        if isinstance(desc, RowMaxShift):  # softmax is invariant to it: its max joins the pattern, dropped
+            for reduction in desc.reduction:
+                if _used_outside(reduction, inside):
+                    return _escape("the scores' row max", reduction, inside)
+                back.append(reduction)
+                inside.add(reduction)
         node = desc.x
     qk, qk_desc = node, desc
-    if _only_value_user(qk) is None:
-        return _escape("scores", qk, back[-1] if back else softmax)
+    if _used_outside(qk, inside):
+        return _escape("scores", qk, inside)
     if qk_desc.out_perm is not None:
         return "the Q @ K^T einsum writes its output transposed"
     back.reverse()  # program order: from Q @ K^T towards the softmax
@@ -190,7 +204,7 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
     while True:
         user = _only_value_user(node)
         if user is None:
-            return _escape("attention probabilities", node, None)
+            return _escape("attention probabilities", node, set())
         desc = canonicalize(user)
         if isinstance(desc, MatMul):
             break
