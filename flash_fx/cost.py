@@ -22,6 +22,7 @@ time of a call of each; on a CPU the fixed times decide small attentions, which 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -96,21 +97,23 @@ def device_model(name: str | None = None) -> Device:
 
 
 def cpu_device() -> Device:
-    """This machine's CPU from its timings, measured once per process (:func:`flash_fx.cpu_profile.measure`): the
-    rate of the unfused ops is their byte count over their time on the reference attention (fixed time left out),
-    the flash op's attained throughput its FLOP count over its time."""
-    profile = cpu_profile.measure()
+    """This machine's CPU from its timings, measured once per process (:func:`flash_fx.cpu_profile.measure`)."""
+    return _cpu_device(cpu_profile.measure())
+
+
+@functools.cache
+def _cpu_device(profile: cpu_profile.CpuProfile) -> Device:
+    """The device of a profile: the unfused ops' rate is their byte count over their time on the reference
+    attention (fixed time left out), the flash op's attained throughput its FLOP count over its time."""
     heads, n, head_dim = profile.reference
-    density = kernels.tile_density(kernels.AttentionSpec(1.0, band=Band(None, 0)), n, n, *_CPU_TILES)
+    tiles = kernels.launch_tiles(head_dim, torch.float32, None)
+    density = kernels.tile_density(kernels.AttentionSpec(1.0, band=Band(None, 0)), n, n, *tiles)
     reference = AttentionShape(heads, n, n, head_dim, torch.float32, density, elementwise_passes=2,
                                mask_bytes_per_score=1.0, training=False)
     eager_rate = float(eager_bytes(reference)) / max(profile.eager_reference_s - profile.eager_fixed_s, 1e-9)
     flash_rate = float(flops(reference, recompute=True)) / max(profile.flash_reference_s - profile.flash_fixed_s, 1e-9)
     return Device(profile.name, 0, eager_rate, profile.matmul_flops_per_s, None, profile.flash_fixed_s,
                   profile.eager_fixed_s, profile.flash_fixed_training_s, profile.eager_fixed_training_s, flash_rate)
-
-
-_CPU_TILES = kernels.launch_tiles(64, torch.float32, None)
 
 
 def device_for(device_type: str, name: str | None = None) -> Device:

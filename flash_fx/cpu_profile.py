@@ -41,15 +41,21 @@ class CpuProfile:
     flash_fixed_training_s: float
 
 
-def _seconds(fn: Callable[[], object], reps: int, best: bool = False) -> float:
-    """The median (or the best) of ``reps`` timings of ``fn`` after a warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
+def seconds_in_turn(*fns: Callable[[], object], reps: int, best: bool = False) -> tuple[float, ...]:
+    """The median (or the best) of ``reps`` timings of each function, after a warm-up call of each, the functions
+    timed in turn rep by rep in alternating order (so a busy moment of the machine, or going first, weighs on all
+    alike)."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times) if best else statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    order = list(range(len(fns)))
+    for rep in range(reps):
+        for index in order if rep % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            fns[index]()
+            times[index].append(time.perf_counter() - start)
+    pick = min if best else statistics.median
+    return tuple(pick(record) for record in times)
 
 
 def _attention(n: int, heads: int, training: bool) -> tuple[Callable[[], object], Callable[[], object]]:
@@ -82,29 +88,15 @@ def measure() -> CpuProfile:
           torch.random.fork_rng()):
         torch.manual_seed(0)
         a, b = torch.randn(16, 256, HEAD_DIM), torch.randn(16, HEAD_DIM, 256)
-        matmul_s = _seconds(lambda: torch.bmm(a, b), 9, best=True)
+        (matmul_s,) = seconds_in_turn(lambda: torch.bmm(a, b), reps=9, best=True)
         fixed = {}
         for training in (False, True):
             with torch.enable_grad() if training else torch.no_grad():
                 unfused, flash = _attention(16, 1, training)
-                fixed[training] = _interleaved(unfused, flash, 15, best=False)
+                fixed[training] = seconds_in_turn(unfused, flash, reps=15)
         with torch.no_grad():
-            reference = _interleaved(*_attention(REFERENCE_N, REFERENCE_HEADS, False), 5, best=True)
+            reference = seconds_in_turn(*_attention(REFERENCE_N, REFERENCE_HEADS, False), reps=5, best=True)
     name = f"CPU {platform.machine() or 'unknown'}, {torch.get_num_threads()} threads"
     return CpuProfile(name, 2 * math.prod((16, 256, HEAD_DIM, 256)) / matmul_s,
                       (REFERENCE_HEADS, REFERENCE_N, HEAD_DIM), *reference, *fixed[False], *fixed[True])
 
-
-def _interleaved(first: Callable[[], object], second: Callable[[], object], reps: int,
-                 best: bool) -> tuple[float, float]:
-    """Timings of two functions taken in turn (so a busy moment of the machine weighs on both alike)."""
-    first()
-    second()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(reps):
-        for fn, record in ((first, times[0]), (second, times[1])):
-            start = time.perf_counter()
-            fn()
-            record.append(time.perf_counter() - start)
-    pick = min if best else statistics.median
-    return pick(times[0]), pick(times[1])

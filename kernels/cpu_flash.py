@@ -63,15 +63,13 @@ def keeps_precision(lse: torch.Tensor) -> bool:
 
 
 class Part(NamedTuple):
-    """One C++ call of a step: keys ``[start, stop)``, top-left causal or not, and an additive float mask
-    [batch rows, heads or 1, rows, keys] (the bias, -inf where structural masks hide) with the rows it leaves a
-    key (None: every row sees every key, unmasked)."""
+    """One C++ call of a step: keys ``[start, stop)``, top-left causal or not, with an additive mask or not (built
+    when the step runs, :func:`_mask`, so one step's masks live at a time)."""
 
     start: int
     stop: int
     causal: bool = False
-    mask: torch.Tensor | None = None
-    alive: torch.Tensor | None = None
+    masked: bool = False
 
 
 class Step(NamedTuple):
@@ -82,7 +80,7 @@ class Step(NamedTuple):
     parts: list[Part]
 
 
-def _steps(spec: AttentionSpec, batch: int, n_q: int, n_k: int, dtype: torch.dtype) -> list[Step]:
+def _steps(spec: AttentionSpec, batch: int, n_q: int, n_k: int) -> list[Step]:
     """The calls a validated spec is made of (see the module docstring)."""
     band = spec.band
     if band.lower is None and spec.key_valid is None and spec.documents is None and spec.bias is None:
@@ -96,23 +94,30 @@ def _steps(spec: AttentionSpec, batch: int, n_q: int, n_k: int, dtype: torch.dty
             rows = slice(tile * BLOCK, min(n_q, (tile + 1) * BLOCK))
             tiles = classes[b, :, tile]  # [SH, Tk]
 
-            def part(start: int, stop: int, rows: slice = rows, batch_rows: slice = batch_rows) -> Part:
-                return _masked_part(spec, batch_rows, rows, slice(start * BLOCK, min(n_k, stop * BLOCK)), dtype)
+            def part(start: int, stop: int, masked: bool) -> Part:
+                return Part(start * BLOCK, min(n_k, stop * BLOCK), masked=masked)
 
             if spec.bias is None:  # structural masks only: no head varies
-                parts = [Part(start * BLOCK, min(n_k, stop * BLOCK)) for start, stop in _runs(tiles[0] == FULL)]
-                parts += [part(start, stop) for start, stop in _runs(tiles[0] == PARTIAL)]
+                parts = [part(start, stop, False) for start, stop in _runs(tiles[0] == FULL)]
+                parts += [part(start, stop, True) for start, stop in _runs(tiles[0] == PARTIAL)]
             else:  # one call over the keys any head visits: a row's whole softmax in one call, never merged
                 visited = (tiles != EMPTY).any(0).nonzero()
-                parts = [part(int(visited[0]), int(visited[-1]) + 1)] if len(visited) else []
+                parts = [part(int(visited[0]), int(visited[-1]) + 1, True)] if len(visited) else []
             if parts:
                 steps.append(Step(batch_rows, rows, parts))
     return steps
 
 
-def _masked_part(spec: AttentionSpec, batch_rows: slice, rows: slice, cols: slice, dtype: torch.dtype) -> Part:
-    """The call over keys ``cols`` of these rows with its mask: the bias chunk (float32) where the structural
-    masks let attend and -inf elsewhere, or (without a bias) 0 / -inf in q's ``dtype``."""
+Mask = tuple[torch.Tensor, torch.Tensor] | tuple[None, None]
+
+
+def _mask(spec: AttentionSpec, step: Step, part: Part, dtype: torch.dtype) -> Mask:
+    """``(mask, alive)`` of a part: the additive mask [batch rows, heads or 1, rows, keys] (the bias chunk, float32,
+    where the structural masks let attend and -inf elsewhere, or without a bias 0 / -inf in q's ``dtype``) and the
+    rows it leaves a key; ``(None, None)`` for an unmasked part."""
+    if not part.masked:
+        return None, None
+    batch_rows, rows, cols = step.batch, step.rows, slice(part.start, part.stop)
     visible = spec.visible(torch.arange(rows.start, rows.stop), torch.arange(cols.start, cols.stop))
     if visible is not None:
         visible = (visible[batch_rows] if visible.shape[0] > 1 else visible)[:, None]
@@ -123,7 +128,7 @@ def _masked_part(spec: AttentionSpec, batch_rows: slice, rows: slice, cols: slic
         values = values[batch_rows] if values.shape[0] > 1 else values
         mask = values[:, :, rows, cols].float()
         mask = mask if visible is None else mask.masked_fill(~visible, float("-inf"))
-    return Part(cols.start, cols.stop, False, mask, ~(mask == float("-inf")).all(-1))
+    return mask, ~(mask == float("-inf")).all(-1)
 
 
 def _broadcast_dims_kept(values: torch.Tensor) -> torch.Tensor:
@@ -171,7 +176,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(out, lse pairs)`` of a validated ``spec`` that :func:`serves` accepts, on non-empty inputs; None when a
     row's log-sum-exp came out beyond :func:`keeps_precision` (the tiled path then runs the call)."""
-    steps = _steps(spec, q.shape[0], q.shape[2], k.shape[2], q.dtype)
+    steps = _steps(spec, q.shape[0], q.shape[2], k.shape[2])
     part = _single_call(steps, q, k)
     if part is not None:  # one call: its results as they are
         out, lse = _FORWARD(q, k[:, :, part.start:part.stop], v[:, :, part.start:part.stop], 0.0, part.causal,
@@ -183,15 +188,16 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse[..., 0] = float("-inf")
     for step in steps:
         keys, values = k[step.batch], v[step.batch]
+        masks = [_mask(spec, step, part, q.dtype) for part in step.parts]
         for heads in _groups(q, k.shape[1], spec.kv_heads_tiled):
             rows = q[step.batch, heads, step.rows]
             merged_out = merged_lse = None
-            for part in step.parts:
+            for part, (mask, alive) in zip(step.parts, masks, strict=True):
                 part_out, part_lse = _FORWARD(rows, keys[:, :, part.start:part.stop],
                                               values[:, :, part.start:part.stop], 0.0, part.causal,
-                                              attn_mask=_of_heads(part.mask, heads), scale=spec.scale)
-                if part.alive is not None:  # rows the mask hides entirely: the C++ kernel says 0, not -inf
-                    part_lse = part_lse.masked_fill(~_of_heads(part.alive, heads), float("-inf"))
+                                              attn_mask=_of_heads(mask, heads), scale=spec.scale)
+                if alive is not None:  # rows the mask hides entirely: the C++ kernel says 0, not -inf
+                    part_lse = part_lse.masked_fill(~_of_heads(alive, heads), float("-inf"))
                 merged_out, merged_lse = _merge(merged_out, merged_lse, part_out.float(), part_lse)
             dead = merged_lse == float("-inf")
             out[step.batch, heads, step.rows] = merged_out.masked_fill(dead[..., None], float("nan")).to(q.dtype)
@@ -205,7 +211,7 @@ def _single_call(steps: list[Step], q: torch.Tensor, k: torch.Tensor) -> Part | 
         return None
     part = steps[0].parts[0]
     whole = steps[0].rows == slice(0, q.shape[2]) and (part.start, part.stop) == (0, k.shape[2])
-    return part if whole and part.mask is None else None
+    return part if whole and not part.masked else None
 
 
 def _of_heads(t: torch.Tensor | None, heads: slice) -> torch.Tensor | None:
@@ -228,7 +234,7 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec
     """``(dq, dk, dv, None, None)`` of a validated ``spec`` that :func:`serves` accepts, from the forward's outputs
     when their log-sum-exps pass :func:`keeps_precision`."""
     q, k, v, out, lse = saved
-    steps = _steps(spec, q.shape[0], q.shape[2], k.shape[2], q.dtype)
+    steps = _steps(spec, q.shape[0], q.shape[2], k.shape[2])
     part = _single_call(steps, q, k)
     # Rows without keys: output 0 and LSE +inf, so every probability of theirs is 0 and they pass no gradient.
     dead = lse[..., 0] == float("-inf")
@@ -242,15 +248,16 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec
     dv = torch.zeros(v.shape, dtype=torch.float32)
     for step in steps:
         keys, values = k[step.batch], v[step.batch]
+        masks = [_mask(spec, step, part, q.dtype)[0] for part in step.parts]
         for heads in _groups(q, k.shape[1], spec.kv_heads_tiled):
             index = (step.batch, heads, step.rows)
             rows, rows_out, rows_grad = q[index], out[index], grad_out[index]
             rows_lse = row_lse[index].contiguous()
-            for part in step.parts:
+            for part, mask in zip(step.parts, masks, strict=True):
                 keys_part = slice(part.start, part.stop)
                 dq_part, dk_part, dv_part = _BACKWARD(rows_grad, rows, keys[:, :, keys_part], values[:, :, keys_part],
                                                       rows_out, rows_lse, 0.0, part.causal,
-                                                      attn_mask=_of_heads(part.mask, heads),
+                                                      attn_mask=_of_heads(mask, heads),
                                                       scale=spec.scale)
                 dq[index] += dq_part
                 dk[step.batch, :, keys_part] += dk_part

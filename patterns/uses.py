@@ -99,16 +99,19 @@ def stand_in(graph: fx.Graph, node: fx.Node) -> fx.Node:
 
 
 def detach_side_uses(graph: fx.Graph, node: fx.Node, keep: set[fx.Node]) -> None:
-    """Before ``node`` is erased: erase its dead users and point its metadata reads at a stand-in (users in
+    """Before ``node`` is erased: erase its dead users and point its metadata reads at one stand-in (users in
     ``keep``, the nodes the rewrite removes anyway, are left alone)."""
+    substitute = None
     for user in list(node.users):
         if user in keep:
             continue
         if is_dead(user):
             _erase_dead_chain(graph, user)
         elif reads_metadata_only(user, node):
-            with graph.inserting_before(user):
-                user.replace_input_with(node, stand_in(graph, node))
+            if substitute is None:
+                with graph.inserting_before(node):
+                    substitute = stand_in(graph, node)
+            user.replace_input_with(node, substitute)
 
 
 def _erase_dead_chain(graph: fx.Graph, node: fx.Node) -> None:

@@ -90,3 +90,21 @@ def test_row_max_used_elsewhere_keeps_the_block():
 
     (reason,) = capture(returned_max, *qkv()).skip_reasons
     assert "row max" in reason and "add" in reason
+
+
+@pytest.mark.parametrize("path", ["triton", "cpu"])
+@pytest.mark.parametrize("fill", [float("-inf"), -1e9], ids=["inf_fill", "finite_fill"])
+def test_shift_with_an_in_place_mask_dead_rows_and_nq_ne_nk(path, fill):
+    """Values and gradients equal eager's on both kernel paths: Nq != Nk, a mask built in place (tril_, then a
+    whole query row hidden), infinite and finite fills (NaN where eager has NaN)."""
+    def shifted(q, k, v):
+        visible = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool)
+        visible.tril_(diagonal=k.shape[-2] - q.shape[-2])
+        visible[3] = False  # query row 3 sees no key
+        s = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~visible, fill)
+        return (s - s.amax(-1, keepdim=True)).softmax(-1) @ v
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 3, 10, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 3, 14, 8, generator=g, requires_grad=True) for _ in range(2))
+    compare(shifted, q, k, v, path=path, dead_rows=True)

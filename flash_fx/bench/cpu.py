@@ -14,8 +14,6 @@ training step (forward, backward, AdamW) under ``backend="flash_fx"`` (Inductor 
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -23,6 +21,7 @@ import torch.nn.functional as F
 
 from flash_fx.bench import models
 from flash_fx.bench.timing import NO_DEADLINE, Deadline
+from flash_fx.cpu_profile import seconds_in_turn
 
 WINDOW = 256
 DOCUMENTS = 4
@@ -43,21 +42,6 @@ def _masks(kind: str, n: int) -> tuple[dict, torch.Tensor]:
         doc = torch.arange(n) * DOCUMENTS // n
         visible, kwargs = (j <= i) & (doc[:, None] == doc[None, :]), {"q_doc": doc[None], "k_doc": doc[None]}
     return kwargs, torch.zeros(n, n).masked_fill(~visible, float("-inf"))
-
-
-def paired_seconds(first: Callable[[], object], second: Callable[[], object], reps: int) -> tuple[float, float]:
-    """Median seconds of two functions timed in turn, rep by rep after a warm-up call each, in alternating order (so
-    a busy moment of the machine, or going first, weighs on both alike)."""
-    first()
-    second()
-    times: tuple[list[float], list[float]] = ([], [])
-    for rep in range(reps):
-        pairs = ((first, times[0]), (second, times[1]))
-        for fn, record in pairs if rep % 2 == 0 else pairs[::-1]:
-            start = time.perf_counter()
-            fn()
-            record.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def op_rows(n: int, heads: int = 12, head_dim: int = 64, reps: int = 5) -> Iterator[dict]:
@@ -94,12 +78,12 @@ def _forward_pair(flash: Callable[[], object], baseline: Callable[[], object], r
             with torch.no_grad():
                 fn()
         return run
-    return paired_seconds(without_grad(flash), without_grad(baseline), reps)
+    return seconds_in_turn(without_grad(flash), without_grad(baseline), reps=reps)
 
 
 def _step_pair(flash: Callable[[], torch.Tensor], baseline: Callable[[], torch.Tensor],
                reps: int) -> tuple[float, float]:
-    return paired_seconds(lambda: flash().sum().backward(), lambda: baseline().sum().backward(), reps)
+    return seconds_in_turn(lambda: flash().sum().backward(), lambda: baseline().sum().backward(), reps=reps)
 
 
 def _masked_rows(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
