@@ -14,10 +14,10 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from flash_fx import cost
 from flash_fx.exactness import is_mask_fill
 from flash_fx.kernels import tile_density
-from flash_fx.kernels.spec import AttentionSpec, Band, Bias
+from flash_fx.kernels.spec import AttentionSpec, Band, Bias, FilledRows, ScoreMod
 from flash_fx.mha import multi_head_attention
 from flash_fx.options import Options
-from flash_fx.patterns.canonical import AddBias, Cast, MaskedFill, Scale, canonicalize, constant_float
+from flash_fx.patterns.canonical import AddBias, Cast, MaskedFill, PointwiseMod, Scale, canonicalize, constant_float
 from flash_fx.patterns.masks import (
     ConstantMask,
     Literal,
@@ -78,6 +78,7 @@ class MaskDecision:
     alibi: tuple[AlibiMatch, float] | None = None  # an ALiBi term the kernels compute, and the factor applied after it
     relative: tuple[RelativeTableMatch, float] | None = None  # a T5 table read per relative position, and its factor
     excluded_fill: float | None = None  # the largest finite fill the kernels exclude (proved per call)
+    filled_rows: FilledRows | None = None  # rows the one finite fill hides entirely: eager's uniform average
 
     def exclude(self, fill: float) -> None:
         """Note that the kernels exclude entries filled with `fill` (as the softmax sees it)."""
@@ -182,6 +183,8 @@ def plan_attention(graph: fx.Graph, match: AttentionMatch, example_inputs: list[
     moved = _moved_read(match, masks)
     if moved is not None:
         return moved
+    if match.score_mod_factor is not None and match.batch_view is not None:
+        return "a per-head factor of the scores combined with views that regroup batch and heads"
     variant = masks.variant
     if variant not in options.variants:
         return _not_allowed(variant, options)
@@ -203,9 +206,10 @@ def plan_attention(graph: fx.Graph, match: AttentionMatch, example_inputs: list[
     if not plan.rewrite:
         return plan.reason
     copy_output = writes_of(graph).written_after([match.output], match.output) is not None
+    score_mod = ScoreMod(match.score_mod, match.score_mod_factor) if match.score_mod else None
     call = KernelCall(match.scale, masks.band, masks.bias_terms, masks.key_valid, masks.documents,
                       bias_holds_masks=holds_masks, alibi=masks.alibi, relative=masks.relative, copy_output=copy_output,
-                      excluded_fill=masks.excluded_fill)
+                      excluded_fill=masks.excluded_fill, filled_rows=masks.filled_rows, score_mod=score_mod)
     scale = f"{match.scale:.4g}" + "".join(
         " / sqrt(head_dim)" if d == RSQRT_HEAD_DIM else f" {'/' if d.reciprocal else '*'} {d.factor.name}"
         for d in match.dynamic_scales)
@@ -214,7 +218,8 @@ def plan_attention(graph: fx.Graph, match: AttentionMatch, example_inputs: list[
         q_shape=_concrete_shape(match.q_shape), k_shape=_concrete_shape(match.k_shape),
         v_shape=_concrete_shape(match.v_shape), dtype=str(match.dtype).removeprefix("torch."),
         scale=scale, mask=masks.description,
-        notes="; ".join([*match.notes, *_dropout_note(match.dropout_p), *sparse_note, plan.reason]),
+        notes="; ".join([*match.notes, *([f"scores modified: {score_mod.describe()}"] if score_mod else []),
+                         *_dropout_note(match.dropout_p), *sparse_note, plan.reason]),
         tile_density=density, **_plan_fields(plan),
     )
     return BlockPlan(match, call, record, masks.proofs)
@@ -230,6 +235,7 @@ def _moved_read(match: AttentionMatch, masks: MaskDecision) -> str | None:
     the operand itself, see patterns.match._strip_scales.)"""
     reads = [match.q.node, match.k.node, match.v.node, *(term.tensor for term in match.terms)]
     reads += [f.factor for f in match.dynamic_scales if isinstance(getattr(f, "factor", None), fx.Node)]
+    reads += [match.score_mod_factor] if match.score_mod_factor is not None else []
     reads += [masks.key_valid.node] if masks.key_valid is not None else []
     reads += list(masks.documents or ())
     reads += [masks.alibi[0].slopes] if masks.alibi is not None else []
@@ -330,7 +336,12 @@ def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[A
                             proofs=[])
     if match.causal:
         decision.parts.append("causal")
-    for term in _split_sums(match.terms):
+    terms = _split_sums(match.terms)
+    # Rows a finite fill hides entirely are eager's uniform average when that fill is the only mask of the block
+    # (kernels.filled_rows); beside another mask, or under dropout, their entries are not all the same value.
+    one_fill = not match.causal and not match.dropout_p and sum(
+        isinstance(_mask_condition(term), tuple) for term in terms) == 1
+    for term in terms:
         op, tensor = term.op, term.tensor.meta["example_value"]
         if not _broadcasts_into(tuple(tensor.shape), term.scores_shape):
             return (f"mask/bias of shape {_concrete_shape(tensor.shape)} does not broadcast to the scores' "
@@ -371,7 +382,7 @@ def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[A
             decision.constant_masks.append(analysis.visible)
             decision.parts.append(f"{analysis.describe()}[{shape}] (block layout)")
         else:
-            why = _use_structural(decision, analysis, fill, replaces)
+            why = _use_structural(decision, analysis, fill, replaces, one_fill)
             if why is None:
                 decision.exclude(fill)
                 continue
@@ -459,21 +470,27 @@ def _mask_condition(term: ScoreTerm) -> tuple[fx.Node, bool, float] | str | None
 
 
 def _use_structural(decision: MaskDecision, analysis: MaskAnalysis | Unrecognized, fill: float,
-                    replaces: bool) -> str | None:
-    """Record the analyzed mask as kernel inputs; or return why it stays in the bias."""
+                    replaces: bool, one_fill: bool) -> str | None:
+    """Record the analyzed mask as kernel inputs; or return why it stays in the bias. `one_fill`: this mask is
+    the block's only one, so rows its finite fill hides entirely can be completed as eager computes them."""
     if isinstance(analysis, Unrecognized):
         return analysis.reason
     if decision.band is not None or decision.key_valid is not None or decision.documents is not None:
         return "a second structural mask is streamed as a bias"
     band = analysis.band.spec if analysis.band else None
-    if fill != -math.inf and not replaces and not _no_dead_rows(band, analysis):
-        # an added finite fill keeps eager's gradient and dead rows exactly in the bias
-        return "added finite fill and rows that may be fully masked (key padding or a shifted band)"
+    dead_rows = fill != -math.inf and not _no_dead_rows(band, analysis)
+    if dead_rows and not replaces and not one_fill:
+        # an added finite fill beside other masks keeps eager's gradient and dead rows exactly in the bias
+        return "added finite fill beside other masks, and rows that may be fully masked"
     decision.band = band
     decision.key_valid = analysis.key_valid
     decision.documents = analysis.documents
     decision.proofs += [analysis.band] if analysis.band else []
     decision.parts.append(analysis.describe())
+    if dead_rows and one_fill:
+        decision.filled_rows = FilledRows(fill, added=not replaces)
+        decision.parts.append(f"fully hidden rows: uniform average ({'added' if not replaces else 'filled'} "
+                              f"{fill:.3g})")
     return None
 
 
@@ -522,7 +539,7 @@ def _cost_shape(match: AttentionMatch, masks: MaskDecision, density: float, layo
     if masks.bias_terms:
         shapes = [_concrete_shape(term.tensor.meta["example_value"].shape) for term in masks.bias_terms]
         kernel_bias_bytes = 4.0 * math.prod(torch.broadcast_shapes(*shapes)) / scores
-    passes = sum(isinstance(desc, Scale | Cast | MaskedFill | AddBias) for desc in _chain_descs(match))
+    passes = sum(isinstance(desc, Scale | Cast | MaskedFill | AddBias | PointwiseMod) for desc in _chain_descs(match))
     return cost.AttentionShape(
         batch_heads=batch_heads, nq=nq, nk=nk, head_dim=_symbolic(match.q_shape[-1]), dtype=match.dtype,
         density=density, elementwise_passes=passes, mask_bytes_per_score=mask_bytes,

@@ -62,7 +62,8 @@ def layout_is_exact(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, thres
     if not bool(live.any()):
         return True
     lowest = float(row_max[live].min())
-    terms = 2 * _score_bound(q, k, spec.scale) + _position_bound(q, k, spec)
+    low, high = _score_range(q, k, spec)
+    terms = (high - low) + _position_bound(q, k, spec)
     slack = ROUNDING * (abs(lowest) + abs(threshold))
     return lowest - threshold - slack > terms + UNDERFLOW_MARGIN
 
@@ -72,7 +73,8 @@ def check_call(lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, spec: Attent
 
     The spec's `excluded_fill` is the largest finite value eager gives an entry that the masks exclude (None: only -inf
     fills were excluded). An excluded entry's eager score is at most the fill plus a bound of the scores
-    (Cauchy-Schwarz: scale * max |q_i| * max |k_j|) plus the largest additive terms; the row's visible maximum is
+    (Cauchy-Schwarz: scale * max |q_i| * max |k_j|, mapped through a score modification) plus the largest additive
+    terms; the row's visible maximum is
     at least lse - log(Nk), less a few float32 units in the last place (so a row whose visible entries are
     themselves fills, dead by a combination of masks, never passes by rounding). With `structural` masks (which
     replace the scores they hide) a bias holding NaN or +inf is not proved either: eager spreads it where such a
@@ -91,8 +93,17 @@ def check_call(lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, spec: Attent
     if excluded_fill is None or lse.numel() == 0:
         return
     n_k = k.shape[-2]
-    bound = excluded_fill + bias_max + _score_bound(q, k, spec.scale) + _position_bound(q, k, spec)
-    lowest = float(lse[..., 0].min())
+    row_lse = lse[..., 0]
+    if spec.filled_rows is not None:
+        completed = row_lse == torch.tensor(spec.filled_rows.fill, dtype=row_lse.dtype)
+        if bool(completed.any()) and not _rounds_to_fill(q, k, spec):
+            note_inexact("a row hidden entirely by a finite fill has entries that do not round to the fill")
+            return
+        row_lse = row_lse[~completed]
+        if row_lse.numel() == 0:
+            return
+    bound = excluded_fill + bias_max + _score_range(q, k, spec)[1] + _position_bound(q, k, spec)
+    lowest = float(row_lse.min())
     # float32 rounding of the log-sum-exp and of the fills: a few units in the last place of the larger magnitude
     slack = ROUNDING * (abs(lowest) + abs(bound)) if math.isfinite(lowest) and math.isfinite(bound) else math.inf
     if not lowest - math.log(max(n_k, 1)) - UNDERFLOW_MARGIN - slack > bound:
@@ -100,9 +111,31 @@ def check_call(lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, spec: Attent
                      "row's scores")
 
 
-def _score_bound(q: torch.Tensor, k: torch.Tensor, scale: float) -> float:
-    """A bound of |q_i . k_j| * scale over all pairs (Cauchy-Schwarz)."""
-    return abs(scale) * float(_row_norms(q).max()) * float(_row_norms(k).max())
+def _rounds_to_fill(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> bool:
+    """Whether every entry of a row that the masks hide entirely equals the fill in float32 (and so in any
+    narrower dtype): what is added to the fill (the score where the fill was added, the bias and the position
+    terms) is bounded below a quarter of the float32 spacing at the fill, so rounding takes it away."""
+    fill = torch.tensor(spec.filled_rows.fill, dtype=torch.float32)
+    spacing = float((fill - torch.nextafter(fill, torch.zeros(()))).abs())
+    bound = _position_bound(q, k, spec)
+    if spec.filled_rows.added:
+        bound += max(abs(x) for x in _score_range(q, k, spec))
+    if spec.bias is not None and spec.bias.values.numel():
+        bound += float(spec.bias.values.detach().abs().max())
+    return bound < spacing / 4
+
+
+def _score_range(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> tuple[float, float]:
+    """An interval holding every score ``mod(q_i . k_j * scale)`` (Cauchy-Schwarz bounds the product; the score
+    modification maps that interval)."""
+    bound = abs(spec.scale) * float(_row_norms(q).max()) * float(_row_norms(k).max())
+    mod = spec.score_mod
+    if mod is None:
+        return -bound, bound
+    factors = (1.0, 1.0)
+    if mod.head_factor is not None and mod.head_factor.numel():
+        factors = tuple(float(x) for x in mod.head_factor.detach().float().aminmax())
+    return mod.bounds(-bound, bound, factors)
 
 
 def _position_bound(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> float:

@@ -2,14 +2,16 @@
 
 `torch.ops.flash_fx.attention(q, k, v, bias, scale, causal_offset, kv_heads_tiled=False, window=None,
 key_valid=None, q_doc=None, k_doc=None, dropout_p=0.0, sparse_bias=False, alibi_slopes=None,
-alibi_symmetric=False, rel_bias=None, excluded_fill=None) -> (out, lse, seed)` computes what the
+alibi_symmetric=False, rel_bias=None, excluded_fill=None, filled_rows=None, filled_rows_added=False,
+score_mod=None, score_mod_factor=None) -> (out, lse, seed)` computes what the
 `AttentionSpec` of its arguments stands for (flash_fx.kernels.spec states the contract;
 `AttentionSpec.op_args` / `from_op_args` convert). q [Bq, H, Nq, d], k [Bk, Hk, Nk, d] and v [Bv, Hv, Nk, d]
 may have any strides; batch sizes of 1 broadcast to the others' B, a k or v with one head to the other's head
 count, and a one-head q to the KV heads (as views, without copies). It has a fake implementation (shapes only,
 symbolic sizes welcome) and a registered autograd formula whose backward is the `flash_fx::attention_backward`
 op, so AOTAutograd and Inductor treat both as opaque kernels. q, k, v, the bias and `rel_bias` receive gradients,
-summed back over whatever was broadcast; the masks and the ALiBi slopes none.
+summed back over whatever was broadcast; the masks, the ALiBi slopes and the score modification's head factor
+none.
 
 Dropout: with `dropout_p > 0` every call draws a fresh seed, `torch.randint(0, 2**31 - 1, (1,))` from torch's
 default CPU generator, at run time (inside the op, never baked into a graph), so results differ between calls
@@ -69,6 +71,10 @@ def attention(
     alibi_symmetric: bool = False,
     rel_bias: torch.Tensor | None = None,
     excluded_fill: float | None = None,
+    filled_rows: float | None = None,
+    filled_rows_added: bool = False,
+    score_mod: str | None = None,
+    score_mod_factor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, the row log-sum-exp pairs of the undropped softmax (float32), the dropout seed) of the spec of these
     arguments; each call proves its exclusions exact or records why not (flash_fx.exactness)."""
@@ -76,7 +82,7 @@ def attention(
     seed = draw_seed() if dropout_p > 0 else 0
     spec = AttentionSpec.from_op_args(bias, scale, causal_offset, kv_heads_tiled, window, key_valid, q_doc, k_doc,
                                       dropout_p, sparse_bias, alibi_slopes, alibi_symmetric, rel_bias, excluded_fill,
-                                      seed=seed)
+                                      filled_rows, filled_rows_added, score_mod, score_mod_factor, seed=seed)
     spec = _exact_layout(q, k, spec)
     out, lse = kernels.attention_forward(q, k, v, spec)
     exactness.check_call(lse, q, k, spec)
@@ -133,6 +139,10 @@ def attention_backward(
     alibi_symmetric: bool = False,
     rel_bias: torch.Tensor | None = None,
     excluded_fill: float | None = None,
+    filled_rows: float | None = None,
+    filled_rows_added: bool = False,
+    score_mod: str | None = None,
+    score_mod_factor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias, drel) of `attention` (whose arguments follow the requested gradients), recomputed tile by
     tile from q, k, v and the saved lse; `seed` (the forward's third output) regenerates its dropout mask.
@@ -144,6 +154,7 @@ def attention_backward(
     q, k, v = _broadcast_qkv(q, k, v)
     spec = AttentionSpec.from_op_args(bias, scale, causal_offset, kv_heads_tiled, window, key_valid, q_doc, k_doc,
                                       dropout_p, sparse_bias, alibi_slopes, alibi_symmetric, rel_bias, excluded_fill,
+                                      filled_rows, filled_rows_added, score_mod, score_mod_factor,
                                       seed=int(seed.reshape(-1)[0]) if dropout_p > 0 else 0)
     spec = _exact_layout(q, k, spec).with_grads(bias_requires_grad, rel_bias_requires_grad)
     dq, dk, dv, dbias, drel = kernels.attention_backward(grad_out, Saved(q, k, v, out, lse), spec)

@@ -13,7 +13,17 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from flash_fx.kernels.spec import Alibi, AttentionSpec, Band, Bias, Documents, Dropout, RelativeTable
+from flash_fx.kernels.spec import (
+    Alibi,
+    AttentionSpec,
+    Band,
+    Bias,
+    Documents,
+    Dropout,
+    FilledRows,
+    RelativeTable,
+    ScoreMod,
+)
 from flash_fx.op import zero_dead_rows
 from flash_fx.patterns.canonical import AddBias, MaskedFill, Operand
 from flash_fx.patterns.masks import Literal
@@ -36,6 +46,8 @@ class KernelCall:
     relative: tuple[RelativeTableMatch, float] | None = None  # a T5 table read per relative position, and its factor
     copy_output: bool = False  # the program writes the output in place later: give it its own copy
     excluded_fill: float | None = None  # the largest finite fill the kernels exclude (the op proves it per call)
+    filled_rows: FilledRows | None = None  # rows that finite fill hides entirely: eager's uniform average
+    score_mod: ScoreMod | None = None  # pointwise steps on the scaled scores (its factor a graph node)
 
 
 def replace_attention(graph: fx.Graph, match: AttentionMatch, call: KernelCall) -> fx.Node:
@@ -131,7 +143,8 @@ def _spec(graph: fx.Graph, match: AttentionMatch, call: KernelCall) -> Attention
     return AttentionSpec(
         scale=call.scale, band=call.band or Band(), key_valid=key_valid, documents=documents,
         bias=None if bias is None else Bias(bias, holds_masks=call.bias_holds_masks), alibi=alibi, relative=relative,
-        dropout=Dropout(match.dropout_p), kv_heads_tiled=match.kv_heads_tiled, excluded_fill=call.excluded_fill)
+        dropout=Dropout(match.dropout_p), kv_heads_tiled=match.kv_heads_tiled, excluded_fill=call.excluded_fill,
+        filled_rows=call.filled_rows, score_mod=_score_mod(graph, call.score_mod))
 
 
 def _relative_vector(graph: fx.Graph, table: RelativeTableMatch, factor: float) -> fx.Node:
@@ -149,6 +162,13 @@ def _relative_vector(graph: fx.Graph, table: RelativeTableMatch, factor: float) 
     if factor != 1.0:
         vector = graph.call_function(operator.mul, (vector, factor))
     return vector
+
+
+def _score_mod(graph: fx.Graph, mod: ScoreMod | None) -> ScoreMod | None:
+    """The score modification with its head factor as a float32 [B or 1, H or 1] graph node."""
+    if mod is None or mod.head_factor is None:
+        return mod
+    return ScoreMod(mod.steps, _slopes(graph, mod.head_factor, 1.0))
 
 
 def _slopes(graph: fx.Graph, node: fx.Node, factor: float) -> fx.Node:

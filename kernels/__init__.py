@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from flash_fx.kernels import config, cpu_flash, tiled_torch, tuning
+from flash_fx.kernels import config, cpu_flash, filled_rows, tiled_torch, tuning
 from flash_fx.kernels.config import Tiles
 from flash_fx.kernels.dropout import dropout_keep_mask
 from flash_fx.kernels.schedule import schedule
@@ -79,12 +79,13 @@ def triton_failure() -> str | None:
     return next(iter(_TRITON_FAILURES.values()), None)
 
 
-def _configuration(entry: Callable, args: tuple) -> tuple:
+def _configuration(args: tuple) -> tuple:
     """What selects a compiled Triton kernel: the entry, the dtype, the head dim and the spec's features."""
-    q = args[1].q if entry.__name__ == "attention_backward" else args[0]
-    spec: AttentionSpec = args[2] if entry.__name__ == "attention_backward" else args[3]
+    backward = isinstance(args[1], Saved)
+    q = args[1].q if backward else args[0]
+    spec: AttentionSpec = args[2] if backward else args[3]
     features = tuple(sorted(name for name, on in spec.features().items() if on))
-    return entry.__name__, str(q.dtype), q.shape[-1], q.device.type, features
+    return "attention_backward" if backward else "attention_forward", str(q.dtype), q.shape[-1], q.device.type, features
 
 
 def _falls_back_to_tiled(entry: Callable) -> Callable:
@@ -102,7 +103,7 @@ def _falls_back_to_tiled(entry: Callable) -> Callable:
 
     @functools.wraps(entry)
     def run(*args):
-        key = _configuration(entry, args)
+        key = _configuration(args)
         if key in _TRITON_FAILURES:
             return tiled(*args)
         try:
@@ -198,12 +199,22 @@ def _check_triton_head_dim(q: torch.Tensor) -> None:
                                   f"got {q.shape[-1]}")
 
 
-@_falls_back_to_tiled
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
                       launch: Launch = DEFAULT_LAUNCH) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Hq, Nq, D] in q.dtype, lse [B, Hq, Nq, 2] float32 pairs)`` of ``spec`` (validated here; an
     :class:`AttentionInputError` names what does not fit). With no keys (Nk == 0) the output is zeros and the LSE
-    pairs (-inf, 0), as eager ``softmax(...) @ v`` gives."""
+    pairs (-inf, 0), as eager ``softmax(...) @ v`` gives. Rows a finite fill hides entirely are completed after
+    the kernels (:mod:`filled_rows`)."""
+    out, lse = _forward(q, k, v, spec, launch)
+    if spec.filled_rows is not None and k.shape[2] > 0:
+        out, lse = filled_rows.complete_forward(q, k, v, spec, out, lse)
+    return out, lse
+
+
+@_falls_back_to_tiled
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
+             launch: Launch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' forward (rows without keys: NaN, LSE -inf)."""
     spec = spec.validate(q, k, v)
     if q.numel() == 0 or k.shape[2] == 0:
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
@@ -228,11 +239,20 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: A
     return run(_launch_tiles(q, k, spec, launch, run, backward=False))
 
 
-@_falls_back_to_tiled
 def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec,
                        launch: Launch = DEFAULT_LAUNCH) -> tuple[torch.Tensor, ...]:
     """``(dq, dk, dv, dbias, drel)`` of ``spec`` (the forward's, with the gradients it asks for; see the module
     docstring) from the forward's ``saved`` inputs and outputs; dq, dk, dv have the shapes and dtypes of q, k, v."""
+    if spec.filled_rows is None or saved.k.shape[2] == 0:
+        return _backward(grad_out, saved, spec, launch)
+    lse, completed = filled_rows.kernel_lse(saved.lse, spec)
+    grads = _backward(grad_out, saved._replace(lse=lse), spec, launch)
+    return filled_rows.complete_backward(grad_out, saved.q, saved.k, saved.v, saved.out, completed, spec, grads)
+
+
+@_falls_back_to_tiled
+def _backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec, launch: Launch) -> tuple[torch.Tensor, ...]:
+    """The kernels' backward (rows with LSE -inf pass no gradient)."""
     q, k, v, _, lse = saved
     spec = spec.validate(q, k, v)
     if tuple(lse.shape) != (*q.shape[:3], 2):

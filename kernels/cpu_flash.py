@@ -48,7 +48,7 @@ def serves(spec: AttentionSpec, q: torch.Tensor) -> bool:
     """Whether this path computes a validated ``spec`` on CPU tensors like ``q`` (see the module docstring)."""
     return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and not (spec.bias is not None and spec.bias.requires_grad) and spec.alibi is None
-            and spec.relative is None and not spec.dropout.enabled)
+            and spec.relative is None and not spec.dropout.enabled and spec.score_mod is None)
 
 
 def keeps_precision(lse: torch.Tensor) -> bool:

@@ -3,11 +3,12 @@
 This module states the op contract once; every other docstring refers here. For q [B, Hq, Nq, D] and k, v
 [B, Hkv, Nk, D] (``Hq % Hkv == 0``), an :class:`AttentionSpec` stands for::
 
-    scores[b, h, i, j] = q[b, h, i] . k[b, kv(h), j] * scale + terms[b, h, i, j]
+    scores[b, h, i, j] = mod(q[b, h, i] . k[b, kv(h), j] * scale) + terms[b, h, i, j]
     out[b, h, i]       = sum_j dropout(softmax_j(scores[b, h, i]))[j] * v[b, kv(h), j]
 
 where ``kv(h) = h // (Hq // Hkv)`` (KV heads "grouped", what ``repeat_interleave`` or expand + reshape
 produce) or ``h % Hkv`` with ``kv_heads_tiled`` (what ``k.repeat(1, Hq // Hkv, 1, 1)`` produces), and
+``mod`` is the identity or a :class:`ScoreMod` (a chain of pointwise steps: soft-capping, clamps, gates), and
 ``terms`` is what :meth:`AttentionSpec.materialize` builds:
 
 - the :class:`Bias` (any float tensor broadcastable to [B, Hq, Nq, Nk]); with ``holds_masks`` it comes from
@@ -26,7 +27,9 @@ produce) or ``h % Hkv`` with ``kv_heads_tiled`` (what ``k.repeat(1, Hq // Hkv, 1
 LSE of -inf (eager softmax after ``-inf`` fills) and no gradient; rows hidden entirely by a finite fill are
 eager's uniform average over their keys, forward and backward. With no keys (Nk == 0) the output is zeros.
 ``excluded_fill`` is the largest finite value eager gave an entry the masks exclude (None: only ``-inf``); the
-op proves such exclusions exact per call (flash_fx.exactness).
+op proves such exclusions exact per call (flash_fx.exactness). With :class:`FilledRows` the structural masks
+stand for one finite fill, and a row they hide entirely is eager's uniform average over all Nk keys instead
+(:mod:`filled_rows`).
 
 Tensor slots hold tensors at run time and graph nodes in the pass: :meth:`AttentionSpec.op_args` and
 :meth:`AttentionSpec.from_op_args` are the only conversion to and from the custom op's flat schema. A new
@@ -38,19 +41,21 @@ the two kernel paths (see the README's architecture section).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 
 __all__ = ["OP_ARGUMENTS", "UNBOUNDED", "Alibi", "AttentionInputError", "AttentionSpec", "Band", "Bias", "Documents",
-           "Dropout", "Launch", "RelativeTable", "Saved"]
+           "Dropout", "FilledRows", "Launch", "ModStep", "RelativeTable", "Saved", "ScoreMod"]
 
 UNBOUNDED = 2**31 - 1  # a window side without a limit, in the op's `[left, right]` list
 
 #: The custom op's arguments after q, k, v, in schema order (:meth:`AttentionSpec.from_op_args`).
 OP_ARGUMENTS = ("bias", "scale", "causal_offset", "kv_heads_tiled", "window", "key_valid", "q_doc", "k_doc",
-                "dropout_p", "sparse_bias", "alibi_slopes", "alibi_symmetric", "rel_bias", "excluded_fill")
+                "dropout_p", "sparse_bias", "alibi_slopes", "alibi_symmetric", "rel_bias", "excluded_fill",
+                "filled_rows", "filled_rows_added", "score_mod", "score_mod_factor")
 
 
 class AttentionInputError(ValueError):
@@ -218,6 +223,131 @@ class Dropout:
         return Dropout(float(self.p), int(self.seed), int(self.offset))
 
 
+#: The pointwise steps a :class:`ScoreMod` chains, with their Triton opcodes (kernels.triton_common.mod_step).
+MOD_OPS = {"mul": 1, "add": 2, "tanh": 3, "sigmoid": 4, "relu": 5, "clamp": 6, "square": 7, "mul_head": 8}
+MAX_MOD_STEPS = 6
+
+
+@dataclass(frozen=True)
+class ModStep:
+    """One pointwise step of a :class:`ScoreMod`: ``mul`` (x * a), ``add`` (x + a), ``tanh``, ``sigmoid``,
+    ``relu``, ``clamp`` (``min(max(x, a), b)``, inf for an open side), ``square`` (x * x), ``mul_head`` (x times the
+    mod's per-(batch, head) factor)."""
+
+    op: str
+    a: float = 0.0
+    b: float = 0.0
+
+    def text(self) -> str:
+        """The step as the op's ``score_mod`` string spells it."""
+        if self.op in ("mul", "add"):
+            return f"{self.op}({self.a!r})"
+        if self.op == "clamp":
+            return f"clamp({self.a!r},{self.b!r})"
+        return self.op
+
+    @staticmethod
+    def parse(text: str) -> ModStep:
+        """The step of its :meth:`text`."""
+        name, _, rest = text.strip().partition("(")
+        values = [float(x) for x in rest.rstrip(")").split(",")] if rest else []
+        if name not in MOD_OPS or len(values) != {"mul": 1, "add": 1, "clamp": 2}.get(name, 0):
+            raise AttentionInputError(f"unknown score modification step {text!r}")
+        return ModStep(name, *values)
+
+
+@dataclass(frozen=True, eq=False)
+class ScoreMod:
+    """A pointwise function of the scaled score ``s = q . k * scale``, applied before the other terms are added:
+    ``scores = mod(s) + terms``. Soft-capping is ``mul(1 / cap), tanh, mul(cap)``. ``head_factor``: the factor of a
+    ``mul_head`` step, a float tensor [B or 1, Hq or 1] (float32 [B, Hq] after validation; no gradient)."""
+
+    steps: tuple[ModStep, ...]
+    head_factor: Any = None
+
+    def text(self) -> str:
+        """The steps as the op's ``score_mod`` argument: ``"mul(0.02);tanh;mul(50.0)"``."""
+        return ";".join(step.text() for step in self.steps)
+
+    @staticmethod
+    def parse(text: str, head_factor: Any = None) -> ScoreMod:
+        """The mod of its :meth:`text` and factor."""
+        return ScoreMod(tuple(ModStep.parse(part) for part in text.split(";")), head_factor)
+
+    def describe(self) -> str:
+        """The function in a report line, applied to ``s``."""
+        x = "s"
+        for step in self.steps:
+            x = {"mul": f"{x} * {step.a:g}", "add": f"{x} + {step.a:g}", "square": f"({x})^2",
+                 "mul_head": f"{x} * factor[h]", "clamp": f"clamp({x}, {step.a:g}, {step.b:g})"}.get(
+                step.op, f"{step.op}({x})")
+        return x
+
+    def apply(self, x: torch.Tensor, factor: torch.Tensor | None = None,
+              derivative: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``mod(x)`` with PyTorch's own ops (``factor`` broadcast against x for ``mul_head``), and with
+        ``derivative`` its derivative in x as PyTorch's backward formulas give it."""
+        grad = torch.ones_like(x) if derivative else None
+        for step in self.steps:
+            if step.op == "mul":
+                x, local = x * step.a, step.a
+            elif step.op == "add":
+                x, local = x + step.a, 1.0
+            elif step.op == "mul_head":
+                x, local = x * factor, factor
+            elif step.op == "tanh":
+                x = torch.tanh(x)
+                local = 1 - x * x
+            elif step.op == "sigmoid":
+                x = torch.sigmoid(x)
+                local = x * (1 - x)
+            elif step.op == "relu":
+                x, local = torch.relu(x), (x > 0).to(x.dtype)
+            elif step.op == "clamp":
+                x, local = torch.clamp(x, step.a, step.b), ((x >= step.a) & (x <= step.b)).to(x.dtype)
+            else:  # square
+                x, local = x * x, 2 * x
+            if grad is not None:
+                grad = grad * local
+        return (x, grad) if derivative else x
+
+    def bounds(self, low: float, high: float, factor: tuple[float, float] = (1.0, 1.0)) -> tuple[float, float]:
+        """An interval holding ``mod(x)`` for every x in [low, high] (``factor``: the range of the head factor)."""
+        for step in self.steps:
+            if step.op in ("mul", "mul_head"):
+                values = (step.a,) if step.op == "mul" else factor
+                ends = [e * f for e in (low, high) for f in values]
+                low, high = min(ends), max(ends)
+            elif step.op == "add":
+                low, high = low + step.a, high + step.a
+            elif step.op == "tanh":
+                low, high = math.tanh(low), math.tanh(high)
+            elif step.op == "sigmoid":
+                low, high = _sigmoid(low), _sigmoid(high)
+            elif step.op == "relu":
+                low, high = max(low, 0.0), max(high, 0.0)
+            elif step.op == "clamp":
+                low, high = min(max(low, step.a), step.b), min(max(high, step.a), step.b)
+            else:  # square
+                low, high = (0.0 if low <= 0.0 <= high else min(low * low, high * high)), max(low * low, high * high)
+        return low, high
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+@dataclass(frozen=True)
+class FilledRows:
+    """The structural masks stand for one finite ``fill`` (transformers' ``finfo.min``): a row they hide entirely
+    holds the fill in every entry, so it is eager's uniform average over all Nk keys, LSE ``fill + log(Nk)``.
+    ``added``: the fill was added to the scores, so they get the uniform softmax's gradient (reaching q, k, the
+    bias and the relative table); otherwise it replaced them (masked_fill) and only v gets a gradient."""
+
+    fill: float
+    added: bool = False
+
+
 @dataclass(frozen=True, eq=False)
 class AttentionSpec:
     """Everything an attention call computes besides q, k, v (the module docstring states the contract)."""
@@ -232,6 +362,8 @@ class AttentionSpec:
     dropout: Dropout = Dropout()
     kv_heads_tiled: bool = False
     excluded_fill: float | None = None
+    filled_rows: FilledRows | None = None
+    score_mod: ScoreMod | None = None
 
     # ---- questions the op, the kernels and the cost model ask ----
 
@@ -259,7 +391,7 @@ class AttentionSpec:
                     dropout=self.dropout.enabled, key_padding=self.key_valid is not None,
                     documents=self.documents is not None, alibi=self.alibi is not None,
                     rel=self.relative is not None, kv_tiled=self.kv_heads_tiled,
-                    bias_grad=self.bias is not None and self.bias.requires_grad,
+                    bias_grad=self.bias is not None and self.bias.requires_grad, mod=self.score_mod is not None,
                     rel_grad=self.relative is not None and self.relative.requires_grad)
 
     def replace(self, **changes: Any) -> AttentionSpec:
@@ -287,10 +419,13 @@ class AttentionSpec:
                 got = getattr(key_valid, "dtype", key_valid)
                 raise AttentionInputError(f"key_valid must be a bool tensor, got {got}")
             key_valid = _batch_rows(key_valid, batch, n_k, "key_valid")
+        if self.filled_rows is not None and (self.dropout.p > 0 or not math.isfinite(self.filled_rows.fill)):
+            raise AttentionInputError("filled rows need a finite fill and no dropout")
         return self.replace(band=self.band.clamped(n_q + n_k), key_valid=key_valid,
                             documents=_documents(self.documents, batch, n_q, n_k), bias=_bias(self.bias, q, k),
                             alibi=_alibi(self.alibi, batch, heads, q.device),
                             relative=_relative(self.relative, batch, heads, n_q, n_k, q.device),
+                            score_mod=_score_mod(self.score_mod, batch, heads, q.device),
                             dropout=self.dropout.validated())
 
     # ---- the dense meaning ----
@@ -305,6 +440,16 @@ class AttentionSpec:
         if self.documents is not None:
             ok = _and(ok, self.documents.q_ids[:, rows, None] == self.documents.k_ids[:, None, cols])
         return ok
+
+    def modified(self, scores: torch.Tensor) -> torch.Tensor:
+        """``mod(scores)`` of the spec's score modification (scores [B, Hq, ...] of a validated spec; unchanged
+        without one)."""
+        if self.score_mod is None:
+            return scores
+        factor = self.score_mod.head_factor
+        if factor is not None:
+            factor = factor.to(scores.dtype).reshape(*factor.shape, *(1,) * (scores.dim() - 2))
+        return self.score_mod.apply(scores, factor)
 
     def materialize(self, q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The dense [B, Hq, Nq, Nk] ``terms`` of a validated spec (bias + ALiBi + relative table, ``-inf`` where
@@ -332,8 +477,16 @@ class AttentionSpec:
         heads = torch.arange(q.shape[1], device=q.device)
         kv = heads % k.shape[1] if self.kv_heads_tiled else heads // group
         k64, v64 = k.double()[:, kv], v.double()[:, kv]
-        scores = q.double() @ k64.transpose(-1, -2) * self.scale + self.materialize(q, k)
+        scores = self.modified(q.double() @ k64.transpose(-1, -2) * self.scale) + self.materialize(q, k)
         p = scores.softmax(-1)
+        if self.filled_rows is not None:  # rows the masks hide entirely: uniform, with eager's gradient
+            unmasked = self.modified(q.double() @ k64.transpose(-1, -2) * self.scale) + self.replace(
+                band=Band(), key_valid=None, documents=None).materialize(q, k)
+            if not self.filled_rows.added:
+                unmasked = unmasked.detach()
+            dead = (scores == float("-inf")).all(-1, keepdim=True)
+            uniform = (unmasked - unmasked.detach()).softmax(-1)
+            p = torch.where(dead, uniform, scores.masked_fill(dead, 0.0).softmax(-1))
         if self.dropout.enabled:
             keep = dropout_keep_mask(self.dropout.seed, self.dropout.offset, q.shape[0] * q.shape[1], q.shape[2],
                                      k.shape[2], self.dropout.p, q.device).view_as(p)
@@ -366,6 +519,14 @@ class AttentionSpec:
             kwargs["rel_bias"] = self.relative.values
         if self.excluded_fill is not None:
             kwargs["excluded_fill"] = self.excluded_fill
+        if self.score_mod is not None:
+            kwargs["score_mod"] = self.score_mod.text()
+            if self.score_mod.head_factor is not None:
+                kwargs["score_mod_factor"] = self.score_mod.head_factor
+        if self.filled_rows is not None:
+            kwargs["filled_rows"] = self.filled_rows.fill
+            if self.filled_rows.added:
+                kwargs["filled_rows_added"] = True
         bias = None if self.bias is None else self.bias.values
         return (bias, self.scale, self.band.upper), kwargs
 
@@ -374,6 +535,8 @@ class AttentionSpec:
                      window: list[int] | tuple[int, int] | None = None, key_valid: Any = None, q_doc: Any = None,
                      k_doc: Any = None, dropout_p: float = 0.0, sparse_bias: bool = False, alibi_slopes: Any = None,
                      alibi_symmetric: bool = False, rel_bias: Any = None, excluded_fill: float | None = None,
+                     filled_rows: float | None = None, filled_rows_added: bool = False,
+                     score_mod: str | None = None, score_mod_factor: Any = None,
                      seed: int | None = None) -> AttentionSpec:
         """The spec of an op call's arguments after q, k, v (``seed``: the call's dropout seed)."""
         if window is not None and len(window) != 2:
@@ -394,6 +557,8 @@ class AttentionSpec:
             dropout=Dropout(float(dropout_p), seed),
             kv_heads_tiled=bool(kv_heads_tiled),
             excluded_fill=excluded_fill,
+            filled_rows=None if filled_rows is None else FilledRows(float(filled_rows), bool(filled_rows_added)),
+            score_mod=None if score_mod is None else ScoreMod.parse(score_mod, score_mod_factor),
         )
 
 
@@ -443,6 +608,24 @@ def _alibi(alibi: Alibi | None, batch: int, heads: int, device: torch.device) ->
                                   f"got {tuple(slopes.shape)}")
     _check_device("alibi_slopes", slopes, device)
     return Alibi(slopes.detach().to(torch.float32).expand(batch, heads), bool(alibi.symmetric))
+
+
+def _score_mod(mod: ScoreMod | None, batch: int, heads: int, device: torch.device) -> ScoreMod | None:
+    if mod is None:
+        return None
+    if not 0 < len(mod.steps) <= MAX_MOD_STEPS:
+        raise AttentionInputError(f"a score modification has 1 to {MAX_MOD_STEPS} steps, got {len(mod.steps)}")
+    if sum(step.op == "mul_head" for step in mod.steps) != (mod.head_factor is not None):
+        raise AttentionInputError("a score modification multiplies by its head factor exactly once if it has one")
+    factor = mod.head_factor
+    if factor is None:
+        return mod
+    _check_float_tensor("score_mod_factor", factor)
+    if factor.dim() != 2 or factor.shape[0] not in (1, batch) or factor.shape[1] not in (1, heads):
+        raise AttentionInputError(f"score_mod_factor must have shape [{batch} or 1, {heads} or 1], "
+                                  f"got {tuple(factor.shape)}")
+    _check_device("score_mod_factor", factor, device)
+    return ScoreMod(mod.steps, factor.detach().to(torch.float32).expand(batch, heads))
 
 
 def _relative(table: RelativeTable | None, batch: int, heads: int, n_q: int, n_k: int,

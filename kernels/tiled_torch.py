@@ -78,13 +78,23 @@ def _tile_keep(q: torch.Tensor, num_kv_heads: int, n_k: int, cols: Columns, spec
 
 
 def _tile_scores(q: torch.Tensor, k_tile: torch.Tensor, cols: Columns, spec: AttentionSpec, n_q: int,
-                 rows: slice | None = None) -> torch.Tensor:
-    """Scaled, biased and masked scores [B, Hkv, group, rows, cols] of the key columns ``cols`` (a range with
-    explicit bounds or an index tensor; ``k_tile`` holds their keys); ``q`` holds the query ``rows`` (a range
-    with explicit bounds; all if None) of the Nq = ``n_q`` queries. Every term of ``spec`` applies."""
+                 rows: slice | None = None, derivative: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scaled, modified, biased and masked scores [B, Hkv, group, rows, cols] of the key columns ``cols`` (a range
+    with explicit bounds or an index tensor; ``k_tile`` holds their keys); ``q`` holds the query ``rows`` (a
+    range with explicit bounds; all if None) of the Nq = ``n_q`` queries. Every term of ``spec`` applies. Second,
+    if asked: the derivative of the score modification in the scaled score (else None)."""
     rows = slice(0, q.shape[-2]) if rows is None else rows
     num_kv_heads, tiled = k_tile.shape[1], spec.kv_heads_tiled
     s = torch.matmul(q, k_tile.unsqueeze(2).transpose(-1, -2)) * spec.scale
+    mod_derivative = None
+    if spec.score_mod is not None:
+        factor = spec.score_mod.head_factor
+        if factor is not None:
+            factor = _grouped(factor[:, :, None, None], num_kv_heads, tiled).to(s.dtype)
+        if derivative:
+            s, mod_derivative = spec.score_mod.apply(s, factor, derivative=True)
+        else:
+            s = spec.score_mod.apply(s, factor)
     if spec.bias is not None:
         s = s + _grouped(_take(spec.bias.values[..., rows, :], -1, cols), num_kv_heads, tiled).to(s.dtype)
     row_index, col_index = _positions(rows, q.device), _positions(cols, q.device)
@@ -96,7 +106,7 @@ def _tile_scores(q: torch.Tensor, k_tile: torch.Tensor, cols: Columns, spec: Att
     visible = spec.visible(row_index, col_index)
     if visible is not None:
         s = s.masked_fill(~visible[:, None, None], float("-inf"))
-    return s
+    return s, mod_derivative
 
 
 def _full_tiles(spec: AttentionSpec) -> AttentionSpec:
@@ -162,10 +172,12 @@ def _softmax_step(
 def _tile_grads(
     s: torch.Tensor, lse: torch.Tensor, do: torch.Tensor, delta: torch.Tensor, q: torch.Tensor,
     k_tile: torch.Tensor, v_tile: torch.Tensor, drop: torch.Tensor | None, scale: float,
+    mod_derivative: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dS, dQ, dK, dV)`` of one score tile ``s`` [B, Hkv, group, rows, n] from the (grouped) rows' LSE pairs
     (see :func:`_lse_pair`; +inf for fully masked rows), dO, delta and Q and the tile's K, V [B, Hkv, n, D];
-    ``drop`` is the dropout keep mask times 1 / (1 - p). dK, dV are summed over the group."""
+    ``drop`` is the dropout keep mask times 1 / (1 - p); ``mod_derivative`` that of the score modification (dS
+    reaches q and k through it). dK, dV are summed over the group."""
     p = torch.exp((s - lse[..., 0, None]) - lse[..., 1, None])
     dp = torch.matmul(do, v_tile.unsqueeze(2).transpose(-1, -2))
     p_kept = p
@@ -173,8 +185,9 @@ def _tile_grads(
         p_kept, dp = p * drop, dp * drop
     dv = torch.matmul(p_kept.transpose(-1, -2), do).sum(2)
     ds = p * (dp - delta[..., None])
-    dq = torch.matmul(ds, k_tile.unsqueeze(2)) * scale
-    dk = torch.matmul(ds.transpose(-1, -2), q).sum(2) * scale
+    ds_scaled = ds if mod_derivative is None else ds * mod_derivative
+    dq = torch.matmul(ds_scaled, k_tile.unsqueeze(2)) * scale
+    dk = torch.matmul(ds_scaled.transpose(-1, -2), q).sum(2) * scale
     return ds, dq, dk, dv
 
 
@@ -207,7 +220,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: A
         for cols, partial in chunks:
             k_tile = _take(k, 2, cols).to(dtype)
             v_tile = _take(v, 2, cols).to(dtype).unsqueeze(2)
-            s = _tile_scores(q_tile, k_tile, cols, spec if partial else full_spec, n_q, rows)
+            s, _ = _tile_scores(q_tile, k_tile, cols, spec if partial else full_spec, n_q, rows)
             keep = _tile_keep(q, num_kv_heads, n_k, cols, spec, rows) if spec.dropout.enabled else None
             row_max, row_sum, acc = _softmax_step(row_max, row_sum, acc, s, v_tile, keep)
         # No visited tile (or no visible key): 0 / 0 = NaN and LSE -inf, as eager softmax after -inf fills.
@@ -266,9 +279,10 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec
         q_tile, do_tile = qg[..., rows, :], dog[..., rows, :]
         for cols, partial in chunks:
             k_tile, v_tile = _take(k, 2, cols).to(dtype), _take(v, 2, cols).to(dtype)
-            s = _tile_scores(q_tile, k_tile, cols, spec if partial else full_spec, n_q, rows)
+            s, mod_derivative = _tile_scores(q_tile, k_tile, cols, spec if partial else full_spec, n_q, rows,
+                                             derivative=True)
             ds, dq_tile, dk_tile, dv_tile = _tile_grads(s, lse_g[..., rows, :], do_tile, delta[..., rows], q_tile,
-                                                        k_tile, v_tile, keep(cols, rows), spec.scale)
+                                                        k_tile, v_tile, keep(cols, rows), spec.scale, mod_derivative)
             if dbias is not None:
                 _add_at(grouped(dbias)[..., rows, :], -1, cols, ds)  # each entry is written once: += 0 is =
             add_drel(ds, rows, cols)

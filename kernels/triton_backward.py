@@ -40,6 +40,7 @@ from flash_fx.kernels.triton_common import (
     band_visible,
     dot,
     dropout_keep,
+    head_factor,
     kv_head,
     load_ids,
     load_lse,
@@ -84,7 +85,7 @@ def _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_bas
                 LOAD_BIAS: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, DROPOUT: tl.constexpr,
                 UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr):
+                ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr, mod_params, factor, MOD: tl.constexpr):
     """Accumulate the query tiles numbered ``tiles[first:last]`` into dK, dV (transposed [keys, queries]).
 
     ``PARTIAL`` tiles get the band, key-validity and document masks; full ones none. ``LOAD_BIAS`` false skips
@@ -98,9 +99,9 @@ def _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_bas
         do = load_rows(do_base, rows, offs_d, stride_dom, stride_dod, n_q, HEAD_DIM, True)
         lse_hi, lse_lo = load_lse(lse_base, rows, n_q, HAS_BIAS)
         delta = tl.load(delta_base + rows, mask=rows < n_q, other=0.0)
-        s_t = scores(dot(k, tl.trans(q), UPCAST_DOT, INPUT_PRECISION), bias_base, rows[None, :], offs_n[:, None],
-                     stride_bm, stride_bn, n_q, n_k, sm_scale, slope, rel_base, stride_rel, HAS_BIAS, LOAD_BIAS,
-                     HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL)
+        s_t, mod_t = scores(dot(k, tl.trans(q), UPCAST_DOT, INPUT_PRECISION), bias_base, rows[None, :],
+                            offs_n[:, None], stride_bm, stride_bn, n_q, n_k, sm_scale, slope, rel_base, stride_rel,
+                            mod_params, factor, HAS_BIAS, LOAD_BIAS, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL, MOD)
         if PARTIAL:
             s_t = tl.where(band_visible(rows[None, :], offs_n[:, None], n_k, upper, lower, HAS_UPPER, HAS_LOWER),
                            s_t, float("-inf"))
@@ -115,13 +116,16 @@ def _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_bas
             dp_t = apply_dropout(dp_t, keep, drop_scale)
         dv += dot(p_kept.to(do.dtype), do, UPCAST_DOT, INPUT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if MOD != 0:  # dS reaches the scaled score through the modification's derivative
+            ds_t = ds_t * mod_t
         dk += dot(ds_t.to(q.dtype), q, UPCAST_DOT, INPUT_PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, Bias, Slopes, Rel, KeyValid, QDoc, KDoc, Counts, Indices, DOut, Lse, Delta, DK, DV,
+    Q, K, V, Bias, Slopes, Rel, KeyValid, QDoc, KDoc, Counts, Indices, DOut, Lse, Delta, DK, DV, ModParams,
+    ModFactor,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -130,13 +134,13 @@ def _dkdv_kernel(
     stride_cb, stride_ch, stride_ib, stride_ih,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd, stride_mfb, stride_mfh,
     num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower, seed, offset, threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_READS_BIAS: tl.constexpr,
     HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, KV_TILED: tl.constexpr, DROPOUT: tl.constexpr,
     UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_SYMMETRIC: tl.constexpr,
-    HAS_REL: tl.constexpr,
+    HAS_REL: tl.constexpr, MOD: tl.constexpr,
 ):
     """Grid: (key tiles, batch * KV heads). dK, dV sum over the ``group_size`` query heads of the KV head, each
     over the query tiles of the schedule's per-key-tile lists (Counts int32 [SB, SH, key tiles, 2], Indices int32
@@ -166,6 +170,7 @@ def _dkdv_kernel(
         bias_base = Bias + b * stride_bb + h * stride_bh
         slope = alibi_slope(Slopes, b, h, stride_sb, stride_sh, HAS_ALIBI)
         rel_base = Rel + b * stride_rb + h * stride_rh
+        factor = head_factor(ModFactor, b, h, stride_mfb, stride_mfh, MOD)
         bh = b * num_heads + h
         lse_base = Lse + bh * n_q * 2
         delta_base = Delta + bh * n_q
@@ -176,13 +181,14 @@ def _dkdv_kernel(
                              stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale, slope, rel_base,
                              stride_rr, upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_M, True,
                              True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT,
-                             INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL)
+                             INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL, ModParams, factor, MOD)
         dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
                              q_doc_base, tiles, n_partial, n_partial + n_full, offs_m, offs_n, offs_d, stride_qm,
                              stride_qd, stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale,
                              slope, rel_base, stride_rr, upper, lower, bh, seed, offset, threshold, drop_scale,
                              HEAD_DIM, BLOCK_M, False, FULL_READS_BIAS, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
-                             HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL)
+                             HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL,
+                             ModParams, factor, MOD)
     store_rows(DK + b * stride_dkb + h_kv * stride_dkh, dk * sm_scale, offs_n, offs_d, stride_dkn, stride_dkd, n_k,
                HEAD_DIM)
     store_rows(DV + b * stride_dvb + h_kv * stride_dvh, dv, offs_n, offs_d, stride_dvn, stride_dvd, n_k, HEAD_DIM)
@@ -197,7 +203,7 @@ def _dq_tiles(dq, q, q_ids, do, lse_hi, lse_lo, delta, k_base, v_base, bias_base
               HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
               HAS_DOCS: tl.constexpr, WRITE_DBIAS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
               INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_SYMMETRIC: tl.constexpr,
-              HAS_REL: tl.constexpr, WRITE_DREL: tl.constexpr):
+              HAS_REL: tl.constexpr, WRITE_DREL: tl.constexpr, mod_params, factor, MOD: tl.constexpr):
     """Accumulate the key tiles numbered ``tiles[first:last]`` into dQ (unscaled); store their dS if asked.
 
     ``PARTIAL`` tiles get every mask and range-checked loads, full ones neither. ``LOAD_BIAS`` false skips reading
@@ -210,9 +216,9 @@ def _dq_tiles(dq, q, q_ids, do, lse_hi, lse_lo, delta, k_base, v_base, bias_base
         cols = tl.load(tiles + pos) * BLOCK_N + offs_n
         k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM, PARTIAL)
         v = load_rows(v_base, cols, offs_d, stride_vn, stride_vd, n_k, HEAD_DIM, PARTIAL)
-        s = scores(dot(q, tl.trans(k), UPCAST_DOT, INPUT_PRECISION), bias_base, offs_m[:, None], cols[None, :],
-                   stride_bm, stride_bn, n_q, n_k, sm_scale, slope, rel_base, stride_rel, HAS_BIAS, LOAD_BIAS,
-                   HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL)
+        s, mod_s = scores(dot(q, tl.trans(k), UPCAST_DOT, INPUT_PRECISION), bias_base, offs_m[:, None],
+                          cols[None, :], stride_bm, stride_bn, n_q, n_k, sm_scale, slope, rel_base, stride_rel,
+                          mod_params, factor, HAS_BIAS, LOAD_BIAS, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL, MOD)
         if PARTIAL:
             s = tl.where(band_visible(offs_m[:, None], cols[None, :], n_k, upper, lower, HAS_UPPER, HAS_LOWER),
                          s, float("-inf"))
@@ -230,6 +236,8 @@ def _dq_tiles(dq, q, q_ids, do, lse_hi, lse_lo, delta, k_base, v_base, bias_base
                      mask=(offs_m[:, None] < n_q) & (cols[None, :] < n_k))
         if WRITE_DREL:
             add_relative_grad(drel_base, ds, offs_m[:, None], cols[None, :], stride_drel, n_q, n_k)
+        if MOD != 0:  # dS reaches the scaled score through the modification's derivative
+            ds = ds * mod_s
         dq += dot(ds.to(k.dtype), k, UPCAST_DOT, INPUT_PRECISION)
     return dq
 
@@ -237,6 +245,7 @@ def _dq_tiles(dq, q, q_ids, do, lse_hi, lse_lo, delta, k_base, v_base, bias_base
 @triton.jit
 def _dq_kernel(
     Q, K, V, Bias, Slopes, Rel, KeyValid, QDoc, KDoc, Counts, Indices, DOut, Lse, Delta, DQ, DBias, DRel,
+    ModParams, ModFactor,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -245,13 +254,13 @@ def _dq_kernel(
     stride_cb, stride_ch, stride_ib, stride_ih,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_dbb, stride_dbh, stride_dbm, stride_dbn, stride_drb, stride_drh, stride_drr,
+    stride_dbb, stride_dbh, stride_dbm, stride_dbn, stride_drb, stride_drh, stride_drr, stride_mfb, stride_mfh,
     num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower, seed, offset, threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_READS_BIAS: tl.constexpr,
     HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, KV_TILED: tl.constexpr, WRITE_DBIAS: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr, WRITE_DREL: tl.constexpr,
+    ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr, WRITE_DREL: tl.constexpr, MOD: tl.constexpr,
 ):
     """Grid: (query tiles, batch * query heads); visits the key tiles of the schedule's per-query-tile lists, as
     the forward does. With WRITE_DBIAS, DBias is a float32 [B, Hq, Nq, Nk] tensor that is zero wherever no key tile
@@ -282,6 +291,7 @@ def _dq_kernel(
     slope = alibi_slope(Slopes, b, h, stride_sb, stride_sh, HAS_ALIBI)
     rel_base = Rel + b * stride_rb + h * stride_rh
     drel_base = DRel + b * stride_drb + h * stride_drh
+    factor = head_factor(ModFactor, b, h, stride_mfb, stride_mfh, MOD)
     tiles, n_partial, n_full = tile_list(Counts, Indices, stride_cb, stride_ch, stride_ib, stride_ih, b, h, tile,
                                          tl.cdiv(n_k, BLOCK_N))
 
@@ -291,14 +301,15 @@ def _dq_kernel(
                    stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope,
                    rel_base, stride_rr, drel_base, stride_drr, upper, lower, bh, seed, offset, threshold, drop_scale,
                    HEAD_DIM, BLOCK_N, True, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS,
-                   WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL, WRITE_DREL)
+                   WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL, WRITE_DREL,
+                   ModParams, factor, MOD)
     dq = _dq_tiles(dq, q, q_ids, do, lse_hi, lse_lo, delta, k_base, v_base, bias_base, dbias_base, key_valid_base,
                    k_doc_base, tiles, n_partial, n_partial + n_full, offs_m, offs_n, offs_d, stride_kn, stride_kd,
                    stride_vn, stride_vd, stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q,
                    n_k, sm_scale, slope, rel_base, stride_rr, drel_base, stride_drr, upper, lower, bh, seed, offset,
                    threshold, drop_scale, HEAD_DIM, BLOCK_N, False, FULL_READS_BIAS, HAS_UPPER, HAS_LOWER, HAS_BIAS,
                    HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
-                   ALIBI_SYMMETRIC, HAS_REL, WRITE_DREL)
+                   ALIBI_SYMMETRIC, HAS_REL, WRITE_DREL, ModParams, factor, MOD)
     store_rows(DQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, offs_m, offs_d, stride_dqm, stride_dqd, n_q,
                HEAD_DIM)
 
@@ -327,6 +338,7 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec
         drel = torch.zeros((batch, num_heads, n_q + n_k - 1), dtype=torch.float32, device=q.device)
     delta = torch.empty_like(lse)
     common = {**args.inputs(q, k, v), **args.shapes(q, k, spec), **args.terms(spec, q), **args.dropout_group(spec),
+              **args.mod(spec, q),
               **args.tensor("DOut", "stride_dob,stride_doh,stride_dom,stride_dod", grad_out, q), "Lse": lse,
               "Delta": delta, "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "num_warps": tiles.num_warps,
               "num_stages": tiles.num_stages}

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
+MAX_MOD_STEPS = tl.constexpr(6)  # spec.MAX_MOD_STEPS
 LN2 = tl.constexpr(0.6931471805599453)
 
 
@@ -41,10 +42,82 @@ def store_rows(base, tile, rows, offs_d, stride_row, stride_d, n_rows, HEAD_DIM:
 
 
 @triton.jit
+def tanh(x):
+    """float32 tanh to a few units in the last place: an odd series below |x| = 0.2 (where (1 - e) / (1 + e)
+    would cancel), ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)`` above; NaN stays NaN, +-inf gives +-1."""
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    far = (1.0 - e) / (1.0 + e)
+    far = tl.where(x < 0, -far, far)
+    x2 = x * x
+    near = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (-0.05396825396825397
+                                                                                      + x2 * 0.021869488536155203))))
+    return tl.where(ax < 0.2, near, far)
+
+
+@triton.jit
+def mod_step(x, d, a, b, factor, OP: tl.constexpr):
+    """One step of a score modification (opcodes: :data:`spec.MOD_OPS`) on ``x`` and on ``d``, the derivative of
+    ``x`` in the scaled score (PyTorch's backward formulas: relu passes where x > 0, clamp where a <= x <= b)."""
+    if OP == 1:  # mul
+        y = x * a
+        d = d * a
+    elif OP == 2:  # add
+        y = x + a
+    elif OP == 3:  # tanh
+        y = tanh(x)
+        d = d * (1.0 - y * y)
+    elif OP == 4:  # sigmoid
+        y = 1.0 / (1.0 + tl.exp(-x))
+        d = d * (y * (1.0 - y))
+    elif OP == 5:  # relu (NaN stays NaN)
+        y = tl.where(x <= 0.0, 0.0, x)
+        d = tl.where(x > 0.0, d, 0.0)
+    elif OP == 6:  # clamp (NaN stays NaN)
+        y = tl.where(x != x, x, tl.minimum(tl.maximum(x, a), b))
+        d = tl.where((x >= a) & (x <= b), d, 0.0)
+    elif OP == 7:  # square
+        y = x * x
+        d = d * (2.0 * x)
+    else:  # mul_head
+        y = x * factor
+        d = d * factor
+    return y, d
+
+
+@triton.jit
+def score_mod(x, mod_params, factor, MOD: tl.constexpr):
+    """``(mod(x), mod'(x))`` of the score modification whose opcodes ``MOD`` packs four bits per step (first step
+    lowest; :func:`triton_launch.mod`), with step i's constants at ``mod_params[2i], mod_params[2i + 1]`` and
+    ``factor`` the program's head factor."""
+    d = tl.full(x.shape, 1.0, tl.float32)
+    for i in tl.static_range(MAX_MOD_STEPS):
+        if (MOD >> (4 * i)) & 15 != 0:
+            a = tl.load(mod_params + 2 * i)
+            b = tl.load(mod_params + 2 * i + 1)
+            x, d = mod_step(x, d, a, b, factor, (MOD >> (4 * i)) & 15)
+    return x, d
+
+
+@triton.jit
+def head_factor(factors, b, h, stride_b, stride_h, MOD: tl.constexpr):
+    """The float32 head factor of a score modification for batch row ``b`` and query head ``h`` (0.0, nothing
+    read, without a modification)."""
+    if MOD != 0:
+        out = tl.load(factors + b * stride_b + h * stride_h).to(tl.float32)
+    else:
+        out = 0.0
+    return out
+
+
+@triton.jit
 def scores(qk, bias_base, rows, cols, stride_bias_row, stride_bias_col, n_rows, n_cols, sm_scale, slope, rel_base,
-           stride_rel, HAS_BIAS: tl.constexpr, LOAD_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-           ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr):
-    """Scaled (and biased) scores of a tile in exponent units; ``rows`` index q, ``cols`` index k.
+           stride_rel, mod_params, factor, HAS_BIAS: tl.constexpr, LOAD_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+           ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr, MOD: tl.constexpr):
+    """Scaled (modified, biased) scores of a tile in exponent units, and the score modification's derivative
+    (1.0 without one); ``rows`` index q, ``cols`` index k.
+
+    With ``MOD`` (see :func:`score_mod`) the modification applies to ``qk * sm_scale`` before every other term.
 
     ``rows``/``cols`` may be given as a column and a row vector or the other way around, so the same
     helper serves the transposed tiles of the dK/dV kernel. Out-of-range bias entries read 0. With a bias
@@ -58,26 +131,32 @@ def scores(qk, bias_base, rows, cols, stride_bias_row, stride_bias_col, n_rows, 
     With ``HAS_REL`` the relative-position term ``rel_base[(col - row + n_rows - 1) * stride_rel]`` (natural
     units, any float dtype read as float32; see :func:`relative_terms`) is added too, 0 out of range as well.
     """
+    if MOD != 0:
+        base, derivative = score_mod(qk * sm_scale, mod_params, factor, MOD)
+    else:
+        base = qk * sm_scale
+        derivative = 1.0
     if HAS_BIAS:
         if LOAD_BIAS:
             ptrs = bias_base + rows * stride_bias_row + cols * stride_bias_col
             bias = tl.load(ptrs, mask=(rows < n_rows) & (cols < n_cols), other=0.0)
-            s = qk * sm_scale + bias.to(tl.float32)
+            s = base + bias.to(tl.float32)
         else:
-            s = qk * sm_scale
+            s = base
         if HAS_ALIBI:
             s = s + slope * alibi_positions(rows, cols, n_rows, n_cols, ALIBI_SYMMETRIC)
         if HAS_REL:
             s = s + relative_terms(rel_base, rows, cols, stride_rel, n_rows, n_cols)
     else:
-        if HAS_ALIBI:
-            s = qk * (sm_scale * LOG2E) + (slope * LOG2E) * alibi_positions(rows, cols, n_rows, n_cols,
-                                                                            ALIBI_SYMMETRIC)
+        if MOD != 0:
+            s = base * LOG2E
         else:
             s = qk * (sm_scale * LOG2E)
+        if HAS_ALIBI:
+            s = s + (slope * LOG2E) * alibi_positions(rows, cols, n_rows, n_cols, ALIBI_SYMMETRIC)
         if HAS_REL:
             s = s + relative_terms(rel_base, rows, cols, stride_rel, n_rows, n_cols) * LOG2E
-    return s
+    return s, derivative
 
 
 @triton.jit

@@ -27,6 +27,7 @@ from flash_fx.kernels.triton_common import (
     dot,
     dropout_keep,
     exp_units,
+    head_factor,
     kv_head,
     load_ids,
     load_rows,
@@ -47,7 +48,7 @@ def _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid
                    HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr,
                    HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, DROPOUT: tl.constexpr,
                    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                   ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr):
+                   ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr, mod_params, factor, MOD: tl.constexpr):
     """Fold the key tiles numbered ``tiles[first:last]`` into the running (acc, row sum, row max).
 
     ``PARTIAL`` tiles get the band, key-validity and document masks and range-checked loads; full ones none.
@@ -59,8 +60,9 @@ def _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid
         cols = tl.load(tiles + pos) * BLOCK_N + offs_n
         k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM, PARTIAL)
         qk = dot(q, tl.trans(k), UPCAST_DOT, INPUT_PRECISION)
-        s = scores(qk, bias_base, offs_m[:, None], cols[None, :], stride_bm, stride_bn, n_q, n_k, sm_scale,
-                   slope, rel_base, stride_rel, HAS_BIAS, LOAD_BIAS, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL)
+        s, _ = scores(qk, bias_base, offs_m[:, None], cols[None, :], stride_bm, stride_bn, n_q, n_k, sm_scale,
+                      slope, rel_base, stride_rel, mod_params, factor, HAS_BIAS, LOAD_BIAS, HAS_ALIBI,
+                      ALIBI_SYMMETRIC, HAS_REL, MOD)
         if PARTIAL:
             s = tl.where(band_visible(offs_m[:, None], cols[None, :], n_k, upper, lower, HAS_UPPER, HAS_LOWER),
                          s, float("-inf"))
@@ -83,20 +85,20 @@ def _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid
 
 @triton.jit
 def _attention_forward_kernel(
-    Q, K, V, Bias, Slopes, Rel, KeyValid, QDoc, KDoc, Counts, Indices, Out, Lse,
+    Q, K, V, Bias, Slopes, Rel, KeyValid, QDoc, KDoc, Counts, Indices, Out, Lse, ModParams, ModFactor,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_sb, stride_sh, stride_rb, stride_rh, stride_rr,
     stride_kvb, stride_kvn, stride_qdb, stride_qdm, stride_kdb, stride_kdn,
     stride_cb, stride_ch, stride_ib, stride_ih,
-    stride_ob, stride_oh, stride_om, stride_od,
+    stride_ob, stride_oh, stride_om, stride_od, stride_mfb, stride_mfh,
     num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower, seed, offset, threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_READS_BIAS: tl.constexpr,
     HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, KV_TILED: tl.constexpr, DROPOUT: tl.constexpr,
     UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_SYMMETRIC: tl.constexpr,
-    HAS_REL: tl.constexpr,
+    HAS_REL: tl.constexpr, MOD: tl.constexpr,
 ):
     """Grid: (query tiles, batch * query heads). Lse is a contiguous [B, Hq, Nq, 2] float32 tensor (see
     :func:`triton_common.split_lse`). Counts (int32 [SB, SH, query tiles, 2]) and Indices (int32 [SB, SH, query
@@ -124,6 +126,7 @@ def _attention_forward_kernel(
     k_doc_base = KDoc + b * stride_kdb
     slope = alibi_slope(Slopes, b, h, stride_sb, stride_sh, HAS_ALIBI)
     rel_base = Rel + b * stride_rb + h * stride_rh
+    factor = head_factor(ModFactor, b, h, stride_mfb, stride_mfh, MOD)
     tiles, n_partial, n_full = tile_list(Counts, Indices, stride_cb, stride_ch, stride_ib, stride_ih, b, h, tile,
                                          tl.cdiv(n_k, BLOCK_N))
 
@@ -135,14 +138,15 @@ def _attention_forward_kernel(
                                    stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k, sm_scale, slope,
                                    rel_base, stride_rr, upper, lower, bh, seed, offset, threshold, HEAD_DIM, BLOCK_N,
                                    True, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT,
-                                   UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL)
+                                   UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL, ModParams,
+                                   factor, MOD)
     acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
                                    tiles, n_partial, n_partial + n_full, offs_m, offs_n, offs_d, stride_kn, stride_kd,
                                    stride_vn, stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k,
                                    sm_scale, slope, rel_base, stride_rr, upper, lower, bh, seed, offset, threshold,
                                    HEAD_DIM, BLOCK_N, False, FULL_READS_BIAS, HAS_UPPER, HAS_LOWER, HAS_BIAS,
                                    HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
-                                   ALIBI_SYMMETRIC, HAS_REL)
+                                   ALIBI_SYMMETRIC, HAS_REL, ModParams, factor, MOD)
 
     # A fully masked row has l = 0 and acc = 0: 0 / 0 = NaN, as eager softmax gives; its LSE is -inf.
     out = acc / l_i[:, None]
@@ -163,7 +167,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: A
     lse = torch.empty((batch, num_heads, n_q, 2), dtype=torch.float32, device=q.device)
     _attention_forward_kernel[(triton.cdiv(n_q, tiles.block_m), batch * num_heads)](
         **args.inputs(q, k, v), **args.shapes(q, k, spec), **args.terms(spec, q), **args.masks(spec, q),
-        **args.schedule(schedule, q, by_keys=False), **args.dropout_group(spec),
+        **args.schedule(schedule, q, by_keys=False), **args.dropout_group(spec), **args.mod(spec, q),
         **args.tensor("Out", "stride_ob,stride_oh,stride_om,stride_od", out, q), Lse=lse,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )

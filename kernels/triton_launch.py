@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from flash_fx.kernels import config, dropout
 from flash_fx.kernels.schedule import TileSchedule
-from flash_fx.kernels.spec import AttentionSpec
+from flash_fx.kernels.spec import MOD_OPS, AttentionSpec
 
 Group = dict[str, object]
 
@@ -85,3 +85,15 @@ def schedule(tiles: TileSchedule, dummy: torch.Tensor, *, by_keys: bool) -> Grou
 def dropout_group(spec: AttentionSpec) -> Group:
     """Dropout's seed, offset, threshold, scale and flag."""
     return dropout.kernel_arguments(spec.dropout)
+
+
+def mod(spec: AttentionSpec, dummy: torch.Tensor) -> Group:
+    """The score modification: ``MOD`` (four bits per step's opcode, the first step lowest; 0 without one), its
+    constants (float32 [steps, 2] on the device) and the head factor with its strides."""
+    score_mod = spec.score_mod
+    if score_mod is None:
+        return {"ModParams": dummy, "MOD": 0, **tensor("ModFactor", "stride_mfb,stride_mfh", None, dummy)}
+    code = sum(MOD_OPS[step.op] << (4 * i) for i, step in enumerate(score_mod.steps))
+    params = torch.tensor([[step.a, step.b] for step in score_mod.steps], dtype=torch.float32, device=dummy.device)
+    return {"ModParams": params, "MOD": code,
+            **tensor("ModFactor", "stride_mfb,stride_mfh", score_mod.head_factor, dummy)}

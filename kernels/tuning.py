@@ -83,6 +83,7 @@ class TuneKey:
     bias_grad: bool = False
     rel_grad: bool = False
     kv_tiled: bool = False
+    mod: bool = False  # a score modification (its steps are compiled in; their cost is alike)
 
 
 @dataclass

@@ -7,6 +7,7 @@ not part of the vocabulary. The matcher only ever reasons about these descriptio
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +89,19 @@ class RowMaxShift:
 
 
 @dataclass(frozen=True)
+class PointwiseMod:
+    """out = a pointwise function of x alone (a score modification step, kernels.spec.ModStep): ``tanh``,
+    ``sigmoid``, ``relu``, ``clamp`` (``min(max(x, a), b)``), ``square``, or ``mul_head``: x times ``factor``, a
+    tensor that broadcasts over the last two dims (one value per batch row and head)."""
+
+    x: fx.Node
+    op: str
+    a: float = 0.0
+    b: float = 0.0
+    factor: fx.Node | None = None
+
+
+@dataclass(frozen=True)
 class DropoutCall:
     """out = dropout(x, p) in training mode with p that may be non-zero."""
 
@@ -149,7 +163,7 @@ class ScaledDotProductAttention:
 
 
 CanonOp = (MatMul | Scale | Softmax | Cast | Identity | DropoutCall | MaskedFill | AddBias | Reshape | HeadExpand
-           | ScaledDotProductAttention | RowMaxShift)
+           | ScaledDotProductAttention | RowMaxShift | PointwiseMod)
 
 _MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", "__matmul__"}
 _SOFTMAXES = {F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax, "softmax"}
@@ -381,13 +395,72 @@ def _softmax(node: fx.Node) -> Softmax | None:
     return Softmax(x, dim, dtype if isinstance(dtype, torch.dtype) else None)
 
 
-def _mul(node: fx.Node) -> Scale | None:
+def _mul(node: fx.Node) -> Scale | PointwiseMod | None:
     a, b = _arg(node, 0, "input"), _arg(node, 1, "other")
     if _is_tensor_node(a) and _scalar(b) is not None:
         return Scale(a, _scalar(b))
     if _is_tensor_node(b) and _scalar(a) is not None:
         return Scale(b, _scalar(a))
+    if a is b and _is_tensor_node(a) and node.target not in ("mul_", operator.imul):
+        return PointwiseMod(a, "square")
+    if _is_tensor_node(a) and _is_tensor_node(b) and node.target not in ("mul_", operator.imul):
+        for x, factor in ((a, b), (b, a)):
+            if _per_head(factor, x):
+                return PointwiseMod(x, "mul_head", factor=factor)
     return None
+
+
+def _per_head(factor: fx.Node, x: fx.Node) -> bool:
+    """True if ``factor`` broadcasts into ``x`` (rank 3 or 4) with size 1 along its last two dims."""
+    f, v = factor.meta["example_value"], x.meta["example_value"]
+    if not (f.dtype.is_floating_point and 2 <= f.dim() <= v.dim() and 3 <= v.dim() <= 4):
+        return False
+    sizes, target = tuple(f.shape), tuple(v.shape)
+    if not (statically_known_true(sizes[-1] == 1) and statically_known_true(sizes[-2] == 1)):
+        return False
+    return all(statically_known_true(s == 1) or statically_known_true(s == t)
+               for s, t in zip(reversed(sizes[:-2]), reversed(target[:-2]), strict=False))
+
+
+def _unary(op: str) -> Any:
+    """The handler of a pointwise function of one tensor (no other arguments)."""
+
+    def handler(node: fx.Node) -> PointwiseMod | None:
+        x = _arg(node, 0, "input")
+        if not _is_tensor_node(x) or len(node.args) > 1 or node.kwargs.get("inplace", False):
+            return None
+        if set(node.kwargs) - {"inplace"}:
+            return None
+        return PointwiseMod(x, op)
+
+    return handler
+
+
+def _clamp(node: fx.Node) -> PointwiseMod | None:
+    """clamp / clip with constant bounds (clamp_min, clamp_max: one side)."""
+    x = _arg(node, 0, "input")
+    if not _is_tensor_node(x) or set(node.kwargs) - {"min", "max"}:
+        return None
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name in ("clamp_min", "clamp_max"):
+        bound = _arg(node, 1, "min" if name == "clamp_min" else "max")
+        low, high = (bound, None) if name == "clamp_min" else (None, bound)
+    else:
+        low, high = _arg(node, 1, "min"), _arg(node, 2, "max")
+    if low is None and high is None:
+        return None
+    bounds = [math.inf * sign if v is None else constant_float(v) for v, sign in ((low, -1), (high, 1))]
+    if any(v is None or math.isnan(v) for v in bounds):
+        return None
+    return PointwiseMod(x, "clamp", *bounds)
+
+
+def _pow(node: fx.Node) -> PointwiseMod | None:
+    """x ** 2 (pow with the exponent 2)."""
+    x, exponent = _arg(node, 0, "input"), _arg(node, 1, "exponent")
+    if not _is_tensor_node(x) or isinstance(exponent, bool) or exponent != 2:
+        return None
+    return PointwiseMod(x, "square")
 
 
 def _div(node: fx.Node) -> Scale | None:
@@ -522,6 +595,12 @@ _HANDLERS: list[tuple[set, Any]] = [
     ({"repeat_interleave", torch.repeat_interleave}, _repeat_interleave),
     ({"repeat"}, _repeat),
     ({F.scaled_dot_product_attention}, _sdpa),
+    ({torch.tanh, F.tanh, "tanh"}, _unary("tanh")),
+    ({torch.sigmoid, F.sigmoid, torch.special.expit, "sigmoid"}, _unary("sigmoid")),
+    ({torch.relu, F.relu, "relu"}, _unary("relu")),
+    ({torch.square, "square"}, _unary("square")),
+    ({torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max, "clamp", "clip", "clamp_min", "clamp_max"}, _clamp),
+    ({torch.pow, operator.pow, "pow", "__pow__"}, _pow),
 ]
 
 

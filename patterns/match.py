@@ -13,6 +13,7 @@ import operator
 from dataclasses import dataclass, field
 
 import torch
+from flash_fx.kernels.spec import MAX_MOD_STEPS, ModStep
 from flash_fx.patterns.canonical import (
     AddBias,
     Cast,
@@ -22,6 +23,7 @@ from flash_fx.patterns.canonical import (
     MaskedFill,
     MatMul,
     Operand,
+    PointwiseMod,
     Reshape,
     RowMaxShift,
     Scale,
@@ -83,6 +85,8 @@ class AttentionMatch:
     location: str
     zero_dead_rows: bool = False  # fully masked rows give 0 (SDPA) instead of NaN (softmax)
     dropout_p: float = 0.0  # dropout on the probabilities in training, fused into the kernels
+    score_mod: tuple[ModStep, ...] = ()  # pointwise steps on the scaled scores before every term (kernels.spec)
+    score_mod_factor: fx.Node | None = None  # the per-(batch, head) factor of a mul_head step
     notes: list[str] = field(default_factory=list)
 
 
@@ -229,7 +233,7 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
     folded = _fold_score_ops(score_ops, qk_desc.alpha)
     if isinstance(folded, str):
         return folded
-    scale, dynamic_scales, terms = folded
+    scale, dynamic_scales, terms, mod = folded
 
     views = [desc for desc in score_ops if isinstance(desc, Reshape)]
     views += [d for d in map(canonicalize, forward) if isinstance(d, Reshape)]
@@ -241,7 +245,8 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
     return _finish(
         anchor=softmax, output=pv, nodes=[qk, *back, softmax, *forward, pv], q=qk_desc.a, k=qk_desc.b,
         k_is_transposed=True, v=pv_desc.b, scale=scale, dynamic_scales=dynamic_scales, terms=terms, causal=False,
-        batch_view=batch_view, out_perm=pv_desc.out_perm, dropout_p=dropout_p,
+        batch_view=batch_view, out_perm=pv_desc.out_perm, dropout_p=dropout_p, score_mod=tuple(mod.steps),
+        score_mod_factor=mod.factor,
     )
 
 
@@ -272,27 +277,65 @@ def _fusable_dropout(p: object, earlier: float) -> str | None:
     return None
 
 
-def _fold_score_ops(score_ops: list, alpha: float) -> tuple[float, list, list[ScoreTerm]] | str:
-    """Fold scales into one constant (plus dynamic factors before any mask) and collect masks and biases."""
-    scale, dynamic_scales, terms = alpha, [], []
+@dataclass
+class _Mod:
+    """The score modification collected by :func:`_fold_score_ops`."""
+
+    steps: list[ModStep] = field(default_factory=list)
+    factor: fx.Node | None = None
+
+
+def _fold_score_ops(score_ops: list, alpha: float) -> tuple[float, list, list[ScoreTerm], _Mod] | str:
+    """Fold the scales before any pointwise function into one constant (plus dynamic factors), collect the score
+    modification (pointwise functions and the scales after the first of them) and the masks and biases after it."""
+    scale, dynamic_scales, terms, mod, shifted = alpha, [], [], _Mod(), False
     for desc in score_ops:
         if isinstance(desc, Scale):
             if isinstance(desc.factor, float):
                 factor = 1.0 / desc.factor if desc.reciprocal else desc.factor
                 if terms and factor <= 0:
                     return "a non-positive scale is applied after a mask"
-                scale *= factor
+                if mod.steps:
+                    mod.steps.append(ModStep("mul", factor))
+                else:
+                    scale *= factor
                 for term in terms:
                     term.factor_after *= factor
-            elif terms:
-                return "a non-constant scale is applied after a mask or bias"
+            elif terms or mod.steps:
+                return "a non-constant scale is applied after a mask, bias or score modification"
             else:
                 dynamic_scales.append(desc)
+        elif isinstance(desc, PointwiseMod):
+            why = _mod_step_refused(desc, terms, mod, shifted)
+            if why is not None:
+                return why
+            mod.steps.append(ModStep(desc.op, desc.a, desc.b))
+            mod.factor = desc.factor if desc.op == "mul_head" else mod.factor
+        elif isinstance(desc, RowMaxShift):
+            shifted = True
         elif isinstance(desc, MaskedFill | AddBias):
             terms.append(ScoreTerm(desc, _shape(desc.x), getattr(desc, "factor", 1.0)))
     if not math.isfinite(scale) or scale == 0:
         return f"scale {scale} is not a finite non-zero number"
-    return scale, dynamic_scales, terms
+    return scale, dynamic_scales, terms, mod
+
+
+def _mod_step_refused(desc: PointwiseMod, terms: list[ScoreTerm], mod: _Mod, shifted: bool) -> str | None:
+    """Why a pointwise function of the scores cannot join the score modification (kernels.spec.ScoreMod)."""
+    what = f"{desc.op} of the scores"
+    if terms:
+        return f"{what} is applied after a mask or bias (the kernels apply score modifications before them)"
+    if shifted:
+        return f"{what} is applied after a row-max subtraction (it is not invariant to that shift)"
+    if len(mod.steps) >= MAX_MOD_STEPS:
+        return f"the scores go through more than {MAX_MOD_STEPS} pointwise steps"
+    if desc.op == "mul_head":
+        if mod.factor is not None:
+            return "the scores are multiplied by two per-head tensors"
+        if desc.factor.meta["example_value"].requires_grad:
+            return (f"the scores are multiplied by a per-head tensor ({desc.factor.name}) that needs a gradient "
+                    "(the kernels give a score modification's factor none)")
+    return None
 
 
 def _batch_view(views: list[Reshape], terms: list[ScoreTerm], qk: MatMul, pv: MatMul) -> tuple | str:

@@ -842,7 +842,7 @@ def forward(self, L_k_ : torch.Tensor, L_q_ : torch.Tensor, L_padding_ : torch.T
     eq = getitem == 0
     getitem_1 = eq[(slice(None, None, None), 0, 0, slice(None, None, None))]
     invert = ~getitem_1
-    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 1.0, None, key_valid = invert, excluded_fill = -1000000000.0)
+    attention_default = torch.ops.flash_fx.attention.default(l_q_, l_k_, l_v_, None, 1.0, None, key_valid = invert, excluded_fill = -1000000000.0, filled_rows = -1000000000.0)
     getitem_2 = attention_default[0]
     return (getitem_2,)
 """)

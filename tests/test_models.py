@@ -10,6 +10,9 @@ from flash_fx.verify import relative_error
 transformers = pytest.importorskip("transformers")
 
 
+LEFT_PADDING = torch.tensor([[1] * 9, [0] * 3 + [1] * 6])  # the second row's first three queries see no key
+
+
 def build(name: str, impl: str):
     """A tiny model with dropout off, and its inputs; the number of attention blocks it has."""
     t = transformers
@@ -38,6 +41,33 @@ def build(name: str, impl: str):
         cfg = t.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, attn_implementation=impl)
         return t.LlamaModel(cfg), {"input_ids": ids, "use_cache": False}, 2
+    if name in ("llama_left_padded", "qwen2_left_padded"):
+        config = t.LlamaConfig if name.startswith("llama") else t.Qwen2Config
+        cfg = config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, attn_implementation=impl)
+        model = t.LlamaModel(cfg) if name.startswith("llama") else t.Qwen2Model(cfg)
+        return model, {"input_ids": ids, "attention_mask": LEFT_PADDING, "use_cache": False}, 2
+    if name == "gemma3_left_padded":  # a sliding-window layer and a full one
+        cfg = t.Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                 layer_types=["sliding_attention", "full_attention"], attn_implementation=impl)
+        return t.Gemma3TextModel(cfg), {"input_ids": ids, "attention_mask": LEFT_PADDING, "use_cache": False}, 2
+    if name == "modernbert_padded":  # bidirectional: a local (sliding-window) layer and a global one
+        cfg = t.ModernBertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, local_attention=4, global_attn_every_n_layers=2,
+                                 pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+                                 embedding_dropout=0.0, mlp_dropout=0.0, attention_dropout=0.0,
+                                 attn_implementation=impl)
+        mask = torch.ones(2, 9, dtype=torch.long)
+        mask[1, -4:] = 0
+        return t.ModernBertModel(cfg), {"input_ids": ids, "attention_mask": mask}, 2
+    if name == "gemma2_left_padded":  # logit soft-capping (tanh) before the mask, a sliding-window layer
+        if impl == "sdpa":
+            pytest.skip("transformers runs Gemma 2 in eager mode only")
+        cfg = t.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                             attn_logit_softcapping=5.0, attention_dropout=0.0, attn_implementation=impl)
+        return t.Gemma2Model(cfg), {"input_ids": ids, "attention_mask": LEFT_PADDING, "use_cache": False}, 2
     if name == "t5":
         cfg = t.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                          relative_attention_num_buckets=8, dropout_rate=0.0, attn_implementation=impl)
@@ -55,7 +85,14 @@ def run(model, inputs):
     return out.detach(), {n: p.grad.clone() for n, p in named if p.grad is not None}
 
 
-MODELS = ["gpt2", "bert", "bert_padded", "vit", "llama", "t5"]
+MODELS = ["gpt2", "bert", "bert_padded", "vit", "llama", "t5", "llama_left_padded", "qwen2_left_padded",
+          "gemma3_left_padded", "modernbert_padded", "gemma2_left_padded"]
+#: The variants the report must name where the mask is structural in every form (eager's finfo.min mask too).
+STRUCTURAL = {"llama_left_padded": {"key_padding"}, "qwen2_left_padded": {"key_padding"},
+              "gemma3_left_padded": {"key_padding"}, "modernbert_padded": {"key_padding"},
+              "gemma2_left_padded": {"key_padding"}}
+#: What every block's report notes must say.
+NOTES = {"gemma2_left_padded": "scores modified: tanh(s) * 5"}
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
@@ -73,6 +110,10 @@ def test_model_attention_rewritten_and_exact(name, impl):
     rewrites = [r for report in flash_fx.reports() for r in report.rewrites]
     skipped = [f"{s.location}: {s.reason}" for report in flash_fx.reports() for s in report.skipped]
     assert (len(rewrites), skipped) == (blocks, [])
+    if name in STRUCTURAL:
+        assert {r.variant for r in rewrites} <= STRUCTURAL[name], [(r.variant, r.mask) for r in rewrites]
+    if name in NOTES:
+        assert all(NOTES[name] in r.notes for r in rewrites), [r.notes for r in rewrites]
     assert relative_error(actual, expected) < 1e-5
     assert grads.keys() == expected_grads.keys()
     # Some gradients are exactly zero in exact arithmetic (a key-projection bias shifts every score of a row

@@ -148,7 +148,8 @@ def test_non_scalar_scale():
     def fn(q, k, v, temperature):
         return ((q @ k.transpose(-2, -1)) * temperature).softmax(-1) @ v
 
-    assert_unchanged(fn, "non-scalar tensor", *inputs(), torch.rand(B, H, 1, 1) + 0.5)
+    # a per-query temperature (a per-head one is a score modification: tests/test_score_mods.py)
+    assert_unchanged(fn, "non-scalar tensor", *inputs(), torch.rand(B, H, N, 1) + 0.5)
 
 
 def test_mask_that_widens_the_scores():
