@@ -183,8 +183,8 @@ def plan_attention(graph: fx.Graph, match: AttentionMatch, example_inputs: list[
     moved = _moved_read(match, masks)
     if moved is not None:
         return moved
-    if match.score_mod_factor is not None and match.batch_view is not None:
-        return "a per-head factor of the scores combined with views that regroup batch and heads"
+    if (match.score_mod_factor is not None or match.sinks is not None) and match.batch_view is not None:
+        return "a per-head factor or sink logits combined with views that regroup batch and heads"
     variant = masks.variant
     if variant not in options.variants:
         return _not_allowed(variant, options)
@@ -209,7 +209,8 @@ def plan_attention(graph: fx.Graph, match: AttentionMatch, example_inputs: list[
     score_mod = ScoreMod(match.score_mod, match.score_mod_factor) if match.score_mod else None
     call = KernelCall(match.scale, masks.band, masks.bias_terms, masks.key_valid, masks.documents,
                       bias_holds_masks=holds_masks, alibi=masks.alibi, relative=masks.relative, copy_output=copy_output,
-                      excluded_fill=masks.excluded_fill, filled_rows=masks.filled_rows, score_mod=score_mod)
+                      excluded_fill=masks.excluded_fill, filled_rows=masks.filled_rows, score_mod=score_mod,
+                      sinks=match.sinks)
     scale = f"{match.scale:.4g}" + "".join(
         " / sqrt(head_dim)" if d == RSQRT_HEAD_DIM else f" {'/' if d.reciprocal else '*'} {d.factor.name}"
         for d in match.dynamic_scales)
@@ -219,6 +220,7 @@ def plan_attention(graph: fx.Graph, match: AttentionMatch, example_inputs: list[
         v_shape=_concrete_shape(match.v_shape), dtype=str(match.dtype).removeprefix("torch."),
         scale=scale, mask=masks.description,
         notes="; ".join([*match.notes, *([f"scores modified: {score_mod.describe()}"] if score_mod else []),
+                         *(["attention sinks: a logit per row joins the softmax"] if match.sinks is not None else []),
                          *_dropout_note(match.dropout_p), *sparse_note, plan.reason]),
         tile_density=density, **_plan_fields(plan),
     )
@@ -235,7 +237,7 @@ def _moved_read(match: AttentionMatch, masks: MaskDecision) -> str | None:
     the operand itself, see patterns.match._strip_scales.)"""
     reads = [match.q.node, match.k.node, match.v.node, *(term.tensor for term in match.terms)]
     reads += [f.factor for f in match.dynamic_scales if isinstance(getattr(f, "factor", None), fx.Node)]
-    reads += [match.score_mod_factor] if match.score_mod_factor is not None else []
+    reads += [n for n in (match.score_mod_factor, match.sinks) if n is not None]
     reads += [masks.key_valid.node] if masks.key_valid is not None else []
     reads += list(masks.documents or ())
     reads += [masks.alibi[0].slopes] if masks.alibi is not None else []
@@ -338,8 +340,8 @@ def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[A
         decision.parts.append("causal")
     terms = _split_sums(match.terms)
     # Rows a finite fill hides entirely are eager's uniform average when that fill is the only mask of the block
-    # (kernels.filled_rows); beside another mask, or under dropout, their entries are not all the same value.
-    one_fill = not match.causal and not match.dropout_p and sum(
+    # (kernels.filled_rows); beside another mask, under dropout or beside sinks, eager's rows are not that.
+    one_fill = not match.causal and not match.dropout_p and match.sinks is None and sum(
         isinstance(_mask_condition(term), tuple) for term in terms) == 1
     for term in terms:
         op, tensor = term.op, term.tensor.meta["example_value"]
@@ -382,7 +384,7 @@ def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[A
             decision.constant_masks.append(analysis.visible)
             decision.parts.append(f"{analysis.describe()}[{shape}] (block layout)")
         else:
-            why = _use_structural(decision, analysis, fill, replaces, one_fill)
+            why = _use_structural(decision, analysis, fill, replaces, one_fill, match.sinks is not None)
             if why is None:
                 decision.exclude(fill)
                 continue
@@ -470,16 +472,17 @@ def _mask_condition(term: ScoreTerm) -> tuple[fx.Node, bool, float] | str | None
 
 
 def _use_structural(decision: MaskDecision, analysis: MaskAnalysis | Unrecognized, fill: float,
-                    replaces: bool, one_fill: bool) -> str | None:
+                    replaces: bool, one_fill: bool, sinks: bool) -> str | None:
     """Record the analyzed mask as kernel inputs; or return why it stays in the bias. `one_fill`: this mask is
-    the block's only one, so rows its finite fill hides entirely can be completed as eager computes them."""
+    the block's only one, so rows its finite fill hides entirely can be completed as eager computes them;
+    `sinks`: such rows put all their weight on the sink (the op proves the fill negligible beside it per call)."""
     if isinstance(analysis, Unrecognized):
         return analysis.reason
     if decision.band is not None or decision.key_valid is not None or decision.documents is not None:
         return "a second structural mask is streamed as a bias"
     band = analysis.band.spec if analysis.band else None
     dead_rows = fill != -math.inf and not _no_dead_rows(band, analysis)
-    if dead_rows and not replaces and not one_fill:
+    if dead_rows and not replaces and not one_fill and not sinks:
         # an added finite fill beside other masks keeps eager's gradient and dead rows exactly in the bias
         return "added finite fill beside other masks, and rows that may be fully masked"
     decision.band = band

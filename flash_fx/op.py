@@ -3,13 +3,14 @@
 `torch.ops.flash_fx.attention(q, k, v, bias, scale, causal_offset, kv_heads_tiled=False, window=None,
 key_valid=None, q_doc=None, k_doc=None, dropout_p=0.0, sparse_bias=False, alibi_slopes=None,
 alibi_symmetric=False, rel_bias=None, excluded_fill=None, filled_rows=None, filled_rows_added=False,
-score_mod=None, score_mod_factor=None) -> (out, lse, seed)` computes what the
+score_mod=None, score_mod_factor=None, sinks=None) -> (out, lse, seed)` computes what the
 `AttentionSpec` of its arguments stands for (flash_fx.kernels.spec states the contract;
 `AttentionSpec.op_args` / `from_op_args` convert). q [Bq, H, Nq, d], k [Bk, Hk, Nk, d] and v [Bv, Hv, Nk, d]
 may have any strides; batch sizes of 1 broadcast to the others' B, a k or v with one head to the other's head
 count, and a one-head q to the KV heads (as views, without copies). It has a fake implementation (shapes only,
 symbolic sizes welcome) and a registered autograd formula whose backward is the `flash_fx::attention_backward`
-op, so AOTAutograd and Inductor treat both as opaque kernels. q, k, v, the bias and `rel_bias` receive gradients,
+op, so AOTAutograd and Inductor treat both as opaque kernels. q, k, v, the bias, `rel_bias` and the sinks receive
+gradients (the sinks' from PyTorch ops in the autograd formula, kernels.sinks.sink_grad),
 summed back over whatever was broadcast; the masks, the ALiBi slopes and the score modification's head factor
 none.
 
@@ -27,6 +28,7 @@ import torch
 
 from flash_fx import exactness, kernels
 from flash_fx.kernels.schedule import masked_threshold
+from flash_fx.kernels.sinks import sink_grad
 from flash_fx.kernels.spec import OP_ARGUMENTS, AttentionSpec, Bias, Saved
 
 
@@ -75,6 +77,7 @@ def attention(
     filled_rows_added: bool = False,
     score_mod: str | None = None,
     score_mod_factor: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, the row log-sum-exp pairs of the undropped softmax (float32), the dropout seed) of the spec of these
     arguments; each call proves its exclusions exact or records why not (flash_fx.exactness)."""
@@ -82,7 +85,7 @@ def attention(
     seed = draw_seed() if dropout_p > 0 else 0
     spec = AttentionSpec.from_op_args(bias, scale, causal_offset, kv_heads_tiled, window, key_valid, q_doc, k_doc,
                                       dropout_p, sparse_bias, alibi_slopes, alibi_symmetric, rel_bias, excluded_fill,
-                                      filled_rows, filled_rows_added, score_mod, score_mod_factor, seed=seed)
+                                      filled_rows, filled_rows_added, score_mod, score_mod_factor, sinks, seed=seed)
     spec = _exact_layout(q, k, spec)
     out, lse = kernels.attention_forward(q, k, v, spec)
     exactness.check_call(lse, q, k, spec)
@@ -143,6 +146,7 @@ def attention_backward(
     filled_rows_added: bool = False,
     score_mod: str | None = None,
     score_mod_factor: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias, drel) of `attention` (whose arguments follow the requested gradients), recomputed tile by
     tile from q, k, v and the saved lse; `seed` (the forward's third output) regenerates its dropout mask.
@@ -154,7 +158,7 @@ def attention_backward(
     q, k, v = _broadcast_qkv(q, k, v)
     spec = AttentionSpec.from_op_args(bias, scale, causal_offset, kv_heads_tiled, window, key_valid, q_doc, k_doc,
                                       dropout_p, sparse_bias, alibi_slopes, alibi_symmetric, rel_bias, excluded_fill,
-                                      filled_rows, filled_rows_added, score_mod, score_mod_factor,
+                                      filled_rows, filled_rows_added, score_mod, score_mod_factor, sinks,
                                       seed=int(seed.reshape(-1)[0]) if dropout_p > 0 else 0)
     spec = _exact_layout(q, k, spec).with_grads(bias_requires_grad, rel_bias_requires_grad)
     dq, dk, dv, dbias, drel = kernels.attention_backward(grad_out, Saved(q, k, v, out, lse), spec)
@@ -178,7 +182,7 @@ def _attention_backward_fake(grad_out, q, k, v, out, lse, seed, bias_requires_gr
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias, drel
 
 
-_BIAS, _REL = OP_ARGUMENTS.index("bias"), OP_ARGUMENTS.index("rel_bias")
+_BIAS, _REL, _SINKS = OP_ARGUMENTS.index("bias"), OP_ARGUMENTS.index("rel_bias"), OP_ARGUMENTS.index("sinks")
 
 
 def _setup_context(ctx, inputs, output):
@@ -208,6 +212,10 @@ def _backward(ctx, grad_out, _grad_lse, _grad_seed):
     if rel_requires_grad:
         rel_bias = arguments[_REL]
         grads[_REL] = drel.sum_to_size(rel_bias.shape).to(rel_bias.dtype)
+    if len(needs) > _SINKS and needs[_SINKS]:
+        sinks = arguments[_SINKS]
+        dsinks = sink_grad(grad_out, out, lse, sinks.expand(*lse.shape[:3]))
+        grads[_SINKS] = dsinks.sum_to_size(sinks.shape).to(sinks.dtype)
     return dq.sum_to_size(q.shape), dk.sum_to_size(k.shape), dv.sum_to_size(v.shape), *grads
 
 

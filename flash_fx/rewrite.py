@@ -48,6 +48,7 @@ class KernelCall:
     excluded_fill: float | None = None  # the largest finite fill the kernels exclude (the op proves it per call)
     filled_rows: FilledRows | None = None  # rows that finite fill hides entirely: eager's uniform average
     score_mod: ScoreMod | None = None  # pointwise steps on the scaled scores (its factor a graph node)
+    sinks: fx.Node | None = None  # the sink column [.., Nq, 1] concatenated to the scores
 
 
 def replace_attention(graph: fx.Graph, match: AttentionMatch, call: KernelCall) -> fx.Node:
@@ -144,7 +145,8 @@ def _spec(graph: fx.Graph, match: AttentionMatch, call: KernelCall) -> Attention
         scale=call.scale, band=call.band or Band(), key_valid=key_valid, documents=documents,
         bias=None if bias is None else Bias(bias, holds_masks=call.bias_holds_masks), alibi=alibi, relative=relative,
         dropout=Dropout(match.dropout_p), kv_heads_tiled=match.kv_heads_tiled, excluded_fill=call.excluded_fill,
-        filled_rows=call.filled_rows, score_mod=_score_mod(graph, call.score_mod))
+        filled_rows=call.filled_rows, score_mod=_score_mod(graph, call.score_mod),
+        sinks=None if call.sinks is None else _per_row(graph, call.sinks))
 
 
 def _relative_vector(graph: fx.Graph, table: RelativeTableMatch, factor: float) -> fx.Node:
@@ -169,6 +171,14 @@ def _score_mod(graph: fx.Graph, mod: ScoreMod | None) -> ScoreMod | None:
     if mod is None or mod.head_factor is None:
         return mod
     return ScoreMod(mod.steps, _slopes(graph, mod.head_factor, 1.0))
+
+
+def _per_row(graph: fx.Graph, node: fx.Node) -> fx.Node:
+    """A [B?, H?, Nq?, 1] column (any rank from 2 to 4) as [B or 1, H or 1, Nq or 1] (the op's sinks)."""
+    for _ in range(4 - node.meta["example_value"].dim()):
+        node = graph.call_method("unsqueeze", (node, 0))
+    full = slice(None, None, None)
+    return graph.call_function(operator.getitem, (node, (full, full, full, 0)))
 
 
 def _slopes(graph: fx.Graph, node: fx.Node, factor: float) -> fx.Node:

@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from flash_fx.kernels import config, cpu_flash, filled_rows, tiled_torch, tuning
+from flash_fx.kernels import config, cpu_flash, filled_rows, sinks, tiled_torch, tuning
 from flash_fx.kernels.config import Tiles
 from flash_fx.kernels.dropout import dropout_keep_mask
 from flash_fx.kernels.schedule import schedule
@@ -204,10 +204,12 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: A
     """``(out [B, Hq, Nq, D] in q.dtype, lse [B, Hq, Nq, 2] float32 pairs)`` of ``spec`` (validated here; an
     :class:`AttentionInputError` names what does not fit). With no keys (Nk == 0) the output is zeros and the LSE
     pairs (-inf, 0), as eager ``softmax(...) @ v`` gives. Rows a finite fill hides entirely are completed after
-    the kernels (:mod:`filled_rows`)."""
+    the kernels (:mod:`filled_rows`), and sinks rescale the rows (:mod:`sinks`; the backward needs nothing more)."""
     out, lse = _forward(q, k, v, spec, launch)
     if spec.filled_rows is not None and k.shape[2] > 0:
         out, lse = filled_rows.complete_forward(q, k, v, spec, out, lse)
+    if spec.sinks is not None:
+        out, lse = sinks.complete_forward(out, lse, spec.sinks.float().expand(lse.shape[:3]))
     return out, lse
 
 

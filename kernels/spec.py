@@ -26,6 +26,7 @@ produce) or ``h % Hkv`` with ``kv_heads_tiled`` (what ``k.repeat(1, Hq // Hkv, 1
 ``1 / (1 - p)``; the log-sum-exp is that of the undropped softmax. Fully masked rows give NaN outputs and an
 LSE of -inf (eager softmax after ``-inf`` fills) and no gradient; rows hidden entirely by a finite fill are
 eager's uniform average over their keys, forward and backward. With no keys (Nk == 0) the output is zeros.
+``sinks`` (one logit per batch row, head and query) join each row's softmax without a value (:mod:`sinks`).
 ``excluded_fill`` is the largest finite value eager gave an entry the masks exclude (None: only ``-inf``); the
 op proves such exclusions exact per call (flash_fx.exactness). With :class:`FilledRows` the structural masks
 stand for one finite fill, and a row they hide entirely is eager's uniform average over all Nk keys instead
@@ -55,7 +56,7 @@ UNBOUNDED = 2**31 - 1  # a window side without a limit, in the op's `[left, righ
 #: The custom op's arguments after q, k, v, in schema order (:meth:`AttentionSpec.from_op_args`).
 OP_ARGUMENTS = ("bias", "scale", "causal_offset", "kv_heads_tiled", "window", "key_valid", "q_doc", "k_doc",
                 "dropout_p", "sparse_bias", "alibi_slopes", "alibi_symmetric", "rel_bias", "excluded_fill",
-                "filled_rows", "filled_rows_added", "score_mod", "score_mod_factor")
+                "filled_rows", "filled_rows_added", "score_mod", "score_mod_factor", "sinks")
 
 
 class AttentionInputError(ValueError):
@@ -364,6 +365,7 @@ class AttentionSpec:
     excluded_fill: float | None = None
     filled_rows: FilledRows | None = None
     score_mod: ScoreMod | None = None
+    sinks: Any = None  # float logits [B or 1, Hq or 1, Nq or 1] that join each row's softmax (float32 [B, Hq, Nq])
 
     # ---- questions the op, the kernels and the cost model ask ----
 
@@ -419,13 +421,15 @@ class AttentionSpec:
                 got = getattr(key_valid, "dtype", key_valid)
                 raise AttentionInputError(f"key_valid must be a bool tensor, got {got}")
             key_valid = _batch_rows(key_valid, batch, n_k, "key_valid")
-        if self.filled_rows is not None and (self.dropout.p > 0 or not math.isfinite(self.filled_rows.fill)):
-            raise AttentionInputError("filled rows need a finite fill and no dropout")
+        if self.filled_rows is not None and (self.dropout.p > 0 or not math.isfinite(self.filled_rows.fill)
+                                             or self.sinks is not None):
+            raise AttentionInputError("filled rows need a finite fill, no dropout and no sinks")
         return self.replace(band=self.band.clamped(n_q + n_k), key_valid=key_valid,
                             documents=_documents(self.documents, batch, n_q, n_k), bias=_bias(self.bias, q, k),
                             alibi=_alibi(self.alibi, batch, heads, q.device),
                             relative=_relative(self.relative, batch, heads, n_q, n_k, q.device),
                             score_mod=_score_mod(self.score_mod, batch, heads, q.device),
+                            sinks=_sinks(self.sinks, batch, heads, n_q, q.device),
                             dropout=self.dropout.validated())
 
     # ---- the dense meaning ----
@@ -478,7 +482,10 @@ class AttentionSpec:
         kv = heads % k.shape[1] if self.kv_heads_tiled else heads // group
         k64, v64 = k.double()[:, kv], v.double()[:, kv]
         scores = self.modified(q.double() @ k64.transpose(-1, -2) * self.scale) + self.materialize(q, k)
-        p = scores.softmax(-1)
+        if self.sinks is not None:  # one more logit per row in the softmax, without a value
+            p = torch.cat([scores, self.sinks.double()[..., None]], -1).softmax(-1)[..., :-1]
+        else:
+            p = scores.softmax(-1)
         if self.filled_rows is not None:  # rows the masks hide entirely: uniform, with eager's gradient
             unmasked = self.modified(q.double() @ k64.transpose(-1, -2) * self.scale) + self.replace(
                 band=Band(), key_valid=None, documents=None).materialize(q, k)
@@ -523,6 +530,8 @@ class AttentionSpec:
             kwargs["score_mod"] = self.score_mod.text()
             if self.score_mod.head_factor is not None:
                 kwargs["score_mod_factor"] = self.score_mod.head_factor
+        if self.sinks is not None:
+            kwargs["sinks"] = self.sinks
         if self.filled_rows is not None:
             kwargs["filled_rows"] = self.filled_rows.fill
             if self.filled_rows.added:
@@ -536,7 +545,7 @@ class AttentionSpec:
                      k_doc: Any = None, dropout_p: float = 0.0, sparse_bias: bool = False, alibi_slopes: Any = None,
                      alibi_symmetric: bool = False, rel_bias: Any = None, excluded_fill: float | None = None,
                      filled_rows: float | None = None, filled_rows_added: bool = False,
-                     score_mod: str | None = None, score_mod_factor: Any = None,
+                     score_mod: str | None = None, score_mod_factor: Any = None, sinks: Any = None,
                      seed: int | None = None) -> AttentionSpec:
         """The spec of an op call's arguments after q, k, v (``seed``: the call's dropout seed)."""
         if window is not None and len(window) != 2:
@@ -559,6 +568,7 @@ class AttentionSpec:
             excluded_fill=excluded_fill,
             filled_rows=None if filled_rows is None else FilledRows(float(filled_rows), bool(filled_rows_added)),
             score_mod=None if score_mod is None else ScoreMod.parse(score_mod, score_mod_factor),
+            sinks=sinks,
         )
 
 
@@ -626,6 +636,18 @@ def _score_mod(mod: ScoreMod | None, batch: int, heads: int, device: torch.devic
                                   f"got {tuple(factor.shape)}")
     _check_device("score_mod_factor", factor, device)
     return ScoreMod(mod.steps, factor.detach().to(torch.float32).expand(batch, heads))
+
+
+def _sinks(sinks: Any, batch: int, heads: int, n_q: int, device: torch.device) -> torch.Tensor | None:
+    if sinks is None:
+        return None
+    _check_float_tensor("sinks", sinks)
+    shape = (batch, heads, n_q)
+    if sinks.dim() != 3 or any(s not in (1, n) for s, n in zip(sinks.shape, shape, strict=True)):
+        raise AttentionInputError(f"sinks must have shape [{batch} or 1, {heads} or 1, {n_q} or 1], "
+                                  f"got {tuple(sinks.shape)}")
+    _check_device("sinks", sinks, device)
+    return sinks.detach().to(torch.float32).expand(shape)
 
 
 def _relative(table: RelativeTable | None, batch: int, heads: int, n_q: int, n_k: int,

@@ -102,6 +102,22 @@ class PointwiseMod:
 
 
 @dataclass(frozen=True)
+class SinkConcat:
+    """out = cat([x, sink], last dim) with ``sink`` one column: a logit per row that joins the softmax (attention
+    sinks, gpt-oss); the column is sliced away after it (:class:`DropLast`)."""
+
+    x: fx.Node
+    sink: fx.Node
+
+
+@dataclass(frozen=True)
+class DropLast:
+    """out = x[..., :-1]: the last column of the last dim dropped (the sink column after the softmax)."""
+
+    x: fx.Node
+
+
+@dataclass(frozen=True)
 class DropoutCall:
     """out = dropout(x, p) in training mode with p that may be non-zero."""
 
@@ -163,7 +179,7 @@ class ScaledDotProductAttention:
 
 
 CanonOp = (MatMul | Scale | Softmax | Cast | Identity | DropoutCall | MaskedFill | AddBias | Reshape | HeadExpand
-           | ScaledDotProductAttention | RowMaxShift | PointwiseMod)
+           | ScaledDotProductAttention | RowMaxShift | PointwiseMod | SinkConcat | DropLast)
 
 _MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", "__matmul__"}
 _SOFTMAXES = {F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax, "softmax"}
@@ -455,6 +471,34 @@ def _clamp(node: fx.Node) -> PointwiseMod | None:
     return PointwiseMod(x, "clamp", *bounds)
 
 
+def _cat(node: fx.Node) -> SinkConcat | None:
+    """cat([scores, sink], dim=-1) with a one-column sink of the scores' rank."""
+    tensors, dim = _arg(node, 0, "tensors"), _arg(node, 1, "dim", 0)
+    if not isinstance(tensors, list | tuple) or len(tensors) != 2 or not isinstance(dim, int):
+        return None
+    x, sink = tensors
+    if not (_is_tensor_node(x) and _is_tensor_node(sink)):
+        return None
+    a, b = x.meta["example_value"], sink.meta["example_value"]
+    if a.dim() != b.dim() or dim % a.dim() != a.dim() - 1 or not statically_known_true(b.shape[-1] == 1):
+        return None
+    return SinkConcat(x, sink)
+
+
+def _drop_last(node: fx.Node) -> DropLast | None:
+    """x[..., :-1] (or with explicit full slices before the last dim)."""
+    x, index = node.args if len(node.args) == 2 else (None, None)
+    if not _is_tensor_node(x) or not isinstance(index, tuple) or not index:
+        return None
+    last, before = index[-1], index[:-1]
+    if last != slice(None, -1, None):
+        return None
+    rank = x.meta["example_value"].dim()
+    if before == (Ellipsis,) or (len(before) == rank - 1 and all(i == slice(None) for i in before)):
+        return DropLast(x)
+    return None
+
+
 def _pow(node: fx.Node) -> PointwiseMod | None:
     """x ** 2 (pow with the exponent 2)."""
     x, exponent = _arg(node, 0, "input"), _arg(node, 1, "exponent")
@@ -601,6 +645,8 @@ _HANDLERS: list[tuple[set, Any]] = [
     ({torch.square, "square"}, _unary("square")),
     ({torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max, "clamp", "clip", "clamp_min", "clamp_max"}, _clamp),
     ({torch.pow, operator.pow, "pow", "__pow__"}, _pow),
+    ({torch.cat, torch.concat, torch.concatenate}, _cat),
+    ({operator.getitem}, _drop_last),
 ]
 
 

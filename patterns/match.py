@@ -17,6 +17,7 @@ from flash_fx.kernels.spec import MAX_MOD_STEPS, ModStep
 from flash_fx.patterns.canonical import (
     AddBias,
     Cast,
+    DropLast,
     DropoutCall,
     HeadExpand,
     Identity,
@@ -28,6 +29,7 @@ from flash_fx.patterns.canonical import (
     RowMaxShift,
     Scale,
     ScaledDotProductAttention,
+    SinkConcat,
     Softmax,
     canonicalize,
     swapped_last_two,
@@ -87,6 +89,7 @@ class AttentionMatch:
     dropout_p: float = 0.0  # dropout on the probabilities in training, fused into the kernels
     score_mod: tuple[ModStep, ...] = ()  # pointwise steps on the scaled scores before every term (kernels.spec)
     score_mod_factor: fx.Node | None = None  # the per-(batch, head) factor of a mul_head step
+    sinks: fx.Node | None = None  # the one-column logits [.., Nq, 1] concatenated to the scores (attention sinks)
     notes: list[str] = field(default_factory=list)
 
 
@@ -179,7 +182,7 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
     while not isinstance(desc := canonicalize(node), MatMul):
         if desc is None and (factor := _non_scalar_factor(node)) is not None:
             return f"scores are multiplied by a non-scalar tensor of shape {factor} (the kernel applies one scale)"
-        if desc is None or isinstance(desc, Softmax | DropoutCall | HeadExpand | ScaledDotProductAttention):
+        if desc is None or isinstance(desc, Softmax | DropoutCall | HeadExpand | ScaledDotProductAttention | DropLast):
             return f"scores come from {_op_name(node)}, not from a Q @ K^T product"
         if _used_outside(node, inside):
             return _escape("scores", node, inside)
@@ -202,8 +205,9 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
     back.reverse()  # program order: from Q @ K^T towards the softmax
 
     # Walk forward from the softmax to the P @ V product.
+    sinks = next((d.sink for d in map(canonicalize, back) if isinstance(d, SinkConcat)), None)
     forward: list[fx.Node] = []
-    dropout_p = 0.0
+    dropout_p, dropped_sink = 0.0, False
     node = softmax
     while True:
         user = _only_value_user(node)
@@ -217,11 +221,15 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
             if why is not None:
                 return why
             dropout_p = desc.p
+        elif isinstance(desc, DropLast) and sinks is not None and not dropped_sink:
+            dropped_sink = True
         elif not isinstance(desc, Cast | Identity | Reshape):
             return f"probabilities go to {_op_name(user)}, not to a P @ V product"
         forward.append(user)
         node = user
     pv, pv_desc = user, desc
+    if sinks is not None and not dropped_sink:
+        return "the sink column of the probabilities is not sliced away before the P @ V product"
     if pv_desc.a.node is not node or pv_desc.a.perm is not None:
         return "probabilities are not the left operand of the P @ V product (it must contract over the keys)"
     if pv_desc.alpha != 1.0 or pv_desc.addend is not None:
@@ -246,7 +254,7 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
         anchor=softmax, output=pv, nodes=[qk, *back, softmax, *forward, pv], q=qk_desc.a, k=qk_desc.b,
         k_is_transposed=True, v=pv_desc.b, scale=scale, dynamic_scales=dynamic_scales, terms=terms, causal=False,
         batch_view=batch_view, out_perm=pv_desc.out_perm, dropout_p=dropout_p, score_mod=tuple(mod.steps),
-        score_mod_factor=mod.factor,
+        score_mod_factor=mod.factor, sinks=sinks,
     )
 
 
@@ -288,9 +296,15 @@ class _Mod:
 def _fold_score_ops(score_ops: list, alpha: float) -> tuple[float, list, list[ScoreTerm], _Mod] | str:
     """Fold the scales before any pointwise function into one constant (plus dynamic factors), collect the score
     modification (pointwise functions and the scales after the first of them) and the masks and biases after it."""
-    scale, dynamic_scales, terms, mod, shifted = alpha, [], [], _Mod(), False
+    scale, dynamic_scales, terms, mod, shifted, sunk = alpha, [], [], _Mod(), False, False
     for desc in score_ops:
-        if isinstance(desc, Scale):
+        if sunk and desc is not None and not isinstance(desc, RowMaxShift | Cast | Identity | SinkConcat):
+            return "the scores change after the sink logits are appended to them"
+        if isinstance(desc, SinkConcat):
+            if sunk:
+                return "two sink columns are appended to the scores"
+            sunk = True
+        elif isinstance(desc, Scale):
             if isinstance(desc.factor, float):
                 factor = 1.0 / desc.factor if desc.reciprocal else desc.factor
                 if terms and factor <= 0:
