@@ -545,10 +545,16 @@ def _cost_shape(match: AttentionMatch, masks: MaskDecision, density: float, layo
     passes = sum(isinstance(desc, Scale | Cast | MaskedFill | AddBias | PointwiseMod) for desc in _chain_descs(match))
     return cost.AttentionShape(
         batch_heads=batch_heads, nq=nq, nk=nk, head_dim=_symbolic(match.q_shape[-1]), dtype=match.dtype,
+        value_dim=None if _same(match.v_shape[-1], match.q_shape[-1]) else _symbolic(match.v_shape[-1]),
         density=density, elementwise_passes=passes, mask_bytes_per_score=mask_bytes,
         kernel_bias_bytes_per_score=kernel_bias_bytes,
         training=torch.is_grad_enabled() and any(v.requires_grad for v in values), layout_pass=layout_pass,
     )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """a == b for sizes that may be symbolic, without adding a guard."""
+    return statically_known_true(a == b)
 
 
 def _dropout_note(p: float) -> list[str]:

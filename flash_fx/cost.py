@@ -155,13 +155,19 @@ class AttentionShape:
     training: bool
     kernel_bias_bytes_per_score: float | None = None  # the same for the kernels' dense bias (None: as eager)
     layout_pass: bool = False  # the kernels reduce the mask bias to a tile layout first (forward and backward)
+    value_dim: Size | None = None  # head dim of v and the output when it differs from q's and k's (MLA)
+
+    @property
+    def dv(self) -> Size:
+        """The head dim of v and the output."""
+        return self.head_dim if self.value_dim is None else self.value_dim
 
 
 def eager_bytes(s: AttentionShape) -> sp.Expr:
     """HBM bytes of the unfused ops: Q@K^T, elementwise passes over the scores, softmax, P@V (+ backward)."""
     e = s.dtype.itemsize
     scores = s.nq * s.nk
-    qkv = (2 * s.nq + 2 * s.nk) * s.head_dim  # read q, k, v, write out
+    qkv = (s.nq + s.nk) * s.head_dim + (s.nk + s.nq) * s.dv  # read q, k, v, write out
     forward = qkv * e + scores * e  # the two products and the scores they write
     forward += s.elementwise_passes * 2 * scores * e + scores * _num(s.mask_bytes_per_score)
     forward += 2 * scores * e + scores * e  # softmax reads and writes; P @ V reads P
@@ -169,7 +175,7 @@ def eager_bytes(s: AttentionShape) -> sp.Expr:
         return sp.expand(s.batch_heads * forward)
     # dV = P^T dO, dP = dO V^T, softmax backward (reads P, dP, writes dS), dQ = dS K, dK = dS^T Q,
     # and the masks/scale passes again on dS.
-    backward = (4 * s.nq + 4 * s.nk) * s.head_dim * e + scores * e * (1 + 1 + 3 + 2)
+    backward = (2 * s.nq + 2 * s.nk) * (s.head_dim + s.dv) * e + scores * e * (1 + 1 + 3 + 2)
     backward += s.elementwise_passes * 2 * scores * e
     return sp.expand(s.batch_heads * (forward + backward))
 
@@ -177,7 +183,7 @@ def eager_bytes(s: AttentionShape) -> sp.Expr:
 def flash_bytes(s: AttentionShape, block_r: int, block_c: int) -> sp.Expr:
     """HBM bytes of the flash kernels for query tiles of ``block_r`` rows and key tiles of ``block_c`` rows."""
     e = s.dtype.itemsize
-    d = s.head_dim
+    d, dv = s.head_dim, s.dv
     visible = _num(s.density)
     q_tiles = sp.ceiling(s.nq / block_r)
     k_tiles = sp.ceiling(s.nk / block_c)
@@ -187,19 +193,19 @@ def flash_bytes(s: AttentionShape, block_r: int, block_c: int) -> sp.Expr:
         mask += s.nq * s.nk * _num(bias_bytes)
     # Q read and O written once; K and V once per visited query tile; the LSE written (a float32 pair: the rounded
     # value and its residual; the backward reads the residual only with a bias, which this count leaves out).
-    forward = (2 * s.nq * d + sp.Max(1, q_tiles * visible) * 2 * s.nk * d) * e + 8 * s.nq + mask
+    forward = (s.nq * (d + dv) + sp.Max(1, q_tiles * visible) * s.nk * (d + dv)) * e + 8 * s.nq + mask
     if not s.training:
         return sp.expand(s.batch_heads * forward)
-    preprocess = 2 * s.nq * d * e + 4 * s.nq  # delta = rowsum(dO * O)
-    dkdv = 4 * s.nk * d * e + sp.Max(1, k_tiles * visible) * (2 * s.nq * d * e + 8 * s.nq) + mask
-    dq = 2 * s.nq * d * e + sp.Max(1, q_tiles * visible) * 2 * s.nk * d * e + 8 * s.nq + mask
+    preprocess = 2 * s.nq * dv * e + 4 * s.nq  # delta = rowsum(dO * O)
+    dkdv = 2 * s.nk * (d + dv) * e + sp.Max(1, k_tiles * visible) * (s.nq * (d + dv) * e + 8 * s.nq) + mask
+    dq = s.nq * (d + dv) * e + sp.Max(1, q_tiles * visible) * s.nk * (d + dv) * e + 8 * s.nq + mask
     return sp.expand(s.batch_heads * (forward + preprocess + dkdv + dq))
 
 
 def flops(s: AttentionShape, recompute: bool) -> sp.Expr:
-    """Matrix FLOPs: 4*Nq*Nk*d forward (times the visited fraction for the flash kernels), 2x that for the
+    """Matrix FLOPs: 2*Nq*Nk*(d + dv) forward (times the visited fraction for the flash kernels), 2x that for the
     eager backward and 2.5x for the flash backward, which recomputes Q K^T."""
-    forward = 4 * s.nq * s.nk * s.head_dim * (_num(s.density) if recompute else 1)
+    forward = 2 * s.nq * s.nk * (s.head_dim + s.dv) * (_num(s.density) if recompute else 1)
     total = forward * (1 + (sp.Rational(5, 2) if recompute else 2)) if s.training else forward
     return sp.expand(s.batch_heads * total)
 

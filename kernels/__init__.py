@@ -126,11 +126,11 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 
 def _launch_tiles(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, launch: Launch,
-                  run: Callable[[Tiles], object], *, backward: bool) -> Tiles:
+                  run: Callable[[Tiles], object], *, backward: bool, value_dim: int) -> Tiles:
     """The launch configuration: the table's for this card, with the launch's block sizes if given; with
     autotuning on and no block size given, the fastest candidate for the call's :class:`tuning.TuneKey`."""
     capability = _capability(q.device) if q.is_cuda else None
-    head_dim, on_gpu = q.shape[-1], q.is_cuda
+    head_dim, on_gpu = max(q.shape[-1], value_dim), q.is_cuda  # tiles sized for the wider of q/k and v
     if launch.block_m is None and launch.block_n is None and tuning.autotune_enabled(q.device):
         key = tuning.TuneKey(backward, capability, head_dim, str(q.dtype).removeprefix("torch."),
                              tuning.bucket(q.shape[2]), tuning.bucket(k.shape[2]), gqa=q.shape[1] != k.shape[1],
@@ -145,17 +145,15 @@ def _launch_tiles(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, launch:
 
 
 def supports(head_dim: int, value_dim: int, dtype: torch.dtype, device_type: str) -> list[str]:
-    """Why the kernels cannot run attention with these head dims (of q and k, of v), dtype and device type: report
-    lines for the pass; empty when they can."""
+    """Why the kernels cannot run attention with these head dims (of q and k, of v: they may differ, as in MLA),
+    dtype and device type: report lines for the pass; empty when they can."""
     reasons = []
     if dtype not in SUPPORTED_DTYPES:
         reasons.append(f"dtype {dtype} is not supported by the kernels (fp16, bf16, fp32)")
     if device_type not in ("cpu", "cuda"):
         reasons.append(f"device {device_type} is neither CUDA nor CPU")
-    if value_dim != head_dim:
-        reasons.append(f"value head dim {value_dim} differs from the query head dim {head_dim}")
-    if head_dim > config.MAX_HEAD_DIM:
-        reasons.append(f"head dim {head_dim} is over {config.MAX_HEAD_DIM}")
+    if max(head_dim, value_dim) > config.MAX_HEAD_DIM:
+        reasons.append(f"head dim {max(head_dim, value_dim)} is over {config.MAX_HEAD_DIM}")
     return reasons
 
 
@@ -193,10 +191,10 @@ def _tiled_blocks(spec: AttentionSpec, launch: Launch, n_q: int) -> tuple[int, i
     return launch.block_m or block_n, block_n
 
 
-def _check_triton_head_dim(q: torch.Tensor) -> None:
-    if q.shape[-1] > config.MAX_HEAD_DIM:
+def _check_triton_head_dim(q: torch.Tensor, v: torch.Tensor) -> None:
+    if max(q.shape[-1], v.shape[-1]) > config.MAX_HEAD_DIM:
         raise AttentionInputError(f"the Triton kernels support head dims up to {config.MAX_HEAD_DIM}, "
-                                  f"got {q.shape[-1]}")
+                                  f"got {q.shape[-1]} (q, k) and {v.shape[-1]} (v)")
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
@@ -219,7 +217,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionS
     """The kernels' forward (rows without keys: NaN, LSE -inf)."""
     spec = spec.validate(q, k, v)
     if q.numel() == 0 or k.shape[2] == 0:
-        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        out = torch.zeros((*q.shape[:3], v.shape[-1]), dtype=q.dtype, device=q.device)
         lse = torch.zeros((*q.shape[:3], 2), dtype=torch.float32, device=q.device)
         lse[..., 0] = float("-inf")
         return out, lse
@@ -230,7 +228,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionS
             return result
         plan = schedule(spec, n_q, n_k, *_tiled_blocks(spec, launch, n_q), q.device)
         return tiled_torch.attention_forward(q, k, v, spec, plan)
-    _check_triton_head_dim(q)
+    _check_triton_head_dim(q, v)
     # Imported here: Triton decides at decoration time whether kernels run compiled or interpreted.
     from flash_fx.kernels import triton_forward
 
@@ -238,7 +236,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionS
         return triton_forward.attention_forward(q, k, v, spec, tiles,
                                                 schedule(spec, n_q, n_k, tiles.block_m, tiles.block_n, q.device))
 
-    return run(_launch_tiles(q, k, spec, launch, run, backward=False))
+    return run(_launch_tiles(q, k, spec, launch, run, backward=False, value_dim=v.shape[-1]))
 
 
 def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec,
@@ -274,7 +272,7 @@ def _backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec, launch:
             return cpu_flash.attention_backward(grad_out, saved, spec)
         plan = schedule(spec, n_q, n_k, *_tiled_blocks(spec, launch, n_q), q.device)
         return tiled_torch.attention_backward(grad_out, saved, spec, plan)
-    _check_triton_head_dim(q)
+    _check_triton_head_dim(q, v)
     from flash_fx.kernels import triton_backward
 
     saved = saved._replace(lse=lse.contiguous())
@@ -283,4 +281,4 @@ def _backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec, launch:
         return triton_backward.attention_backward(grad_out, saved, spec, tiles,
                                                   schedule(spec, n_q, n_k, tiles.block_m, tiles.block_n, q.device))
 
-    return run(_launch_tiles(q, k, spec, launch, run, backward=True))
+    return run(_launch_tiles(q, k, spec, launch, run, backward=True, value_dim=v.shape[-1]))

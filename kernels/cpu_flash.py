@@ -172,10 +172,27 @@ def _groups(q: torch.Tensor, num_kv_heads: int, tiled: bool) -> list[slice]:
     return [slice(r, None, group) for r in range(group)]
 
 
+def _widened(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x`` with zero columns appended to its last dim up to ``width`` (itself when already that wide)."""
+    return x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(out, lse pairs)`` of a validated ``spec`` that :func:`serves` accepts, on non-empty inputs; None when a
-    row's log-sum-exp came out beyond :func:`keeps_precision` (the tiled path then runs the call)."""
+    row's log-sum-exp came out beyond :func:`keeps_precision` (the tiled path then runs the call).
+
+    The C++ kernel takes one head dim: a v narrower or wider than q and k (MLA) runs with the narrower side padded
+    by zero columns, which changes no product (q . k, or the output's first Dv columns)."""
+    width, value_dim = max(q.shape[-1], v.shape[-1]), v.shape[-1]
+    if q.shape[-1] != value_dim:
+        result = _forward(_widened(q, width), _widened(k, width), _widened(v, width), spec)
+        return None if result is None else (result[0][..., :value_dim], result[1])
+    return _forward(q, k, v, spec)
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
     steps = _steps(spec, q.shape[0], q.shape[2], k.shape[2])
     part = _single_call(steps, q, k)
     if part is not None:  # one call: its results as they are
@@ -232,7 +249,18 @@ def _merge(out: torch.Tensor | None, lse: torch.Tensor | None, part_out: torch.T
 
 def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec) -> tuple[torch.Tensor, ...]:
     """``(dq, dk, dv, None, None)`` of a validated ``spec`` that :func:`serves` accepts, from the forward's outputs
-    when their log-sum-exps pass :func:`keeps_precision`."""
+    when their log-sum-exps pass :func:`keeps_precision` (head dims widened as in :func:`attention_forward`)."""
+    q, k, v, out, lse = saved
+    head_dim, value_dim = q.shape[-1], v.shape[-1]
+    if head_dim == value_dim:
+        return _backward(grad_out, saved, spec)
+    width = max(head_dim, value_dim)
+    wide = Saved(*(_widened(x, width) for x in (q, k, v, out)), lse)
+    dq, dk, dv, _, _ = _backward(_widened(grad_out, width), wide, spec)
+    return dq[..., :head_dim], dk[..., :head_dim], dv[..., :value_dim], None, None
+
+
+def _backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec) -> tuple[torch.Tensor, ...]:
     q, k, v, out, lse = saved
     steps = _steps(spec, q.shape[0], q.shape[2], k.shape[2])
     part = _single_call(steps, q, k)

@@ -1,7 +1,8 @@
 """The attention spec: one typed description of an attention call, from the graph pass to the kernels.
 
-This module states the op contract once; every other docstring refers here. For q [B, Hq, Nq, D] and k, v
-[B, Hkv, Nk, D] (``Hq % Hkv == 0``), an :class:`AttentionSpec` stands for::
+This module states the op contract once; every other docstring refers here. For q [B, Hq, Nq, D], k [B, Hkv,
+Nk, D] and v [B, Hkv, Nk, Dv] (``Hq % Hkv == 0``; Dv may differ from D, as in MLA), an :class:`AttentionSpec`
+stands for::
 
     scores[b, h, i, j] = mod(q[b, h, i] . k[b, kv(h), j] * scale) + terms[b, h, i, j]
     out[b, h, i]       = sum_j dropout(softmax_j(scores[b, h, i]))[j] * v[b, kv(h), j]
@@ -580,7 +581,7 @@ def _tighter(a: int | None, b: int | None) -> int | None:
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise AttentionInputError(f"expected 4-d q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise AttentionInputError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise AttentionInputError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")

@@ -85,7 +85,8 @@ def _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_bas
                 LOAD_BIAS: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, DROPOUT: tl.constexpr,
                 UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr, mod_params, factor, MOD: tl.constexpr):
+                ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr, mod_params, factor, MOD: tl.constexpr,
+                offs_dv, HEAD_DIM_V: tl.constexpr):
     """Accumulate the query tiles numbered ``tiles[first:last]`` into dK, dV (transposed [keys, queries]).
 
     ``PARTIAL`` tiles get the band, key-validity and document masks; full ones none. ``LOAD_BIAS`` false skips
@@ -96,7 +97,7 @@ def _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_bas
     for pos in range(first, last):
         rows = tl.load(tiles + pos) * BLOCK_M + offs_m
         q = load_rows(q_base, rows, offs_d, stride_qm, stride_qd, n_q, HEAD_DIM, True)
-        do = load_rows(do_base, rows, offs_d, stride_dom, stride_dod, n_q, HEAD_DIM, True)
+        do = load_rows(do_base, rows, offs_dv, stride_dom, stride_dod, n_q, HEAD_DIM_V, True)
         lse_hi, lse_lo = load_lse(lse_base, rows, n_q, HAS_BIAS)
         delta = tl.load(delta_base + rows, mask=rows < n_q, other=0.0)
         s_t, mod_t = scores(dot(k, tl.trans(q), UPCAST_DOT, INPUT_PRECISION), bias_base, rows[None, :],
@@ -137,6 +138,7 @@ def _dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd, stride_mfb, stride_mfh,
     num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower, seed, offset, threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_READS_BIAS: tl.constexpr,
     HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, KV_TILED: tl.constexpr, DROPOUT: tl.constexpr,
     UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_SYMMETRIC: tl.constexpr,
@@ -154,12 +156,14 @@ def _dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     key_ok = load_ids(KeyValid + b * stride_kvb, offs_n, stride_kvn, n_k, HAS_KEY_VALID)
     k = load_rows(K + b * stride_kb + h_kv * stride_kh, offs_n, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM, True)
-    v = load_rows(V + b * stride_vb + h_kv * stride_vh, offs_n, offs_d, stride_vn, stride_vd, n_k, HEAD_DIM, True)
+    v = load_rows(V + b * stride_vb + h_kv * stride_vh, offs_n, offs_dv, stride_vn, stride_vd, n_k, HEAD_DIM_V,
+                  True)
     k_ids = load_ids(KDoc + b * stride_kdb, offs_n, stride_kdn, n_k, HAS_DOCS)
     q_doc_base = QDoc + b * stride_qdb
     n_query_tiles = tl.cdiv(n_q, BLOCK_M)
@@ -181,17 +185,19 @@ def _dkdv_kernel(
                              stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale, slope, rel_base,
                              stride_rr, upper, lower, bh, seed, offset, threshold, drop_scale, HEAD_DIM, BLOCK_M, True,
                              True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT,
-                             INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL, ModParams, factor, MOD)
+                             INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL, ModParams, factor, MOD, offs_dv,
+                             HEAD_DIM_V)
         dk, dv = _dkdv_tiles(dk, dv, k, v, k_ids, key_ok, q_base, do_base, bias_base, lse_base, delta_base,
                              q_doc_base, tiles, n_partial, n_partial + n_full, offs_m, offs_n, offs_d, stride_qm,
                              stride_qd, stride_dom, stride_dod, stride_bm, stride_bn, stride_qdm, n_q, n_k, sm_scale,
                              slope, rel_base, stride_rr, upper, lower, bh, seed, offset, threshold, drop_scale,
                              HEAD_DIM, BLOCK_M, False, FULL_READS_BIAS, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID,
                              HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL,
-                             ModParams, factor, MOD)
+                             ModParams, factor, MOD, offs_dv, HEAD_DIM_V)
     store_rows(DK + b * stride_dkb + h_kv * stride_dkh, dk * sm_scale, offs_n, offs_d, stride_dkn, stride_dkd, n_k,
                HEAD_DIM)
-    store_rows(DV + b * stride_dvb + h_kv * stride_dvh, dv, offs_n, offs_d, stride_dvn, stride_dvd, n_k, HEAD_DIM)
+    store_rows(DV + b * stride_dvb + h_kv * stride_dvh, dv, offs_n, offs_dv, stride_dvn, stride_dvd, n_k,
+               HEAD_DIM_V)
 
 
 @triton.jit
@@ -203,7 +209,8 @@ def _dq_tiles(dq, q, q_ids, do, lse_hi, lse_lo, delta, k_base, v_base, bias_base
               HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
               HAS_DOCS: tl.constexpr, WRITE_DBIAS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
               INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_SYMMETRIC: tl.constexpr,
-              HAS_REL: tl.constexpr, WRITE_DREL: tl.constexpr, mod_params, factor, MOD: tl.constexpr):
+              HAS_REL: tl.constexpr, WRITE_DREL: tl.constexpr, mod_params, factor, MOD: tl.constexpr, offs_dv,
+              HEAD_DIM_V: tl.constexpr):
     """Accumulate the key tiles numbered ``tiles[first:last]`` into dQ (unscaled); store their dS if asked.
 
     ``PARTIAL`` tiles get every mask and range-checked loads, full ones neither. ``LOAD_BIAS`` false skips reading
@@ -215,7 +222,7 @@ def _dq_tiles(dq, q, q_ids, do, lse_hi, lse_lo, delta, k_base, v_base, bias_base
     for pos in range(first, last):
         cols = tl.load(tiles + pos) * BLOCK_N + offs_n
         k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, n_k, HEAD_DIM, PARTIAL)
-        v = load_rows(v_base, cols, offs_d, stride_vn, stride_vd, n_k, HEAD_DIM, PARTIAL)
+        v = load_rows(v_base, cols, offs_dv, stride_vn, stride_vd, n_k, HEAD_DIM_V, PARTIAL)
         s, mod_s = scores(dot(q, tl.trans(k), UPCAST_DOT, INPUT_PRECISION), bias_base, offs_m[:, None],
                           cols[None, :], stride_bm, stride_bn, n_q, n_k, sm_scale, slope, rel_base, stride_rel,
                           mod_params, factor, HAS_BIAS, LOAD_BIAS, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL, MOD)
@@ -257,6 +264,7 @@ def _dq_kernel(
     stride_dbb, stride_dbh, stride_dbm, stride_dbn, stride_drb, stride_drh, stride_drr, stride_mfb, stride_mfh,
     num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower, seed, offset, threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_READS_BIAS: tl.constexpr,
     HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, KV_TILED: tl.constexpr, WRITE_DBIAS: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -275,10 +283,11 @@ def _dq_kernel(
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
 
     q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, n_q, HEAD_DIM, True)
     q_ids = load_ids(QDoc + b * stride_qdb, offs_m, stride_qdm, n_q, HAS_DOCS)
-    do = load_rows(DOut + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, n_q, HEAD_DIM,
+    do = load_rows(DOut + b * stride_dob + h * stride_doh, offs_m, offs_dv, stride_dom, stride_dod, n_q, HEAD_DIM_V,
                    True)
     lse_hi, lse_lo = load_lse(Lse + bh * n_q * 2, offs_m, n_q, HAS_BIAS)
     delta = tl.load(Delta + bh * n_q + offs_m, mask=offs_m < n_q, other=0.0)
@@ -302,14 +311,14 @@ def _dq_kernel(
                    rel_base, stride_rr, drel_base, stride_drr, upper, lower, bh, seed, offset, threshold, drop_scale,
                    HEAD_DIM, BLOCK_N, True, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS,
                    WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL, WRITE_DREL,
-                   ModParams, factor, MOD)
+                   ModParams, factor, MOD, offs_dv, HEAD_DIM_V)
     dq = _dq_tiles(dq, q, q_ids, do, lse_hi, lse_lo, delta, k_base, v_base, bias_base, dbias_base, key_valid_base,
                    k_doc_base, tiles, n_partial, n_partial + n_full, offs_m, offs_n, offs_d, stride_kn, stride_kd,
                    stride_vn, stride_vd, stride_bm, stride_bn, stride_dbm, stride_dbn, stride_kvn, stride_kdn, n_q,
                    n_k, sm_scale, slope, rel_base, stride_rr, drel_base, stride_drr, upper, lower, bh, seed, offset,
                    threshold, drop_scale, HEAD_DIM, BLOCK_N, False, FULL_READS_BIAS, HAS_UPPER, HAS_LOWER, HAS_BIAS,
                    HAS_KEY_VALID, HAS_DOCS, WRITE_DBIAS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
-                   ALIBI_SYMMETRIC, HAS_REL, WRITE_DREL, ModParams, factor, MOD)
+                   ALIBI_SYMMETRIC, HAS_REL, WRITE_DREL, ModParams, factor, MOD, offs_dv, HEAD_DIM_V)
     store_rows(DQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, offs_m, offs_d, stride_dqm, stride_dqd, n_q,
                HEAD_DIM)
 
@@ -323,7 +332,7 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec
     :func:`flash_fx.kernels.attention_backward` describes (drel summed with atomics: not bitwise deterministic).
     """
     q, k, v, out, lse = saved
-    batch, num_heads, n_q, head_dim = q.shape
+    batch, num_heads, n_q = q.shape[:3]
     num_kv_heads, n_k = k.shape[1], k.shape[2]
     features = spec.features()
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
@@ -337,7 +346,7 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec
     if features["rel_grad"]:
         drel = torch.zeros((batch, num_heads, n_q + n_k - 1), dtype=torch.float32, device=q.device)
     delta = torch.empty_like(lse)
-    common = {**args.inputs(q, k, v), **args.shapes(q, k, spec), **args.terms(spec, q), **args.dropout_group(spec),
+    common = {**args.inputs(q, k, v), **args.shapes(q, k, v, spec), **args.terms(spec, q), **args.dropout_group(spec),
               **args.mod(spec, q),
               **args.tensor("DOut", "stride_dob,stride_doh,stride_dom,stride_dod", grad_out, q), "Lse": lse,
               "Delta": delta, "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "num_warps": tiles.num_warps,
@@ -345,7 +354,7 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec
 
     _delta_kernel[(triton.cdiv(n_q, tiles.block_m), batch * num_heads)](
         out, grad_out, lse, delta, *out.stride(), *grad_out.stride(), num_heads, n_q,
-        HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_D=common["BLOCK_D"], num_warps=tiles.num_warps,
+        HEAD_DIM=common["HEAD_DIM_V"], BLOCK_M=tiles.block_m, BLOCK_D=common["BLOCK_DV"], num_warps=tiles.num_warps,
     )
     _dkdv_kernel[(triton.cdiv(n_k, tiles.block_n), batch * num_kv_heads)](
         **common, **args.masks(spec, q), **args.schedule(schedule, q, by_keys=True),

@@ -48,7 +48,8 @@ def _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid
                    HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr,
                    HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, DROPOUT: tl.constexpr,
                    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                   ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr, mod_params, factor, MOD: tl.constexpr):
+                   ALIBI_SYMMETRIC: tl.constexpr, HAS_REL: tl.constexpr, mod_params, factor, MOD: tl.constexpr,
+                   offs_dv, HEAD_DIM_V: tl.constexpr):
     """Fold the key tiles numbered ``tiles[first:last]`` into the running (acc, row sum, row max).
 
     ``PARTIAL`` tiles get the band, key-validity and document masks and range-checked loads; full ones none.
@@ -77,7 +78,7 @@ def _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(dropout_keep(seed, offset, bh, offs_m[:, None], cols[None, :], n_q, n_k, threshold), p, 0.0)
-        v = load_rows(v_base, cols, offs_d, stride_vn, stride_vd, n_k, HEAD_DIM, PARTIAL)
+        v = load_rows(v_base, cols, offs_dv, stride_vn, stride_vd, n_k, HEAD_DIM_V, PARTIAL)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST_DOT, INPUT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -95,6 +96,7 @@ def _attention_forward_kernel(
     stride_ob, stride_oh, stride_om, stride_od, stride_mfb, stride_mfh,
     num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower, seed, offset, threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_READS_BIAS: tl.constexpr,
     HAS_KEY_VALID: tl.constexpr, HAS_DOCS: tl.constexpr, KV_TILED: tl.constexpr, DROPOUT: tl.constexpr,
     UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_SYMMETRIC: tl.constexpr,
@@ -116,6 +118,7 @@ def _attention_forward_kernel(
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
 
     q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, n_q, HEAD_DIM, True)
     q_ids = load_ids(QDoc + b * stride_qdb, offs_m, stride_qdm, n_q, HAS_DOCS)
@@ -130,7 +133,7 @@ def _attention_forward_kernel(
     tiles, n_partial, n_full = tile_list(Counts, Indices, stride_cb, stride_ch, stride_ib, stride_ih, b, h, tile,
                                          tl.cdiv(n_k, BLOCK_N))
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
@@ -139,21 +142,21 @@ def _attention_forward_kernel(
                                    rel_base, stride_rr, upper, lower, bh, seed, offset, threshold, HEAD_DIM, BLOCK_N,
                                    True, True, HAS_UPPER, HAS_LOWER, HAS_BIAS, HAS_KEY_VALID, HAS_DOCS, DROPOUT,
                                    UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI, ALIBI_SYMMETRIC, HAS_REL, ModParams,
-                                   factor, MOD)
+                                   factor, MOD, offs_dv, HEAD_DIM_V)
     acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, q_ids, k_base, v_base, bias_base, key_valid_base, k_doc_base,
                                    tiles, n_partial, n_partial + n_full, offs_m, offs_n, offs_d, stride_kn, stride_kd,
                                    stride_vn, stride_vd, stride_bm, stride_bn, stride_kvn, stride_kdn, n_q, n_k,
                                    sm_scale, slope, rel_base, stride_rr, upper, lower, bh, seed, offset, threshold,
                                    HEAD_DIM, BLOCK_N, False, FULL_READS_BIAS, HAS_UPPER, HAS_LOWER, HAS_BIAS,
                                    HAS_KEY_VALID, HAS_DOCS, DROPOUT, UPCAST_DOT, INPUT_PRECISION, HAS_ALIBI,
-                                   ALIBI_SYMMETRIC, HAS_REL, ModParams, factor, MOD)
+                                   ALIBI_SYMMETRIC, HAS_REL, ModParams, factor, MOD, offs_dv, HEAD_DIM_V)
 
     # A fully masked row has l = 0 and acc = 0: 0 / 0 = NaN, as eager softmax gives; its LSE is -inf.
     out = acc / l_i[:, None]
     if DROPOUT:
         out = out * drop_scale
     lse_hi, lse_lo = split_lse(m_i, l_i, HAS_BIAS)
-    store_rows(Out + b * stride_ob + h * stride_oh, out, offs_m, offs_d, stride_om, stride_od, n_q, HEAD_DIM)
+    store_rows(Out + b * stride_ob + h * stride_oh, out, offs_m, offs_dv, stride_om, stride_od, n_q, HEAD_DIM_V)
     tl.store(Lse + (bh * n_q + offs_m) * 2, lse_hi, mask=offs_m < n_q)
     tl.store(Lse + (bh * n_q + offs_m) * 2 + 1, lse_lo, mask=offs_m < n_q)
 
@@ -163,10 +166,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: A
     """Launch the forward kernel on non-empty inputs for a validated ``spec`` over the key tiles of ``schedule``
     (built for these tiles)."""
     batch, num_heads, n_q = q.shape[:3]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty((*q.shape[:3], v.shape[-1]), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, num_heads, n_q, 2), dtype=torch.float32, device=q.device)
     _attention_forward_kernel[(triton.cdiv(n_q, tiles.block_m), batch * num_heads)](
-        **args.inputs(q, k, v), **args.shapes(q, k, spec), **args.terms(spec, q), **args.masks(spec, q),
+        **args.inputs(q, k, v), **args.shapes(q, k, v, spec), **args.terms(spec, q), **args.masks(spec, q),
         **args.schedule(schedule, q, by_keys=False), **args.dropout_group(spec), **args.mod(spec, q),
         **args.tensor("Out", "stride_ob,stride_oh,stride_om,stride_od", out, q), Lse=lse,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps, num_stages=tiles.num_stages,

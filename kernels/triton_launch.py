@@ -24,12 +24,14 @@ def tensor(name: str, strides: str, x: torch.Tensor | None, dummy: torch.Tensor)
     return {name: dummy if x is None else x, **dict(zip(names, values, strict=True))}
 
 
-def shapes(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> Group:
-    """Sizes, the scale, the GQA head mapping and the head-dim constants (what every kernel reads)."""
-    head_dim = q.shape[-1]
+def shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> Group:
+    """Sizes, the scale, the GQA head mapping and the head-dim constants of q and k (``HEAD_DIM``) and of v, the
+    output and its gradient (``HEAD_DIM_V``), what every kernel reads."""
+    head_dim, value_dim = q.shape[-1], v.shape[-1]
     return dict(num_heads=q.shape[1], num_kv_heads=k.shape[1], group_size=q.shape[1] // k.shape[1], n_q=q.shape[2],
                 n_k=k.shape[2], sm_scale=spec.scale, KV_TILED=spec.kv_heads_tiled, HEAD_DIM=head_dim,
-                BLOCK_D=config.padded_head_dim(head_dim), UPCAST_DOT=config.upcast_dot(q.dtype),
+                BLOCK_D=config.padded_head_dim(head_dim), HEAD_DIM_V=value_dim,
+                BLOCK_DV=config.padded_head_dim(value_dim), UPCAST_DOT=config.upcast_dot(q.dtype),
                 INPUT_PRECISION=config.input_precision(q.dtype))
 
 

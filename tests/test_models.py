@@ -76,6 +76,13 @@ def build(name: str, impl: str):
                              num_local_experts=4, num_experts_per_tok=2, attention_dropout=0.0,
                              attn_implementation=impl)
         return t.GptOssModel(cfg), {"input_ids": ids, "attention_mask": LEFT_PADDING, "use_cache": False}, 2
+    if name == "deepseek_v3_left_padded":  # MLA: q/k head dim 12 (8 + 4 rotary), value head dim 8
+        cfg = t.DeepseekV3Config(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16,
+                                 kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
+                                 n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                 first_k_dense_replace=1, attention_dropout=0.0, attn_implementation=impl)
+        return t.DeepseekV3Model(cfg), {"input_ids": ids, "attention_mask": LEFT_PADDING, "use_cache": False}, 2
     if name == "t5":
         cfg = t.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                          relative_attention_num_buckets=8, dropout_rate=0.0, attn_implementation=impl)
@@ -94,11 +101,13 @@ def run(model, inputs):
 
 
 MODELS = ["gpt2", "bert", "bert_padded", "vit", "llama", "t5", "llama_left_padded", "qwen2_left_padded",
-          "gemma3_left_padded", "modernbert_padded", "gemma2_left_padded", "gpt_oss_left_padded"]
+          "gemma3_left_padded", "modernbert_padded", "gemma2_left_padded", "gpt_oss_left_padded",
+          "deepseek_v3_left_padded"]
 #: The variants the report must name where the mask is structural in every form (eager's finfo.min mask too).
 STRUCTURAL = {"llama_left_padded": {"key_padding"}, "qwen2_left_padded": {"key_padding"},
               "gemma3_left_padded": {"key_padding"}, "modernbert_padded": {"key_padding"},
-              "gemma2_left_padded": {"key_padding"}, "gpt_oss_left_padded": {"key_padding"}}
+              "gemma2_left_padded": {"key_padding"}, "gpt_oss_left_padded": {"key_padding"},
+              "deepseek_v3_left_padded": {"key_padding"}}
 #: What every block's report notes must say.
 NOTES = {"gemma2_left_padded": "scores modified: tanh(s) * 5", "gpt_oss_left_padded": "attention sinks"}
 #: Softmaxes that are not attention (a mixture of experts' router), reported as near misses.
