@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass, field
@@ -349,6 +350,12 @@ def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[A
             return (f"mask/bias of shape {_concrete_shape(tensor.shape)} does not broadcast to the scores' "
                     f"shape {_concrete_shape(term.scores_shape)}")
         shape = "x".join(map(str, _concrete_shape(tensor.shape)))
+        if term.merged:  # in the [B*H, Nq, Nk] layout beside a [B, H, Nq, Nk] one: read as it is, as a bias
+            if not isinstance(op, AddBias) or not tensor.dtype.is_floating_point:
+                return "a mask is applied in the merged batch*heads layout beside the split one"
+            decision.bias_terms.append(term)
+            decision.parts.append(f"bias[{shape}] (batch*heads layout)")
+            continue
         condition = _mask_condition(term)
         if condition is None:
             if not tensor.dtype.is_floating_point:
@@ -410,8 +417,7 @@ def _split_sums(terms: list[ScoreTerm]) -> list[ScoreTerm]:
             continue
         node = strip_copies(term.tensor)
         if _is_float_sum(node):
-            parts = [ScoreTerm(AddBias(term.op.x, part, term.op.factor), term.scores_shape, term.factor_after)
-                     for part in node.args]
+            parts = [dataclasses.replace(term, op=AddBias(term.op.x, part, term.op.factor)) for part in node.args]
             split += _split_sums(parts)
             continue
         masked = _masked_bias(node)
@@ -419,10 +425,8 @@ def _split_sums(terms: list[ScoreTerm]) -> list[ScoreTerm]:
             split.append(term)
             continue
         visible, bias, fill = masked
-        split += _split_sums([ScoreTerm(AddBias(term.op.x, bias, term.op.factor), term.scores_shape,
-                                        term.factor_after)])
-        split.append(ScoreTerm(MaskedFill(term.op.x, visible, fill, inverted=True), term.scores_shape,
-                               term.factor_after))
+        split += _split_sums([dataclasses.replace(term, op=AddBias(term.op.x, bias, term.op.factor))])
+        split.append(dataclasses.replace(term, op=MaskedFill(term.op.x, visible, fill, inverted=True)))
     return split
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from flash_fx.kernels.spec import (
     Alibi,
@@ -128,7 +129,7 @@ def _from_op_layout(graph: fx.Graph, out: fx.Node, match: AttentionMatch) -> fx.
 
 def _spec(graph: fx.Graph, match: AttentionMatch, call: KernelCall) -> AttentionSpec:
     """The attention spec of the op call, its tensors as new graph nodes in the op's layout."""
-    bias = _bias(graph, call.bias_terms)
+    bias = _bias(graph, call.bias_terms, match.batch_view)
     key_valid = documents = alibi = relative = None
     if call.key_valid is not None:
         valid = _per_batch(graph, call.key_valid.node, key_axis=True)
@@ -202,13 +203,13 @@ def _per_batch(graph: fx.Graph, node: fx.Node, key_axis: bool) -> fx.Node:
     return graph.call_function(operator.getitem, (node, index))
 
 
-def _bias(graph: fx.Graph, terms: list[ScoreTerm]) -> fx.Node | None:
+def _bias(graph: fx.Graph, terms: list[ScoreTerm], view: tuple | None = None) -> fx.Node | None:
     """The bias the kernels add to the scores: the score terms replayed in program order on zero scores, with
     the scales between them where the program applies them (so sums overflow where eager's overflow).
 
     An added term adds; a masked_fill / where term overwrites what came before it with -inf where it hides (so a
     NaN it hides never reaches the kernels), which the pass proves exact (finite fills: flash_fx.exactness, per
-    call)."""
+    call). A term applied in the merged [B*H, ..] layout is viewed in the match's batch ``view`` first."""
     total, scale_after = None, 1.0
     for term in terms:
         op = term.op
@@ -223,11 +224,24 @@ def _bias(graph: fx.Graph, terms: list[ScoreTerm]) -> fx.Node | None:
             args = (op.mask, kept, hidden) if op.inverted else (op.mask, hidden, kept)
             total = graph.call_function(torch.where, args)
         else:
-            part = op.bias if own == 1.0 else graph.call_function(operator.mul, (op.bias, own))
+            part = _split_layout(graph, op.bias, view) if term.merged else op.bias
+            part = part if own == 1.0 else graph.call_function(operator.mul, (part, own))
             total = part if total is None else graph.call_function(operator.add, (total, part))
     if total is not None and scale_after != 1.0:
         total = graph.call_function(operator.mul, (total, scale_after))
     return total
+
+
+def _split_layout(graph: fx.Graph, node: fx.Node, view: tuple) -> fx.Node:
+    """A tensor applied to [B*H, Nq, Nk] scores, as applied to their [*view, Nq, Nk] view: a rank-3 tensor of
+    first dim B*H reshaped, one of first dim 1 given one more leading 1 (lower ranks broadcast alike)."""
+    value = node.meta["example_value"]
+    if value.dim() < 3:
+        return node
+    if statically_known_true(value.shape[0] == 1):
+        return graph.call_method("unsqueeze", (node, 0))
+    rows, cols = graph.call_method("size", (node, -2)), graph.call_method("size", (node, -1))
+    return graph.call_method("reshape", (node, *view, rows, cols))
 
 
 def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:

@@ -54,6 +54,7 @@ class ScoreTerm:
     op: MaskedFill | AddBias
     scores_shape: tuple
     factor_after: float = 1.0
+    merged: bool = False  # applied in the [B*H, Nq, Nk] layout while the match's batch view is [B, H, Nq, Nk]
 
     @property
     def tensor(self) -> fx.Node:
@@ -247,7 +248,8 @@ def _match_softmax(softmax: fx.Node, canon: Softmax) -> AttentionMatch | str:
     views += [d for d in map(canonicalize, forward) if isinstance(d, Reshape)]
     batch_view = None
     if views:
-        batch_view = _batch_view(views, terms, qk_desc, pv_desc)
+        widest_shape = max((_shape(n) for n in [*back, *forward] if isinstance(canonicalize(n), Reshape)), key=len)
+        batch_view = _batch_view(views, terms, qk_desc, pv_desc, widest_shape)
         if isinstance(batch_view, str):
             return batch_view
     return _finish(
@@ -352,18 +354,32 @@ def _mod_step_refused(desc: PointwiseMod, terms: list[ScoreTerm], mod: _Mod, shi
     return None
 
 
-def _batch_view(views: list[Reshape], terms: list[ScoreTerm], qk: MatMul, pv: MatMul) -> tuple | str:
-    """The sizes of the widest batch layout the scores take between the products (views regroup B and H)."""
+def _batch_view(views: list[Reshape], terms: list[ScoreTerm], qk: MatMul, pv: MatMul,
+                widest_shape: tuple) -> tuple | str:
+    """The sizes of the widest batch layout the scores take between the products (views regroup B and H); terms
+    applied in the merged [B*H, ..] layout beside a [B, H, ..] view are marked ``merged``."""
     if pv.out_perm is not None:
         return "batch views between the products combined with a permuted einsum output"
     widest = max(views, key=lambda view: len(view.sizes))
     rank = len(widest.sizes)
     for term in terms:
-        if len(term.scores_shape) != rank:
+        if len(term.scores_shape) == rank:
+            continue
+        if not _merged_layout(term, widest_shape):
             return "a mask or bias is applied in a different batch layout than the widest view"
+        term.merged = True
     if len(_shape(pv.b.node)) not in (3, rank):
         return "views between the products leave V in an unsupported layout"
     return tuple(widest.sizes[:-2])
+
+
+def _merged_layout(term: ScoreTerm, sizes: tuple) -> bool:
+    """Whether ``term`` is applied to the [B*H, Nq, Nk] scores of a [B, H, Nq, Nk] view (of shape ``sizes``) with
+    a tensor of rank at most 3 whose first dim (at rank 3) is 1 or B*H: the rewrite can view it split."""
+    if len(sizes) != 4 or len(term.scores_shape) != 3 or not _same(term.scores_shape[0], sizes[0] * sizes[1]):
+        return False
+    shape = _shape(term.tensor)
+    return len(shape) < 3 or (len(shape) == 3 and (_same(shape[0], 1) or _same(shape[0], sizes[0] * sizes[1])))
 
 
 def _match_sdpa(node: fx.Node, desc: ScaledDotProductAttention) -> AttentionMatch | str:

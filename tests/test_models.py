@@ -13,8 +13,14 @@ transformers = pytest.importorskip("transformers")
 LEFT_PADDING = torch.tensor([[1] * 9, [0] * 3 + [1] * 6])  # the second row's first three queries see no key
 
 
+#: Models transformers runs in eager mode only (their attention has no SDPA form).
+EAGER_ONLY = {"gemma2_left_padded", "gpt_oss_left_padded", "bloom_left_padded", "deberta_v2"}
+
+
 def build(name: str, impl: str):
     """A tiny model with dropout off, and its inputs; the number of attention blocks it has."""
+    if impl == "sdpa" and name in EAGER_ONLY:
+        pytest.skip("transformers runs this model in eager mode only")
     t = transformers
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 64, (2, 9), generator=g)
@@ -62,15 +68,11 @@ def build(name: str, impl: str):
         mask[1, -4:] = 0
         return t.ModernBertModel(cfg), {"input_ids": ids, "attention_mask": mask}, 2
     if name == "gemma2_left_padded":  # logit soft-capping (tanh) before the mask, a sliding-window layer
-        if impl == "sdpa":
-            pytest.skip("transformers runs Gemma 2 in eager mode only")
         cfg = t.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
                              attn_logit_softcapping=5.0, attention_dropout=0.0, attn_implementation=impl)
         return t.Gemma2Model(cfg), {"input_ids": ids, "attention_mask": LEFT_PADDING, "use_cache": False}, 2
     if name == "gpt_oss_left_padded":  # attention sinks, a sliding-window layer, a mixture of experts
-        if impl == "sdpa":
-            pytest.skip("transformers runs gpt-oss in eager mode only")
         cfg = t.GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
                              num_local_experts=4, num_experts_per_tok=2, attention_dropout=0.0,
@@ -83,6 +85,16 @@ def build(name: str, impl: str):
                                  n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
                                  first_k_dense_replace=1, attention_dropout=0.0, attn_implementation=impl)
         return t.DeepseekV3Model(cfg), {"input_ids": ids, "attention_mask": LEFT_PADDING, "use_cache": False}, 2
+    if name == "bloom_left_padded":  # ALiBi through baddbmm in the [B*H, N, N] layout, the mask after a view
+        cfg = t.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4, hidden_dropout=0.0,
+                            attention_dropout=0.0, attn_implementation=impl)
+        return t.BloomModel(cfg), {"input_ids": ids, "attention_mask": LEFT_PADDING, "use_cache": False}, 2
+    if name == "deberta_v2":  # disentangled relative attention: a learned [B*H, N, N] bias, a view, a mask
+        cfg = t.DebertaV2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64, max_position_embeddings=32, relative_attention=True,
+                                pos_att_type=["p2c", "c2p"], hidden_dropout_prob=0.0,
+                                attention_probs_dropout_prob=0.0, attn_implementation=impl)
+        return t.DebertaV2Model(cfg), {"input_ids": ids}, 2
     if name == "t5":
         cfg = t.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                          relative_attention_num_buckets=8, dropout_rate=0.0, attn_implementation=impl)
@@ -102,7 +114,7 @@ def run(model, inputs):
 
 MODELS = ["gpt2", "bert", "bert_padded", "vit", "llama", "t5", "llama_left_padded", "qwen2_left_padded",
           "gemma3_left_padded", "modernbert_padded", "gemma2_left_padded", "gpt_oss_left_padded",
-          "deepseek_v3_left_padded"]
+          "deepseek_v3_left_padded", "bloom_left_padded", "deberta_v2"]
 #: The variants the report must name where the mask is structural in every form (eager's finfo.min mask too).
 STRUCTURAL = {"llama_left_padded": {"key_padding"}, "qwen2_left_padded": {"key_padding"},
               "gemma3_left_padded": {"key_padding"}, "modernbert_padded": {"key_padding"},
