@@ -32,9 +32,12 @@ _graph_ids = itertools.count()
 
 def flash_fx_backend(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | None = None,
                      mode: str | None = None) -> Callable:
-    """torch.compile backend entry point: `torch.compile(model, backend="flash_fx", options={...})`."""
+    """torch.compile backend entry point: `torch.compile(model, backend="flash_fx", options={...})`, or
+    `mode="reduce-overhead"` etc. (passed to the inner Inductor; torch.compile takes a mode or options, so the two
+    together are written `options={"mode": ..., ...}`)."""
+    options = dict(options or {})
     if mode is not None:
-        raise ValueError("flash_fx: torch.compile(mode=...) is not supported; use options={'inner': ...}")
+        options["mode"] = mode
     return compile_graph(gm, example_inputs, parse_options(options))
 
 
@@ -48,8 +51,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], options: Option
         if options.report == "verbose":
             print("graph before flash_fx:", gm.code, "graph after flash_fx:", rewritten.code, sep="\n")
     if not result.report.rewrites:
-        return _inner_compile(options.inner, gm, example_inputs)
-    compiled = _inner_compile(options.inner, rewritten, example_inputs)
+        return _inner_compile(options, gm, example_inputs)
+    compiled = _inner_compile(options, rewritten, example_inputs)
     return _Guarded(compiled, gm, result, options, rewritten)
 
 
@@ -89,11 +92,16 @@ def _run_pass_safely(gm: fx.GraphModule, example_inputs: list[Any], options: Opt
         return PassResult(report)
 
 
-def _inner_compile(inner: str, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+def _inner_compile(options: Options, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+    """The inner compiler's callable for ``gm``: Inductor with the mode's settings (as plain torch.compile applies
+    them) and flash_fx's cache salt, AOTAutograd's eager, or the graph as it is."""
+    inner = options.inner
     if inner == "inductor":
+        from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs, config_patches=inductor_config_patches())
+        patches = {**list_mode_options(options.mode), **inductor_config_patches()}
+        return compile_fx(gm, example_inputs, config_patches=patches)
     if inner == "aot_eager":
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
     return gm.forward

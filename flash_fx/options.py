@@ -9,6 +9,8 @@ from typing import Any
 from flash_fx.cost import CPU, DEVICES
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+#: torch.compile's modes, passed to the inner Inductor as plain torch.compile passes them.
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 VARIANTS = ("dense", "causal", "sliding_window", "key_padding", "document", "block_sparse", "bias")
 _DEFAULTS: dict[str, Any] = {
     "inner": "inductor",
@@ -20,6 +22,7 @@ _DEFAULTS: dict[str, Any] = {
     "min_speedup": 1.0,
     "tiles": None,
     "autotune": False,
+    "mode": "default",
 }
 
 
@@ -36,6 +39,7 @@ class Options:
     min_speedup: float = 1.0  # rewrite only where the predicted speedup reaches this
     tiles: tuple[int, int] | None = None  # (Br, Bc) for the cost model instead of the SRAM-derived choice
     autotune: bool = False  # turn on the kernels' launch-configuration autotuning (flash_fx.kernels.set_autotune)
+    mode: str = "default"  # torch.compile's mode for the inner Inductor (MODES)
 
     @property
     def prints_report(self) -> bool:
@@ -78,6 +82,11 @@ def parse_options(options: dict[str, Any] | None) -> Options:
                 or not all(isinstance(t, int) and t >= 16 and t & (t - 1) == 0 for t in tiles)):
             raise ValueError(f"flash_fx: option tiles={tiles!r} must be (Br, Bc), powers of two >= 16")
         tiles = (tiles[0], tiles[1])
+    if merged["mode"] not in MODES:
+        raise ValueError(f"flash_fx: mode={merged['mode']!r}; valid modes are {MODES}")
+    if merged["mode"] != "default" and merged["inner"] != "inductor":
+        raise ValueError(f"flash_fx: mode={merged['mode']!r} configures the inner Inductor; it cannot go with "
+                         f"inner={merged['inner']!r} (use inner='inductor', or drop the mode)")
     if merged["autotune"] not in (True, False):
         raise ValueError(f"flash_fx: option autotune={merged['autotune']!r}; valid values are True, False")
     if merged["autotune"]:
@@ -94,4 +103,5 @@ def parse_options(options: dict[str, Any] | None) -> Options:
         min_speedup=float(speedup),
         tiles=tiles,
         autotune=bool(merged["autotune"]),
+        mode=merged["mode"],
     )

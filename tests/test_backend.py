@@ -245,6 +245,39 @@ def test_inductor_cache_keys_carry_the_op_interface(monkeypatch):
     assert isinstance(salt, CacheSalt) and salt.uuid() == interface_hash() and len(salt.uuid()) == 64
 
 
+@pytest.mark.parametrize("how", ["torch.compile(mode=...)", "options={'mode': ...}"])
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "default"])
+def test_mode_reaches_the_inner_inductor(mode, how, monkeypatch):
+    """torch.compile's mode configures the inner Inductor as plain torch.compile would (Inductor's own table of
+    mode settings), beside flash_fx's cache salt; options carry it where other options are given too."""
+    import torch._inductor.compile_fx as inductor
+    from torch._inductor import list_mode_options
+
+    seen = []
+    monkeypatch.setattr(inductor, "compile_fx", lambda gm, inputs, config_patches=None: seen.append(config_patches)
+                        or gm.forward)
+    torch._dynamo.reset()
+    if how.startswith("torch.compile"):
+        compiled = torch.compile(attention, backend="flash_fx", mode=mode)
+    else:
+        compiled = torch.compile(attention, backend="flash_fx", options={"mode": mode, "report": False})
+    compiled(*inputs())
+    torch._dynamo.reset()
+    (patches,) = seen
+    expected = list_mode_options(mode)
+    assert {key: patches[key] for key in expected} == expected and "post_grad_custom_pre_pass" in patches
+    assert mode == "default" or expected  # every other mode changes something
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"mode": "fastest"}, "valid modes are"),
+    ({"mode": "reduce-overhead", "inner": "eager"}, "configures the inner Inductor"),
+])
+def test_bad_modes(options, message):
+    with pytest.raises(ValueError, match=message):
+        flash_fx.options.parse_options(options)
+
+
 def test_explain_command_line():
     """`python -m flash_fx explain FILE:FACTORY` prints the reports without running kernels, options included."""
     root = Path(__file__).resolve().parents[1]
