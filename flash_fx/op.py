@@ -14,11 +14,13 @@ gradients (the sinks' from PyTorch ops in the autograd formula, kernels.sinks.si
 summed back over whatever was broadcast; the masks, the ALiBi slopes and the score modification's head factor
 none.
 
-Dropout: with `dropout_p > 0` every call draws a fresh seed, `torch.randint(0, 2**31 - 1, (1,))` from torch's
-default CPU generator, at run time (inside the op, never baked into a graph), so results differ between calls
-and are reproducible under `torch.manual_seed`. The third output, the seed as an int64 CPU tensor of shape [1]
-(0 without dropout), lets the backward regenerate the same mask (`flash_fx.kernels.dropout_keep_mask(seed, 0,
-B * H, Nq, Nk, dropout_p)` is that mask). The op is tagged `nondeterministic_seeded`, so graph passes neither
+Dropout: with `dropout_p > 0` every call draws a fresh seed, `torch.randint(0, 2**31 - 1, (1,))` from the default
+generator of q's device, at run time (inside the op, never baked into a graph), so results differ between calls
+and are reproducible under `torch.manual_seed`. The seed stays on the device: the kernels read it there, so no
+call reads anything on the host for it, and a captured CUDA graph draws a fresh one at each replay, as
+PyTorch's own fused dropout does. The third output, that int64 tensor of shape [1] on q's device (0 without
+dropout), lets the backward regenerate the same mask (`flash_fx.kernels.dropout_keep_mask(int(seed), 0, B * H,
+Nq, Nk, dropout_p)` is that mask). The op is tagged `nondeterministic_seeded`, so graph passes neither
 merge nor recompute it.
 """
 
@@ -49,9 +51,10 @@ def _broadcast_qkv(
     return q.expand(batch, heads, -1, -1), k.expand(batch, kv_heads, -1, -1), v.expand(batch, kv_heads, -1, -1)
 
 
-def draw_seed() -> int:
-    """A dropout seed in [0, 2**31 - 1) from torch's default CPU generator."""
-    return int(torch.randint(0, 2**31 - 1, (1,), device="cpu"))
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """A dropout seed in [0, 2**31 - 1), an int64 tensor [1] drawn on ``device`` by its default generator: on a
+    GPU nothing is read on the host, and a captured CUDA graph draws a fresh one at every replay."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
 
 
 @torch.library.custom_op("flash_fx::attention", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
@@ -82,14 +85,15 @@ def attention(
     """(out, the row log-sum-exp pairs of the undropped softmax (float32), the dropout seed) of the spec of these
     arguments; each call proves its exclusions exact or records why not (flash_fx.exactness)."""
     q, k, v = _broadcast_qkv(q, k, v)
-    seed = draw_seed() if dropout_p > 0 else 0
+    seed = draw_seed(q.device) if dropout_p > 0 else torch.zeros(1, dtype=torch.int64, device=q.device)
     spec = AttentionSpec.from_op_args(bias, scale, causal_offset, kv_heads_tiled, window, key_valid, q_doc, k_doc,
                                       dropout_p, sparse_bias, alibi_slopes, alibi_symmetric, rel_bias, excluded_fill,
-                                      filled_rows, filled_rows_added, score_mod, score_mod_factor, sinks, seed=seed)
+                                      filled_rows, filled_rows_added, score_mod, score_mod_factor, sinks,
+                                      seed=seed if dropout_p > 0 else None)
     spec = _exact_layout(q, k, spec)
     out, lse = kernels.attention_forward(q, k, v, spec)
     exactness.check_call(lse, q, k, spec)
-    return out.contiguous(), lse.contiguous(), torch.tensor([seed], dtype=torch.int64)
+    return out.contiguous(), lse.contiguous(), seed
 
 
 def is_checked_call(args: tuple, kwargs: dict) -> bool:
@@ -114,7 +118,7 @@ def _attention_fake(q, k, v, *args, **kwargs):
     q, k, v = _broadcast_qkv(q, k, v)
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     lse = q.new_empty((*q.shape[:-1], 2), dtype=torch.float32)
-    return out, lse, torch.empty(1, dtype=torch.int64, device="cpu")
+    return out, lse, torch.empty(1, dtype=torch.int64, device=q.device)
 
 
 @torch.library.custom_op("flash_fx::attention_backward", mutates_args=())
@@ -159,7 +163,7 @@ def attention_backward(
     spec = AttentionSpec.from_op_args(bias, scale, causal_offset, kv_heads_tiled, window, key_valid, q_doc, k_doc,
                                       dropout_p, sparse_bias, alibi_slopes, alibi_symmetric, rel_bias, excluded_fill,
                                       filled_rows, filled_rows_added, score_mod, score_mod_factor, sinks,
-                                      seed=int(seed.reshape(-1)[0]) if dropout_p > 0 else 0)
+                                      seed=seed.reshape(1) if dropout_p > 0 else None)
     spec = _exact_layout(q, k, spec).with_grads(bias_requires_grad, rel_bias_requires_grad)
     dq, dk, dv, dbias, drel = kernels.attention_backward(grad_out, Saved(q, k, v, out, lse), spec)
     dbias = q.new_empty(0) if dbias is None else dbias

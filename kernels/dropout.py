@@ -33,9 +33,15 @@ FMIX_C1 = 0x85EBCA6B
 FMIX_C2 = 0xC2B2AE35
 
 
-def kernel_arguments(dropout: Dropout) -> dict[str, int | float | bool]:
-    """The Triton kernels' arguments of ``dropout`` (validated), by name."""
-    return dict(seed=dropout.seed or 0, offset=dropout.offset, threshold=threshold(dropout.p), drop_scale=dropout.scale,
+def kernel_arguments(dropout: Dropout, dummy: torch.Tensor) -> dict[str, object]:
+    """The Triton kernels' arguments of ``dropout`` (validated), by name: the seed as an int64 tensor on ``dummy``'s
+    device that the kernels read (the op's own seed tensor as it is; an int seed, from direct calls, copied there),
+    ``dummy`` itself without dropout (not read)."""
+    seed = dummy
+    if dropout.enabled:
+        seed = dropout.seed if isinstance(dropout.seed, torch.Tensor) else torch.tensor(
+            [dropout.seed], dtype=torch.int64, device=dummy.device)
+    return dict(SeedPtr=seed, offset=dropout.offset, threshold=threshold(dropout.p), drop_scale=dropout.scale,
                 DROPOUT=dropout.enabled)
 
 
@@ -58,13 +64,14 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def random_words(seed: int, counters: torch.Tensor) -> torch.Tensor:
-    """The 32-bit random word (int64 tensor in [0, 2**32)) of every int64 counter."""
+def random_words(seed: int | torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """The 32-bit random word (int64 tensor in [0, 2**32)) of every int64 counter (``seed``: an int, or an int64
+    tensor of one element, read on its device)."""
     key = _fmix32(((seed ^ GOLDEN) + _fmix32(counters >> 32)) & MASK32)
     return _fmix32(((_fmix32((counters & MASK32) ^ key)) + ROUND2) & MASK32)
 
 
-def keep_tile(seed: int, offset: int, bh: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n_q: int,
+def keep_tile(seed: int | torch.Tensor, offset: int, bh: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n_q: int,
               n_k: int, dropout_p: float) -> torch.Tensor:
     """Bool keep mask of the elements (``bh``, ``rows``, ``cols``), all broadcast against each other.
 

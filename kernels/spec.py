@@ -194,12 +194,14 @@ class RelativeTable:
         grad.index_add_(2, self.index(rows, cols, n_q).flatten(), ds.reshape(*ds.shape[:2], -1).to(grad.dtype))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Dropout:
-    """Dropout of the probabilities with probability ``p`` from the stream of ``seed`` and ``offset``."""
+    """Dropout of the probabilities with probability ``p`` from the stream of ``seed`` and ``offset``. The seed is an
+    int, or an int64 tensor of one element on the inputs' device (the op's: drawn and read there, never on the
+    host)."""
 
     p: float = 0.0
-    seed: int | None = None
+    seed: Any = None
     offset: int = 0
 
     @property
@@ -218,10 +220,15 @@ class Dropout:
             raise AttentionInputError(f"dropout_p must lie in [0, 1), got {self.p}")
         if self.p == 0.0:
             return Dropout()
-        if self.seed is None or not 0 <= self.seed < 2**31:
-            raise AttentionInputError(f"dropout_p > 0 needs a seed in [0, 2**31), got {self.seed}")
         if self.offset < 0:
             raise AttentionInputError(f"the dropout offset must be non-negative, got {self.offset}")
+        if isinstance(self.seed, torch.Tensor):  # its value is not read here: no host synchronisation
+            if self.seed.dtype != torch.int64 or self.seed.numel() != 1:
+                raise AttentionInputError(f"a seed tensor must be int64 with one element, got {self.seed.dtype} "
+                                          f"{tuple(self.seed.shape)}")
+            return Dropout(float(self.p), self.seed.reshape(1), int(self.offset))
+        if self.seed is None or not 0 <= self.seed < 2**31:
+            raise AttentionInputError(f"dropout_p > 0 needs a seed in [0, 2**31), got {self.seed}")
         return Dropout(float(self.p), int(self.seed), int(self.offset))
 
 

@@ -45,6 +45,7 @@ from flash_fx.kernels.triton_common import (
     load_ids,
     load_lse,
     load_rows,
+    load_seed,
     probabilities,
     query_head,
     scores,
@@ -136,7 +137,7 @@ def _dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd, stride_mfb, stride_mfh,
-    num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower, seed, offset, threshold, drop_scale,
+    num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower, SeedPtr, offset, threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_READS_BIAS: tl.constexpr,
@@ -167,6 +168,7 @@ def _dkdv_kernel(
     k_ids = load_ids(KDoc + b * stride_kdb, offs_n, stride_kdn, n_k, HAS_DOCS)
     q_doc_base = QDoc + b * stride_qdb
     n_query_tiles = tl.cdiv(n_q, BLOCK_M)
+    seed = load_seed(SeedPtr, DROPOUT)
     for r in range(group_size):
         h = query_head(h_kv, r, num_kv_heads, group_size, KV_TILED)
         q_base = Q + b * stride_qb + h * stride_qh
@@ -262,7 +264,7 @@ def _dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_dbb, stride_dbh, stride_dbm, stride_dbn, stride_drb, stride_drh, stride_drr, stride_mfb, stride_mfh,
-    num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower, seed, offset, threshold, drop_scale,
+    num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower, SeedPtr, offset, threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_READS_BIAS: tl.constexpr,
@@ -301,6 +303,7 @@ def _dq_kernel(
     rel_base = Rel + b * stride_rb + h * stride_rh
     drel_base = DRel + b * stride_drb + h * stride_drh
     factor = head_factor(ModFactor, b, h, stride_mfb, stride_mfh, MOD)
+    seed = load_seed(SeedPtr, DROPOUT)
     tiles, n_partial, n_full = tile_list(Counts, Indices, stride_cb, stride_ch, stride_ib, stride_ih, b, h, tile,
                                          tl.cdiv(n_k, BLOCK_N))
 
@@ -346,8 +349,8 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec
     if features["rel_grad"]:
         drel = torch.zeros((batch, num_heads, n_q + n_k - 1), dtype=torch.float32, device=q.device)
     delta = torch.empty_like(lse)
-    common = {**args.inputs(q, k, v), **args.shapes(q, k, v, spec), **args.terms(spec, q), **args.dropout_group(spec),
-              **args.mod(spec, q),
+    common = {**args.inputs(q, k, v), **args.shapes(q, k, v, spec), **args.terms(spec, q),
+              **args.dropout_group(spec, q), **args.mod(spec, q),
               **args.tensor("DOut", "stride_dob,stride_doh,stride_dom,stride_dod", grad_out, q), "Lse": lse,
               "Delta": delta, "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "num_warps": tiles.num_warps,
               "num_stages": tiles.num_stages}

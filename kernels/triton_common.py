@@ -337,6 +337,17 @@ def _fmix32(h):
 
 
 @triton.jit
+def load_seed(seed_ptr, DROPOUT: tl.constexpr):
+    """The call's dropout seed, read from device memory (drawn there by the op, so CUDA graphs replay fresh
+    masks); 0, nothing read, without dropout."""
+    if DROPOUT:
+        out = tl.load(seed_ptr)
+    else:
+        out = 0
+    return out
+
+
+@triton.jit
 def dropout_keep(seed, offset, bh, rows, cols, n_q, n_k, threshold):
     """Keep mask of the (``rows``, ``cols``) elements of flattened (batch, query head) ``bh``: the
     generator of :mod:`flash_fx.kernels.dropout` (int64 counter ``offset + (bh * Nq + i) * Nk + j``, two

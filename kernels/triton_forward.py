@@ -31,6 +31,7 @@ from flash_fx.kernels.triton_common import (
     kv_head,
     load_ids,
     load_rows,
+    load_seed,
     scores,
     split_lse,
     store_rows,
@@ -94,7 +95,7 @@ def _attention_forward_kernel(
     stride_kvb, stride_kvn, stride_qdb, stride_qdm, stride_kdb, stride_kdn,
     stride_cb, stride_ch, stride_ib, stride_ih,
     stride_ob, stride_oh, stride_om, stride_od, stride_mfb, stride_mfh,
-    num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower, seed, offset, threshold, drop_scale,
+    num_heads, num_kv_heads, group_size, n_q, n_k, sm_scale, upper, lower, SeedPtr, offset, threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_READS_BIAS: tl.constexpr,
@@ -130,6 +131,7 @@ def _attention_forward_kernel(
     slope = alibi_slope(Slopes, b, h, stride_sb, stride_sh, HAS_ALIBI)
     rel_base = Rel + b * stride_rb + h * stride_rh
     factor = head_factor(ModFactor, b, h, stride_mfb, stride_mfh, MOD)
+    seed = load_seed(SeedPtr, DROPOUT)
     tiles, n_partial, n_full = tile_list(Counts, Indices, stride_cb, stride_ch, stride_ib, stride_ih, b, h, tile,
                                          tl.cdiv(n_k, BLOCK_N))
 
@@ -170,7 +172,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: A
     lse = torch.empty((batch, num_heads, n_q, 2), dtype=torch.float32, device=q.device)
     _attention_forward_kernel[(triton.cdiv(n_q, tiles.block_m), batch * num_heads)](
         **args.inputs(q, k, v), **args.shapes(q, k, v, spec), **args.terms(spec, q), **args.masks(spec, q),
-        **args.schedule(schedule, q, by_keys=False), **args.dropout_group(spec), **args.mod(spec, q),
+        **args.schedule(schedule, q, by_keys=False), **args.dropout_group(spec, q), **args.mod(spec, q),
         **args.tensor("Out", "stride_ob,stride_oh,stride_om,stride_od", out, q), Lse=lse,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )

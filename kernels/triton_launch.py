@@ -84,9 +84,9 @@ def schedule(tiles: TileSchedule, dummy: torch.Tensor, *, by_keys: bool) -> Grou
     return dict(Counts=counts, Indices=indices, stride_cb=cb, stride_ch=ch, stride_ib=ib, stride_ih=ih)
 
 
-def dropout_group(spec: AttentionSpec) -> Group:
-    """Dropout's seed, offset, threshold, scale and flag."""
-    return dropout.kernel_arguments(spec.dropout)
+def dropout_group(spec: AttentionSpec, dummy: torch.Tensor) -> Group:
+    """Dropout's seed (a pointer to it on the device), offset, threshold, scale and flag."""
+    return dropout.kernel_arguments(spec.dropout, dummy)
 
 
 def mod(spec: AttentionSpec, dummy: torch.Tensor) -> Group:

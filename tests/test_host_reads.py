@@ -1,0 +1,97 @@
+"""CUDA-graph safety of the op (issue 16, item 4), checked on the CPU: on the Triton path (as it runs on a GPU,
+here through the interpreter) a compiled forward + backward reads no tensor value on the host for the forms that
+need no run-time proof (dense, causal, windows, key padding, dropout, sinks, score modifications, a bias), and the
+dropout seed is drawn and kept on the inputs' device. Forms whose calls prove a fact per call (finite fills, a bias
+beside structural masks, document ids) do read their proof's result on the host: listed here so a change to
+either list is noticed."""
+
+import contextlib
+import traceback
+
+import pytest
+import torch
+
+import flash_fx
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+_HOST_READS = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist", "numpy")
+
+
+@contextlib.contextmanager
+def host_reads():
+    """Record every read of a tensor's value on the host (``item``, ``float()``, ``bool()``, ``tolist``...) made
+    by flash_fx's code, with the line that made it. Tensor methods are wrapped, so reads inside the custom op's
+    implementation (which dispatch modes do not see) are caught too."""
+    reads: list[str] = []
+    saved = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
+
+    def wrapped(name, method):
+        def read(self, *args, **kwargs):
+            ours = [line for line in traceback.format_stack()[:-1] if "flash_fx" in line or "/kernels/" in line
+                    or "/patterns/" in line]
+            reads.append(f"{name} at {ours[-1].strip().splitlines()[0]}" if ours else name)
+            return method(self, *args, **kwargs)
+        return read
+
+    for name, method in saved.items():
+        setattr(torch.Tensor, name, wrapped(name, method))
+    try:
+        yield reads
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def attention_call(form):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 16, requires_grad=True) for _ in range(3))
+    valid = torch.ones(1, 40, dtype=torch.bool)
+    valid[0, :5] = False
+    ids = torch.tensor([[0] * 20 + [1] * 20])
+    kwargs = {"dense": {}, "causal_dropout": dict(dropout_p=0.2), "window": dict(window=[8, 0]),
+              "key_padding": dict(key_valid=valid), "sinks": dict(sinks=torch.zeros(1, 2, 1)),
+              "softcap": dict(score_mod="mul(0.1);tanh;mul(10.0)"), "bias": {},
+              "documents": dict(q_doc=ids, k_doc=ids), "finite_fill": dict(key_valid=valid, excluded_fill=-1e9),
+              "bias_beside_causal": {}}[form]
+    bias = torch.randn(1, 1, 40, 40) if form.startswith("bias") else None
+    causal = None if form in ("dense", "bias") else 0
+    return (q, k, v, bias, 0.25, causal), kwargs
+
+
+@pytest.mark.parametrize("form", ["dense", "causal_dropout", "window", "key_padding", "sinks", "softcap", "bias"])
+def test_no_host_reads_in_forward_and_backward(form):
+    args, kwargs = attention_call(form)
+    with host_reads() as reads:
+        out, lse, seed = torch.ops.flash_fx.attention(*args, **kwargs)
+        out.sum().backward()
+    assert reads == [] and flash_fx.kernels.triton_failure() is None
+    assert seed.device == args[0].device  # never a CPU tensor beside device inputs
+
+
+@pytest.mark.parametrize("form,where", [
+    ("documents", "_documents"),  # the ids' order (it bounds the kernels' loops) is checked per call
+    ("finite_fill", "check_call"),  # the exclusion proof (flash_fx.exactness)
+    ("bias_beside_causal", "check_call"),  # a bias beside masks that replace the scores: NaN / +inf check
+])
+def test_per_call_proofs_read_the_host(form, where):
+    args, kwargs = attention_call(form)
+    with host_reads() as reads:
+        torch.ops.flash_fx.attention(*args, **kwargs)[0].sum().backward()
+    assert reads and any(where in r for r in reads), reads
+
+
+def test_compiled_dropout_model_reads_nothing_on_the_host():
+    """A compiled causal block with dropout, forward and backward: the graph's op calls read no value."""
+    def fn(q, k, v):
+        n = q.shape[-2]
+        scores = (q @ k.transpose(-1, -2)).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        return torch.nn.functional.dropout(scores.softmax(-1), p=0.1) @ v
+
+    q, k, v = (torch.randn(2, 2, 24, 8, requires_grad=True) for _ in range(3))
+    compiled = torch.compile(fn, backend="flash_fx", options={"inner": "aot_eager", "report": False, "force": True})
+    compiled(q, k, v)  # compile outside the check (Dynamo's tracing reads sizes and values of its own)
+    with host_reads() as reads:
+        compiled(q, k, v).sum().backward()
+    torch._dynamo.reset()
+    assert reads == []
