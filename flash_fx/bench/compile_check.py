@@ -91,18 +91,19 @@ def _recording(modules: dict[str, ModuleType]) -> Iterator[dict[str, tuple]]:
 
 
 def _launches(tiles: Tiles, head_dim: int, dtype: torch.dtype, causal: bool, backward: bool,
-              mod: str | None = None, value_dim: int | None = None) -> dict[str, tuple]:
+              mod: str | None = None, value_dim: int | None = None, dropout: float = 0.0) -> dict[str, tuple]:
     """The recorded (kernel, args, kwargs) of one forward or backward launch with ``tiles``, by kernel name (``mod``:
     a score modification's steps, as the op's ``score_mod`` argument spells them)."""
     from flash_fx.kernels import triton_backward, triton_forward
     from flash_fx.kernels.schedule import schedule
-    from flash_fx.kernels.spec import AttentionSpec, Band, Saved, ScoreMod
+    from flash_fx.kernels.spec import AttentionSpec, Band, Dropout, Saved, ScoreMod
 
     q = torch.randn(1, 2, LENGTH, head_dim).to(dtype)
     v = q if value_dim is None else torch.randn(1, 2, LENGTH, value_dim).to(dtype)
     score_mod = None if mod is None else ScoreMod.parse(mod, torch.ones(1, 2) if "mul_head" in mod else None)
-    spec = AttentionSpec(head_dim ** -0.5, band=Band(None, 0) if causal else Band(),
-                         score_mod=score_mod).validate(q, q, v)
+    seed = torch.zeros(1, dtype=torch.int64)  # a device-side seed, as the op passes it
+    spec = AttentionSpec(head_dim ** -0.5, band=Band(None, 0) if causal else Band(), score_mod=score_mod,
+                         dropout=Dropout(dropout, seed) if dropout else Dropout()).validate(q, q, v)
     plan = schedule(spec, LENGTH, LENGTH, tiles.block_m, tiles.block_n)
     with _recording({"triton_forward": triton_forward, "triton_backward": triton_backward}) as calls:
         if backward:
@@ -145,10 +146,10 @@ def ptxas_usage(ptx: str, capability: int) -> tuple[int, int, int]:
 
 
 def check(tiles: Tiles, head_dim: int, dtype: torch.dtype, causal: bool, capability: int, *,
-          backward: bool, mod: str | None = None, value_dim: int | None = None) -> list[Usage]:
+          backward: bool, mod: str | None = None, value_dim: int | None = None, dropout: float = 0.0) -> list[Usage]:
     """The compiled resources of the forward kernel (or the dQ and dK/dV kernels) with ``tiles``."""
     budget = config.sram_budget((capability // 10, capability % 10))
-    calls = _launches(tiles, head_dim, dtype, causal, backward, mod, value_dim)
+    calls = _launches(tiles, head_dim, dtype, causal, backward, mod, value_dim, dropout)
     usages = []
     for attribute, name in KERNELS[1:] if backward else KERNELS[:1]:
         compiled = compile_for(*calls[attribute], capability)
@@ -158,8 +159,8 @@ def check(tiles: Tiles, head_dim: int, dtype: torch.dtype, causal: bool, capabil
 
 
 def sweep(capability: int, head_dims: list[int], dtypes: list[torch.dtype], causal: list[bool], *,
-          table_only: bool, mod: str | None = None,
-          value_dim: int | None = None) -> Iterator[tuple[int, torch.dtype, bool, bool, list[Usage]]]:
+          table_only: bool, mod: str | None = None, value_dim: int | None = None,
+          dropout: float = 0.0) -> Iterator[tuple[int, torch.dtype, bool, bool, list[Usage]]]:
     """(head dim, dtype, causal, is the table's entry, usages) for each configuration checked, table entry first."""
     card = (capability // 10, capability % 10)
     for head_dim in head_dims:
@@ -171,7 +172,7 @@ def sweep(capability: int, head_dims: list[int], dtypes: list[torch.dtype], caus
                     for index, tiles in enumerate(found[:1] if table_only else found):
                         yield head_dim, dtype, is_causal, index == 0, check(tiles, head_dim, dtype, is_causal,
                                                                              capability, backward=backward, mod=mod,
-                                                                             value_dim=value_dim)
+                                                                             value_dim=value_dim, dropout=dropout)
 
 
 def markdown_rows(capability: int, head_dim: int, dtype: torch.dtype, causal: bool, in_table: bool,
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--causal", choices=("no", "yes", "both"), default="both")
     parser.add_argument("--table-only", action="store_true", help="only the table's entry, not its neighbours")
     parser.add_argument("--value-dim", type=int, default=None, help="v's head dim where it differs (MLA: 128)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="the variant with fused dropout of this p")
     parser.add_argument("--score-mod", default=None,
                         help='a score modification\'s steps, e.g. "mul(0.02);tanh;mul(50.0)" (soft-capping)')
     args = parser.parse_args(argv)
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     dtypes = [getattr(torch, name) for name in args.dtypes]
     print(HEADER, flush=True)
     for found in sweep(args.arch, args.head_dims, dtypes, causal, table_only=args.table_only, mod=args.score_mod,
-                       value_dim=args.value_dim):
+                       value_dim=args.value_dim, dropout=args.dropout):
         print("\n".join(markdown_rows(args.arch, *found)), flush=True)
 
 
