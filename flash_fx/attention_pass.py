@@ -377,6 +377,12 @@ def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[A
                 decision.parts.append(table.describe())
                 continue
             decision.bias_terms.append(term)
+            if not tensor.requires_grad and _per_key(tuple(tensor.shape), nk):
+                # a per-key float bias (a padding or static-cache mask passed in as 0 / finfo.min): the kernels
+                # skip the tiles of the keys it masks, where the op finds that exact per call
+                decision.masks_in_bias += 1
+                decision.parts.append(f"bias[{shape}] (per key: tiles of the keys it masks skipped at run time)")
+                continue
             learned = " (learned: its gradient is written as dS)" if tensor.requires_grad else ""
             decision.parts.append(f"bias[{shape}]{learned}")
             continue
@@ -499,6 +505,11 @@ def _use_structural(decision: MaskDecision, analysis: MaskAnalysis | Unrecognize
         decision.parts.append(f"fully hidden rows: uniform average ({'added' if not replaces else 'filled'} "
                               f"{fill:.3g})")
     return None
+
+
+def _per_key(shape: tuple, nk: int) -> bool:
+    """True for a [.., 1, 1, Nk]-shaped term (at least 3 dims): one value per (batch row, key)."""
+    return len(shape) >= 3 and all(statically_known_true(s == 1) for s in shape[-3:-1]) and _same(shape[-1], nk)
 
 
 def _no_dead_rows(band: Band | None, analysis: MaskAnalysis) -> bool:
