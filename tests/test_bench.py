@@ -170,7 +170,7 @@ def test_all_within_a_budget(tmp_path):
 
 def test_cpu_section_op_rows(tmp_path):
     """`python -m flash_fx.bench cpu` at a tiny size: every op row with its baseline and positive times."""
-    _, folder = bench(tmp_path, "cpu", "--op-n", "48", "--op-only")
+    _, folder = bench(tmp_path, "cpu", "--op-n", "48", "--op-only", "--decode-n")
     found = rows(folder, "cpu")
     assert {(row["level"], row["case"], row["mode"], row["baseline"]) for row in found} == {
         ("op", "causal", "forward", "C++ CPU flash kernel"), ("op", "causal", "forward", "flash_fx tiled path (before)"),
@@ -179,6 +179,22 @@ def test_cpu_section_op_rows(tmp_path):
         *(("op", kind, "forward+backward", "SDPA, dense mask") for kind in ("sliding window", "documents"))}
     assert all(float(row["flash_fx_ms"]) > 0 and float(row["baseline_ms"]) > 0 for row in found)
     assert all(math.isclose(float(row["ratio"]), float(row["baseline_ms"]) / float(row["flash_fx_ms"]), rel_tol=1e-3)
+               for row in found)
+
+
+def test_cpu_section_decode_rows():
+    """The decode rows: a full cache against SDPA without a mask, a 25%-filled static cache against SDPA with the
+    same mask, each pair timed in the same run."""
+    from soundness import kernel_path
+
+    from flash_fx.bench import cpu
+
+    with kernel_path("cpu"):
+        found = list(cpu.decode_rows([(1, 64), (2, 96)], reps=1))
+    assert [(row["level"], row["n"], row["baseline"]) for row in found] == [
+        ("decode", 64, "SDPA, no mask"), ("decode", 64, "SDPA, same mask"),
+        ("decode", 96, "SDPA, no mask"), ("decode", 96, "SDPA, same mask")]
+    assert all(row["flash_fx_ms"] > 0 and math.isclose(row["ratio"], row["baseline_ms"] / row["flash_fx_ms"])
                for row in found)
 
 

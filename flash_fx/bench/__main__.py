@@ -113,7 +113,8 @@ def cpu_command(args: argparse.Namespace, deadline: Deadline) -> Iterator[dict]:
         print("# cpu: TRITON_INTERPRET=1 would time the Triton interpreter; run without it")
         return iter(())
     cases = [(kind, n) for n in args.sizes or [2048, 4096] for kind in args.kinds or cpu.MODEL_KINDS]
-    return cpu.run(args.op_n, [] if args.op_only else cases, args.reps or 5, deadline)
+    decode = [(batch, n_k) for batch in (1, 8) for n_k in args.decode_n]
+    return cpu.run(args.op_n, [] if args.op_only else cases, args.reps or 5, deadline, decode)
 
 
 #: Each command, and its share of ``all``'s budget (time a section leaves unused passes to the next).
@@ -164,7 +165,9 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--op-n", type=int, default=2048, help="N of the op-level rows (masked ones at 2N)")
             sub.add_argument("--kinds", nargs="+", default=None, choices=models.KINDS,
                              help=f"model kinds (default {' '.join(cpu.MODEL_KINDS)}); --sizes: their N")
-            sub.add_argument("--op-only", action="store_true", help="only the op-level rows")
+            sub.add_argument("--op-only", action="store_true", help="only the op-level (and decode) rows")
+            sub.add_argument("--decode-n", type=int, nargs="*", default=[1024, 8192, 32768],
+                             help="cache lengths of the decode rows, at batch 1 and 8 (none: no decode rows)")
         if name in ("models", "all"):
             sub.add_argument("--kinds", nargs="+", default=None, choices=models.KINDS)
             sub.add_argument("--backends", nargs="+", default=None, choices=("eager", "inductor", "flash_fx"))

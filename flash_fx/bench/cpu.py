@@ -5,7 +5,9 @@ Op level (B1, 12 heads, d 64, float32): causal attention at N through the flash_
 against PyTorch's C++ CPU flash kernel (forward) and ``F.scaled_dot_product_attention(is_causal=True)``
 (forward + backward), and against the tiled PyTorch path flash_fx ran before; a causal sliding window of 256 keys
 and packed documents (4 per sequence, causal) at 2N against the same C++ kernel and SDPA given the dense mask.
-The two sides of each op row are timed in turn, rep by rep, in alternating order. Model level: the 2-layer,
+The two sides of each op row are timed in turn, rep by rep, in alternating order. Decode level (:func:`decode_rows`):
+one query per sequence against a KV cache, GQA 8:1, d 128, at a full cache and at a static cache filled to 25%.
+Model level: the 2-layer,
 width-768 transformers of :mod:`models` (GPT, sliding window, packed documents), one inference forward and one
 training step (forward, backward, AdamW) under ``backend="flash_fx"`` (Inductor inside) against
 ``torch.compile``'s default. Every row says what was timed, against what, and the ratio
@@ -103,6 +105,39 @@ def _masked_rows(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
         flash, lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), reps), "SDPA, dense mask")
 
 
+#: Decode rows: query heads, KV heads (GQA 8:1), head dim, and the filled fraction of the static cache.
+DECODE_HEADS, DECODE_KV_HEADS, DECODE_HEAD_DIM, DECODE_FILLED = 32, 4, 128, 0.25
+
+
+def decode_rows(cases: list[tuple[int, int]], reps: int = 5) -> Iterator[dict]:
+    """Decode-step rows (one query per sequence against ``Nk`` cached keys, batch ``B``, for each ``(B, Nk)``):
+    the flash_fx op against SDPA without a mask at a full cache, and with the cache filled to 25% (key validity)
+    against SDPA given the same mask (dense, 0 / -inf), forward, float32, KV heads shared by ``enable_gqa``."""
+    import flash_fx  # noqa: F401  (registers torch.ops.flash_fx.attention)
+
+    for batch, n_k in cases:
+        yield from _decode_case(batch, n_k, reps)
+
+
+def _decode_case(batch: int, n_k: int, reps: int) -> Iterator[dict]:
+    """The two decode rows of one batch size and cache length."""
+    scale = DECODE_HEAD_DIM**-0.5
+    torch.manual_seed(0)
+    q = torch.randn(batch, DECODE_HEADS, 1, DECODE_HEAD_DIM)
+    k, v = (torch.randn(batch, DECODE_KV_HEADS, n_k, DECODE_HEAD_DIM) for _ in range(2))
+    valid = torch.zeros(batch, n_k, dtype=torch.bool)
+    valid[:, : max(1, int(n_k * DECODE_FILLED))] = True
+    mask = torch.zeros(batch, 1, 1, n_k).masked_fill(~valid[:, None, None, :], float("-inf"))
+    shape = f"B{batch} H{DECODE_HEADS}/{DECODE_KV_HEADS} d{DECODE_HEAD_DIM}"
+    yield _row("decode", f"{shape}, full cache", n_k, "forward", *_forward_pair(
+        lambda: torch.ops.flash_fx.attention(q, k, v, None, scale, None),
+        lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True), reps), "SDPA, no mask")
+    yield _row("decode", f"{shape}, cache {DECODE_FILLED:.0%} filled", n_k, "forward", *_forward_pair(
+        lambda: torch.ops.flash_fx.attention(q, k, v, None, scale, None, key_valid=valid),
+        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True), reps),
+        "SDPA, same mask")
+
+
 def model_rows(cases: list[tuple[str, int]], width: int = 768, heads: int = 12, layers: int = 2,
                vocab: int = 50304, reps: int = 3, deadline: Deadline = NO_DEADLINE) -> Iterator[dict]:
     """The model-level rows: flash_fx (Inductor inside) against ``torch.compile``'s default, batch 1."""
@@ -117,9 +152,13 @@ def model_rows(cases: list[tuple[str, int]], width: int = 768, heads: int = 12, 
                        flash["ms"] / 1e3, plain["ms"] / 1e3, "torch.compile default")
 
 
-def run(op_n: int, model_cases: list[tuple[str, int]], reps: int, deadline: Deadline = NO_DEADLINE) -> Iterator[dict]:
-    """All rows of the section: op level at ``op_n`` (masked cases at twice that), then ``model_cases``."""
+def run(op_n: int, model_cases: list[tuple[str, int]], reps: int, deadline: Deadline = NO_DEADLINE,
+        decode_cases: list[tuple[int, int]] | None = None) -> Iterator[dict]:
+    """All rows of the section: op level at ``op_n`` (masked cases at twice that), the decode rows of
+    ``decode_cases`` ((B, Nk) pairs), then ``model_cases``."""
     if op_n:
         yield from op_rows(op_n, reps=reps)
+    if decode_cases:
+        yield from decode_rows(decode_cases, reps=reps)
     if model_cases:
         yield from model_rows(model_cases, reps=max(1, reps // 2 + 1), deadline=deadline)
