@@ -22,6 +22,7 @@ import threading
 
 import torch
 
+from flash_fx.kernels.filled_rows import completed_rows
 from flash_fx.kernels.spec import AttentionSpec
 
 LARGEST_MASK_FILL = -1e4  # a masked_fill / where value (after later scales) at or below this may be a mask
@@ -93,16 +94,16 @@ def check_call(lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, spec: Attent
     if excluded_fill is None or lse.numel() == 0:
         return
     n_k = k.shape[-2]
-    row_lse = lse[..., 0]
+    row_lse, scores = lse[..., 0], _score_range(q, k, spec)
     if spec.filled_rows is not None:
-        completed = row_lse == torch.tensor(spec.filled_rows.fill, dtype=row_lse.dtype)
-        if bool(completed.any()) and not _rounds_to_fill(q, k, spec):
+        completed = completed_rows(lse, spec)
+        if bool(completed.any()) and not _rounds_to_fill(q, k, spec, scores):
             note_inexact("a row hidden entirely by a finite fill has entries that do not round to the fill")
             return
         row_lse = row_lse[~completed]
         if row_lse.numel() == 0:
             return
-    bound = excluded_fill + bias_max + _score_range(q, k, spec)[1] + _position_bound(q, k, spec)
+    bound = excluded_fill + bias_max + scores[1] + _position_bound(q, k, spec)
     lowest = float(row_lse.min())
     # float32 rounding of the log-sum-exp and of the fills: a few units in the last place of the larger magnitude
     slack = ROUNDING * (abs(lowest) + abs(bound)) if math.isfinite(lowest) and math.isfinite(bound) else math.inf
@@ -111,7 +112,7 @@ def check_call(lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, spec: Attent
                      "row's scores")
 
 
-def _rounds_to_fill(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> bool:
+def _rounds_to_fill(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, scores: tuple[float, float]) -> bool:
     """Whether every entry of a row that the masks hide entirely equals the fill in float32 (and so in any
     narrower dtype): what is added to the fill (the score where the fill was added, the bias and the position
     terms) is bounded below a quarter of the float32 spacing at the fill, so rounding takes it away."""
@@ -119,7 +120,7 @@ def _rounds_to_fill(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> bo
     spacing = float((fill - torch.nextafter(fill, torch.zeros(()))).abs())
     bound = _position_bound(q, k, spec)
     if spec.filled_rows.added:
-        bound += max(abs(x) for x in _score_range(q, k, spec))
+        bound += max(abs(x) for x in scores)  # the scores' range (_score_range)
     if spec.bias is not None and spec.bias.values.numel():
         bound += float(spec.bias.values.detach().abs().max())
     return bound < spacing / 4

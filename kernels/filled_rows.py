@@ -26,29 +26,23 @@ import torch
 from flash_fx.kernels.spec import AttentionSpec
 
 
-def _kv_index(spec: AttentionSpec, heads: int, kv_heads: int, device: torch.device) -> torch.Tensor:
-    """The KV head of every query head (grouped or tiled, as the spec says)."""
-    h = torch.arange(heads, device=device)
-    return h % kv_heads if spec.kv_heads_tiled else h // (heads // kv_heads)
-
-
 def _to_kv_heads(x: torch.Tensor, spec: AttentionSpec, kv_heads: int) -> torch.Tensor:
     """Sum per-query-head values [B, Hq, ...] into their KV heads [B, Hkv, ...]."""
-    heads = x.shape[1]
     out = x.new_zeros((x.shape[0], kv_heads, *x.shape[2:]))
-    return out.index_add_(1, _kv_index(spec, heads, kv_heads, x.device), x)
+    return out.index_add_(1, spec.kv_index(x.shape[1], kv_heads, x.device), x)
 
 
-def dead_rows(lse: torch.Tensor) -> torch.Tensor:
-    """Bool [B, Hq, Nq]: the rows the kernels found without keys (LSE -inf)."""
-    return lse[..., 0] == float("-inf")
+def completed_rows(lse: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    """Bool [B, Hq, Nq]: the rows :func:`complete_forward` completed (their LSE pair starts with the fill; a row
+    with a visible key has a larger LSE, which the op proves per call)."""
+    return lse[..., 0] == torch.tensor(spec.filled_rows.fill, dtype=lse.dtype)
 
 
 def complete_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, out: torch.Tensor,
                      lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) with the rows without keys replaced by eager's uniform average (module docstring)."""
-    dead = dead_rows(lse)[..., None]
-    index = _kv_index(spec, q.shape[1], k.shape[1], q.device)
+    dead = (lse[..., 0] == float("-inf"))[..., None]  # the rows the kernels found without keys
+    index = spec.kv_index(q.shape[1], k.shape[1], q.device)
     mean_v = v.float().mean(2, keepdim=True)[:, index]  # [B, Hq, 1, D]
     out = torch.where(dead, mean_v.to(out.dtype), out)
     pair = torch.tensor([spec.filled_rows.fill, math.log(k.shape[2])], dtype=lse.dtype, device=lse.device)
@@ -57,7 +51,7 @@ def complete_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: At
 
 def kernel_lse(lse: torch.Tensor, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(the LSE pairs as the kernels gave them, with -inf on the completed rows; those rows [B, Hq, Nq])."""
-    dead = lse[..., 0] == torch.tensor(spec.filled_rows.fill, dtype=lse.dtype)
+    dead = completed_rows(lse, spec)
     minus_inf = torch.tensor([float("-inf"), 0.0], dtype=lse.dtype, device=lse.device)
     return torch.where(dead[..., None], minus_inf, lse), dead
 
@@ -68,7 +62,7 @@ def complete_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     """The kernels' ``(dq, dk, dv, dbias, drel)`` plus what the completed rows ``dead`` [B, Hq, Nq] pass back."""
     dq, dk, dv, dbias, drel = grads
     n_k, kv_heads = k.shape[2], k.shape[1]
-    index = _kv_index(spec, q.shape[1], kv_heads, q.device)
+    index = spec.kv_index(q.shape[1], kv_heads, q.device)
     rows = dead[..., None].float()
     g = grad_out.float() * rows  # dO on the completed rows, 0 elsewhere  [B, Hq, Nq, Dv]
     dv = dv + (_to_kv_heads(g.sum(2, keepdim=True), spec, kv_heads) / n_k).to(dv.dtype)

@@ -453,6 +453,12 @@ class AttentionSpec:
             ok = _and(ok, self.documents.q_ids[:, rows, None] == self.documents.k_ids[:, None, cols])
         return ok
 
+    def kv_index(self, heads: int, kv_heads: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The KV head each of ``heads`` query heads reads: ``h // (heads // kv_heads)``, or ``h % kv_heads`` with
+        ``kv_heads_tiled`` (int64 [heads])."""
+        h = torch.arange(heads, device=device)
+        return h % kv_heads if self.kv_heads_tiled else h // (heads // kv_heads)
+
     def modified(self, scores: torch.Tensor) -> torch.Tensor:
         """``mod(scores)`` of the spec's score modification (scores [B, Hq, ...] of a validated spec; unchanged
         without one)."""
@@ -485,9 +491,7 @@ class AttentionSpec:
         :meth:`validate`, the spec validated)."""
         from flash_fx.kernels.dropout import dropout_keep_mask
 
-        group = q.shape[1] // k.shape[1]
-        heads = torch.arange(q.shape[1], device=q.device)
-        kv = heads % k.shape[1] if self.kv_heads_tiled else heads // group
+        kv = self.kv_index(q.shape[1], k.shape[1], q.device)
         k64, v64 = k.double()[:, kv], v.double()[:, kv]
         scores = self.modified(q.double() @ k64.transpose(-1, -2) * self.scale) + self.materialize(q, k)
         if self.sinks is not None:  # one more logit per row in the softmax, without a value

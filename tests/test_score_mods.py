@@ -156,3 +156,25 @@ def test_modifications_the_kernels_cannot_take_stay_with_eager(fn, reason):
     captured = capture(fn, *inputs())
     assert captured.variants == [] and any(reason in r for r in captured.skip_reasons), captured.skip_reasons
     compare(fn, *inputs())  # and the program still computes what eager computes
+
+
+@pytest.mark.parametrize("path", ["triton", "cpu"])
+@pytest.mark.parametrize("fill", [float("-inf"), torch.finfo(torch.float32).min], ids=["inf", "finfo_min"])
+def test_softcap_with_an_in_place_mask_dead_rows_and_more_queries(fill, path):
+    """Soft-capping before a mask built in place (a padding row hides every key of some queries), Nq != Nk: values
+    and gradients equal eager's, NaN where eager's are NaN (the -inf fill's dead rows)."""
+    def fn(q, k, v, valid):
+        mask = torch.zeros(q.shape[0], 1, q.shape[-2], k.shape[-2], dtype=torch.bool)
+        mask[:, :, :, :] = ~valid[:, None, None, :]  # written in place
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril(k.shape[-2] - q.shape[-2])
+        mask |= ~causal
+        scores = torch.tanh(q @ k.transpose(-1, -2) * 0.2) * 5.0
+        return scores.masked_fill(mask, fill).softmax(-1) @ v
+
+    torch.manual_seed(1)
+    q = torch.randn(2, 2, 13, 8, requires_grad=True)
+    k, v = (torch.randn(2, 2, 9, 8, requires_grad=True) for _ in range(2))
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, :3] = False  # with the band's offset -4 the first rows of batch row 1 see no key
+    reports = compare(fn, q, k, v, valid, path=path, dead_rows=True)
+    assert len([r for report in reports for r in report.rewrites]) == 1
