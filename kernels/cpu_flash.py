@@ -16,8 +16,9 @@ calls over disjoint key ranges of a block of query rows, merged by their log-sum
 
 The C++ kernel gives a row that its mask hides entirely an output of 0 and a log-sum-exp of 0, not -inf: such rows
 of a chunk are found from the mask and get -inf before merging. Rows that see no key at all give NaN and an LSE
-of -inf, as the contract says (flash_fx.kernels.spec). GQA runs one call per member of each KV head's query group
-on views of q (no copy of K or V). The backward calls the C++ backward per chunk with the whole rows' output and
+of -inf, as the contract says (flash_fx.kernels.spec). GQA packs the query heads sharing a KV head into the rows of one
+call for short queries (decode steps; :func:`_calls`), else runs one call per member of each KV head's query group
+on views of q; K and V are never copied. The backward calls the C++ backward per chunk with the whole rows' output and
 log-sum-exp (+inf for rows without keys, so they pass no gradient), so each chunk's probabilities and ``delta`` are
 the full softmax's, and sums the chunks' gradients.
 
@@ -144,6 +145,9 @@ def _band_steps(upper: int | None, batch: int, n_q: int, n_k: int) -> list[Step]
     if upper is None:
         return [Step(slice(0, batch), slice(0, n_q), [Part(0, n_k)])]
     first_row = max(0, -upper)
+    if n_q - first_row == 1:  # one row (a decode step): one dense call over the keys it sees
+        stop = min(n_k, upper + n_q)
+        return [Step(slice(0, batch), slice(first_row, n_q), [Part(0, stop)])] if stop > 0 else []
     parts = []
     if upper > 0:
         parts.append(Part(0, min(upper, n_k)))
@@ -164,12 +168,59 @@ def _runs(flags: torch.Tensor) -> list[tuple[int, int]]:
     return runs
 
 
-def _groups(q: torch.Tensor, num_kv_heads: int, tiled: bool) -> list[slice]:
-    """Per member r of the query groups, the query heads it holds, in KV-head order (views of q)."""
+class Heads(NamedTuple):
+    """The query heads of one C++ call: ``heads`` (a slice of q's heads, each reading its own KV head), or, when
+    ``packed`` > 1, every query head, the ``packed`` heads that share a KV head stacked in the rows of one call
+    (GQA packing: one matrix product per KV head instead of one matrix-vector product per query head)."""
+
+    heads: slice
+    packed: int = 1
+    tiled: bool = False
+    rows: int = 1  # query rows per head (of a packed call)
+
+    def pack(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """The call's part of ``x`` [b, Hq or 1, n, ...] (every query head, or broadcast over heads): its heads, or
+        packed, [b, Hkv or 1, packed * n, ...] (row ``r * n + i`` is row i of the group's r-th query head, and a
+        head-broadcast tensor such as a mask is repeated over the group)."""
+        if x is None or self.packed == 1:
+            return x if x is None or x.shape[1] == 1 else x[:, self.heads]
+        if x.shape[1] == 1 and x.shape[2] == 1:  # the same for every row (a key mask): it broadcasts as it is
+            return x
+        x = x.expand(*x.shape[:2], self.rows, *x.shape[3:])
+        if x.shape[1] == 1:
+            # contiguous: a one-row x would flatten to a row stride of 0, which the C++ kernel divides by
+            return x.unsqueeze(2).expand(x.shape[0], 1, self.packed, *x.shape[2:]).flatten(2, 3).contiguous()
+        grouped = x.unflatten(1, (self.packed, -1)).transpose(1, 2) if self.tiled else x.unflatten(1, (-1, self.packed))
+        return grouped.flatten(2, 3)
+
+    def unpack(self, y: torch.Tensor) -> torch.Tensor:
+        """A call's result in the layout of q's rows at :meth:`index` (packed [b, Hkv, packed * n, ...] becomes
+        [b, Hq, n, ...])."""
+        if self.packed == 1:
+            return y
+        grouped = y.unflatten(2, (self.packed, -1))
+        return (grouped.transpose(1, 2) if self.tiled else grouped).flatten(1, 2)
+
+    def index(self, step: Step) -> tuple[slice, slice, slice]:
+        """The (batch, head, row) index of q's rows this call of ``step`` covers."""
+        return step.batch, slice(None) if self.packed > 1 else self.heads, step.rows
+
+
+#: At most this many rows (query rows x packed heads) per packed call: decode steps and other short queries.
+PACK_ROWS = 256
+
+
+def _calls(q: torch.Tensor, num_kv_heads: int, tiled: bool, step: Step) -> list[Heads]:
+    """The query heads of each call of ``step``: GQA-packed into one call when the group shares a KV head, no part
+    is causal (its triangle is per row) and the packed rows stay short; else one call per member r of the query
+    groups, on views of q (in KV-head order)."""
     group = q.shape[1] // num_kv_heads
+    n_rows = step.rows.stop - step.rows.start
+    if group > 1 and n_rows * group <= PACK_ROWS and not any(part.causal for part in step.parts):
+        return [Heads(slice(None), group, tiled, n_rows)]
     if tiled:
-        return [slice(r * num_kv_heads, (r + 1) * num_kv_heads) for r in range(group)]
-    return [slice(r, None, group) for r in range(group)]
+        return [Heads(slice(r * num_kv_heads, (r + 1) * num_kv_heads)) for r in range(group)]
+    return [Heads(slice(r, None, group)) for r in range(group)]
 
 
 def _widened(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -206,19 +257,21 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for step in steps:
         keys, values = k[step.batch], v[step.batch]
         masks = [_mask(spec, step, part, q.dtype) for part in step.parts]
-        for heads in _groups(q, k.shape[1], spec.kv_heads_tiled):
-            rows = q[step.batch, heads, step.rows]
+        for call in _calls(q, k.shape[1], spec.kv_heads_tiled, step):
+            index, every_head = call.index(step), (step.batch, slice(None), step.rows)
+            rows = call.pack(q[every_head])
             merged_out = merged_lse = None
             for part, (mask, alive) in zip(step.parts, masks, strict=True):
                 part_out, part_lse = _FORWARD(rows, keys[:, :, part.start:part.stop],
                                               values[:, :, part.start:part.stop], 0.0, part.causal,
-                                              attn_mask=_of_heads(mask, heads), scale=spec.scale)
+                                              attn_mask=call.pack(mask), scale=spec.scale)
                 if alive is not None:  # rows the mask hides entirely: the C++ kernel says 0, not -inf
-                    part_lse = part_lse.masked_fill(~_of_heads(alive, heads), float("-inf"))
+                    part_lse = part_lse.masked_fill(~call.pack(alive), float("-inf"))
                 merged_out, merged_lse = _merge(merged_out, merged_lse, part_out.float(), part_lse)
+            merged_out, merged_lse = call.unpack(merged_out), call.unpack(merged_lse)
             dead = merged_lse == float("-inf")
-            out[step.batch, heads, step.rows] = merged_out.masked_fill(dead[..., None], float("nan")).to(q.dtype)
-            lse[step.batch, heads, step.rows, 0] = merged_lse
+            out[index] = merged_out.masked_fill(dead[..., None], float("nan")).to(q.dtype)
+            lse[(*index, 0)] = merged_lse
     return (out, lse) if keeps_precision(lse) else None
 
 
@@ -229,11 +282,6 @@ def _single_call(steps: list[Step], q: torch.Tensor, k: torch.Tensor) -> Part | 
     part = steps[0].parts[0]
     whole = steps[0].rows == slice(0, q.shape[2]) and (part.start, part.stop) == (0, k.shape[2])
     return part if whole and not part.masked else None
-
-
-def _of_heads(t: torch.Tensor | None, heads: slice) -> torch.Tensor | None:
-    """The query heads ``heads`` of a per-head mask (or alive rows); a mask broadcast over heads as it is."""
-    return t[:, heads] if t is not None and t.shape[1] > 1 else t
 
 
 def _merge(out: torch.Tensor | None, lse: torch.Tensor | None, part_out: torch.Tensor,
@@ -277,17 +325,16 @@ def _backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec) -> tupl
     for step in steps:
         keys, values = k[step.batch], v[step.batch]
         masks = [_mask(spec, step, part, q.dtype)[0] for part in step.parts]
-        for heads in _groups(q, k.shape[1], spec.kv_heads_tiled):
-            index = (step.batch, heads, step.rows)
-            rows, rows_out, rows_grad = q[index], out[index], grad_out[index]
-            rows_lse = row_lse[index].contiguous()
+        for call in _calls(q, k.shape[1], spec.kv_heads_tiled, step):
+            index, every_head = call.index(step), (step.batch, slice(None), step.rows)
+            rows, rows_out, rows_grad = (call.pack(x[every_head]) for x in (q, out, grad_out))
+            rows_lse = call.pack(row_lse[every_head]).contiguous()
             for part, mask in zip(step.parts, masks, strict=True):
                 keys_part = slice(part.start, part.stop)
                 dq_part, dk_part, dv_part = _BACKWARD(rows_grad, rows, keys[:, :, keys_part], values[:, :, keys_part],
                                                       rows_out, rows_lse, 0.0, part.causal,
-                                                      attn_mask=_of_heads(mask, heads),
-                                                      scale=spec.scale)
-                dq[index] += dq_part
+                                                      attn_mask=call.pack(mask), scale=spec.scale)
+                dq[index] += call.unpack(dq_part)
                 dk[step.batch, :, keys_part] += dk_part
                 dv[step.batch, :, keys_part] += dv_part
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None

@@ -260,3 +260,38 @@ def test_memory_of_forward_and_backward_is_linear_in_n(kwargs, cpu_kernels):
     (saved_n, largest_n), (saved_2n, largest_2n) = run(256), run(512)
     assert saved_2n <= 2.05 * saved_n  # linear (a constant for the seed)
     assert 0 < largest_2n <= 2.5 * largest_n  # a quadratic temporary would quadruple
+
+
+def decode_cases(n_k):
+    """Decode-step specs (few query rows against a cache): a full cache, a static cache's valid slots (a batch row
+    with none: rows without keys), a bottom-right causal step, a per-head bias and a key mask as a float bias."""
+    key_valid = torch.zeros(2, n_k, dtype=torch.bool)
+    key_valid[0, : n_k // 4] = True  # batch row 1: no valid slot
+    g = torch.Generator().manual_seed(5)
+    per_head = torch.randn(2, 8, 1, n_k, generator=g)
+    padding = torch.zeros(2, 1, 1, n_k).masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    padding[1] = 0.0
+    return {
+        "full_cache": AttentionSpec(0.2),
+        "static_cache": AttentionSpec(0.2, key_valid=key_valid),
+        "causal_step": AttentionSpec(0.2, band=Band(None, n_k - 1)),
+        "per_head_bias": AttentionSpec(0.2, bias=Bias(per_head)),
+        "key_mask_bias": AttentionSpec(0.2, bias=Bias(padding)),
+    }
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["grouped", "tiled"])
+@pytest.mark.parametrize("n_q", [1, 3])
+@pytest.mark.parametrize("case", list(decode_cases(300)))
+def test_decode_steps_pack_the_query_group_into_one_call(case, n_q, tiled, cpu_kernels, monkeypatch):
+    """A few query rows against 300 keys, 8 query heads on 2 KV heads: one C++ call per part for all heads (the
+    group's heads packed into its rows), not one per member of the group; values and gradients against float64."""
+    n_k = 300
+    q, k, v = qkv(n_q, n_k, heads=8, kv_heads=2, seed=3)
+    spec = decode_cases(n_k)[case].replace(kv_heads_tiled=tiled)
+    calls = []
+    real = cpu_flash._FORWARD
+    monkeypatch.setattr(cpu_flash, "_FORWARD", lambda q, *a, **kw: calls.append(q.shape) or real(q, *a, **kw))
+    assert_matches_reference_with_dead_rows(q, k, v, spec, cpu_kernels, tolerance=2e-5, grad_tolerance=1e-4)
+    causal_rows = case == "causal_step" and n_q > 1  # a triangle per row: one call per group member
+    assert calls and all(shape[1:3] == ((2, n_q) if causal_rows else (2, 4 * n_q)) for shape in calls), calls
