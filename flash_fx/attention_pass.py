@@ -14,7 +14,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from flash_fx import cost
 from flash_fx.exactness import is_mask_fill
-from flash_fx.kernels import tile_density
+from flash_fx.kernels import decode, tile_density
 from flash_fx.kernels.spec import AttentionSpec, Band, Bias, FilledRows, ScoreMod
 from flash_fx.mha import multi_head_attention
 from flash_fx.options import Options
@@ -222,8 +222,9 @@ def plan_attention(graph: fx.Graph, match: AttentionMatch, example_inputs: list[
         scale=scale, mask=masks.description,
         notes="; ".join([*match.notes, *([f"scores modified: {score_mod.describe()}"] if score_mod else []),
                          *(["attention sinks: a logit per row joins the softmax"] if match.sinks is not None else []),
-                         *_dropout_note(match.dropout_p), *sparse_note, plan.reason]),
-        tile_density=density, **_plan_fields(plan),
+                         *_dropout_note(match.dropout_p), *sparse_note, *_decode_note(match, device),
+                         plan.reason]),
+        tile_density=density, kernel="decode" if _decode_group(match) else "prefill", **_plan_fields(plan),
     )
     return BlockPlan(match, call, record, masks.proofs)
 
@@ -564,7 +565,25 @@ def _cost_shape(match: AttentionMatch, masks: MaskDecision, density: float, layo
         density=density, elementwise_passes=passes, mask_bytes_per_score=mask_bytes,
         kernel_bias_bytes_per_score=kernel_bias_bytes,
         training=torch.is_grad_enabled() and any(v.requires_grad for v in values), layout_pass=layout_pass,
+        kv_group=max(1, _decode_group(match)),
     )
+
+
+def _decode_group(match: AttentionMatch) -> int:
+    """The query heads per KV head the decode kernels pack into one tile at the example shape
+    (:func:`flash_fx.kernels.decode.chooses`), 0 when the call runs the prefill kernels."""
+    if len(match.q_shape) < 4 or len(match.k_shape) < 4:  # merged [B * H, N, d] layouts: the kernels split them
+        return 0
+    n_q, heads, kv_heads = (concrete(s) for s in (match.q_shape[-2], match.q_shape[-3], match.k_shape[-3]))
+    return heads // kv_heads if decode.chooses(n_q, heads, kv_heads, match.dropout_p > 0) else 0
+
+
+def _decode_note(match: AttentionMatch, device: cost.Device) -> list[str]:
+    group = _decode_group(match)
+    if not group:
+        return []
+    where = "one C++ call" if device.is_cpu else "one tile, keys split across programs"
+    return [f"decode kernels: {group} query head{'s' if group > 1 else ''} per KV head in {where}"]
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -156,6 +156,7 @@ class AttentionShape:
     kernel_bias_bytes_per_score: float | None = None  # the same for the kernels' dense bias (None: as eager)
     layout_pass: bool = False  # the kernels reduce the mask bias to a tile layout first (forward and backward)
     value_dim: Size | None = None  # head dim of v and the output when it differs from q's and k's (MLA)
+    kv_group: int = 1  # query heads whose K and V one program reads once (the decode kernels' GQA packing)
 
     @property
     def dv(self) -> Size:
@@ -191,9 +192,11 @@ def flash_bytes(s: AttentionShape, block_r: int, block_c: int) -> sp.Expr:
     mask = s.nq * s.nk * _num(bias_bytes) * visible
     if s.layout_pass:  # one read of the whole mask to classify its tiles (upper bound: broadcast dims count)
         mask += s.nq * s.nk * _num(bias_bytes)
-    # Q read and O written once; K and V once per visited query tile; the LSE written (a float32 pair: the rounded
-    # value and its residual; the backward reads the residual only with a bias, which this count leaves out).
-    forward = (s.nq * (d + dv) + sp.Max(1, q_tiles * visible) * s.nk * (d + dv)) * e + 8 * s.nq + mask
+    # Q read and O written once; K and V once per visited query tile (shared by the kv_group query heads of a
+    # decode tile); the LSE written (a float32 pair: the rounded value and its residual; the backward reads the
+    # residual only with a bias, which this count leaves out).
+    kv_reads = sp.Max(1, q_tiles * visible) * s.nk * (d + dv) / s.kv_group
+    forward = (s.nq * (d + dv) + kv_reads) * e + 8 * s.nq + mask
     if not s.training:
         return sp.expand(s.batch_heads * forward)
     preprocess = 2 * s.nq * dv * e + 4 * s.nq  # delta = rowsum(dO * O)

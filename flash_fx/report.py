@@ -32,6 +32,7 @@ class RewriteRecord:
     hbm_formula: str = ""  # "eager -> flash" HBM bytes as formulas of the graph's size symbols (dynamic shapes)
     tiles: tuple[int, int] = (0, 0)  # (Br, Bc) the cost model counted with
     device: str = ""  # the card the cost model assumed
+    kernel: str = "prefill"  # the forward kernels the call's example shape runs: "prefill" or "decode"
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from flash_fx.kernels import config, cpu_flash, filled_rows, sinks, tiled_torch, tuning
+from flash_fx.kernels import config, cpu_flash, decode, filled_rows, sinks, tiled_torch, tuning
 from flash_fx.kernels.config import Tiles
 from flash_fx.kernels.dropout import dropout_keep_mask
 from flash_fx.kernels.schedule import schedule
@@ -230,6 +230,13 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionS
         return tiled_torch.attention_forward(q, k, v, spec, plan)
     _check_triton_head_dim(q, v)
     # Imported here: Triton decides at decoration time whether kernels run compiled or interpreted.
+    if decode.chooses(n_q, q.shape[1], k.shape[1], spec.dropout.enabled):
+        from flash_fx.kernels import triton_decode
+
+        plan = decode.plan(q, k, v, launch.splits)
+        tiles = schedule(spec, n_q, n_k, n_q, plan.block_n, q.device)
+        return triton_decode.attention_forward(q, k, v, spec, plan,
+                                               tiles.by_kv_head(q.shape[1], k.shape[1], spec.kv_heads_tiled))
     from flash_fx.kernels import triton_forward
 
     def run(tiles: Tiles) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,6 +66,18 @@ class TileSchedule:
         """The same lists per key tile (for the dK/dV kernel): [SB, SH, Tk, 2] and [SB, SH, Tk, Tq]."""
         return self._key_lists
 
+    def by_kv_head(self, num_heads: int, num_kv_heads: int, kv_heads_tiled: bool) -> TileSchedule:
+        """The schedule of the decode kernels' programs, one per KV head (:mod:`decode`): a tile is full when it is
+        for every query head reading that KV head, empty when it is for all of them, else partial. Itself when the
+        classes do not depend on the head."""
+        if self.classes.shape[1] == 1:
+            return self
+        group = num_heads // num_kv_heads
+        classes = self.classes.expand(-1, num_heads, -1, -1)
+        grouped = (classes.unflatten(1, (group, num_kv_heads)).transpose(1, 2) if kv_heads_tiled
+                   else classes.unflatten(1, (num_kv_heads, group)))
+        return TileSchedule(_classes((grouped != EMPTY).any(2), (grouped == FULL).all(2)), self.block_m, self.block_n)
+
     @functools.cached_property
     def _query_lists(self) -> tuple[torch.Tensor, torch.Tensor]:
         return _tile_lists(self.classes)

@@ -77,10 +77,12 @@ class Saved(NamedTuple):
 
 
 class Launch(NamedTuple):
-    """Launch choices of a call: tile sizes (None: the table's, or autotuned)."""
+    """Launch choices of a call: tile sizes (None: the table's, or autotuned) and the decode kernels' key splits
+    per KV head (None: from the card's size, :func:`decode.plan`)."""
 
     block_m: int | None = None
     block_n: int | None = None
+    splits: int | None = None
 
 
 @dataclass(frozen=True)

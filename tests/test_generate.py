@@ -1,6 +1,7 @@
 """Compiled generation (issue 16, item 5): `generate` with a static cache, the model's forward compiled with
 `backend="flash_fx"`, produces eager's greedy tokens, with left padding; every decode step's attention is rewritten,
-its static-cache mask read as key validity (the cache's unfilled slots are invalid keys, their tiles skipped)."""
+its static-cache mask read as key validity (the cache's unfilled slots are invalid keys, their tiles skipped), and it
+runs the decode kernels (the query heads of a KV head packed into one tile)."""
 
 import pytest
 import torch
@@ -22,7 +23,12 @@ def model_of(name: str, impl: str):
 
 
 @pytest.mark.parametrize("name,impl", [("llama", "sdpa"), ("llama", "eager"), ("gemma3", "sdpa")])
-def test_static_cache_generation_matches_eager(name, impl):
+def test_static_cache_generation_matches_eager(name, impl, monkeypatch):
+    from flash_fx.kernels import triton_decode
+
+    decode_launches = []
+    real = triton_decode.attention_forward
+    monkeypatch.setattr(triton_decode, "attention_forward", lambda *a: decode_launches.append(a[0].shape) or real(*a))
     torch.manual_seed(0)
     model = model_of(name, impl).eval()
     ids = torch.randint(3, 64, (2, 7))
@@ -45,3 +51,7 @@ def test_static_cache_generation_matches_eager(name, impl):
     # the static cache's mask: key validity (in-graph SDPA mask), or a per-key bias whose masked keys' tiles are
     # skipped at run time (eager's mask, built outside the compiled forward)
     assert all("key_padding" in r.mask or "per key" in r.mask for r in decode), [r.mask for r in decode]
+    # the decode variant: both query heads of a KV head in one tile, and the decode kernels ran for every step
+    assert all(r.kernel == "decode" and "decode kernels: 2 query heads per KV head" in r.notes for r in decode)
+    steps = [shape for shape in decode_launches if shape[2] == 1]
+    assert len(steps) == 2 * (options["max_new_tokens"] - 1), decode_launches

@@ -38,7 +38,11 @@ KERNELS = (("_attention_forward_kernel", "forward"), ("_dq_kernel", "dq"), ("_dk
 
 #: Kernels whose launches are recorded instead of run, by module under flash_fx.kernels.
 RECORDED = {"triton_forward": ("_attention_forward_kernel",),
-            "triton_backward": ("_delta_kernel", "_dkdv_kernel", "_dq_kernel")}
+            "triton_backward": ("_delta_kernel", "_dkdv_kernel", "_dq_kernel"),
+            "triton_decode": ("_decode_kernel", "_merge_kernel")}
+
+#: The decode check's shape: query heads, KV heads (GQA 8:1) and key splits of one decode step.
+DECODE_HEADS, DECODE_KV_HEADS, DECODE_SPLITS = 32, 4, 4
 
 #: Sequence length of the recorded launches (a multiple of 16, as most real lengths are: Triton specializes on it).
 LENGTH = 256
@@ -94,7 +98,7 @@ def _launches(tiles: Tiles, head_dim: int, dtype: torch.dtype, causal: bool, bac
               mod: str | None = None, value_dim: int | None = None, dropout: float = 0.0) -> dict[str, tuple]:
     """The recorded (kernel, args, kwargs) of one forward or backward launch with ``tiles``, by kernel name (``mod``:
     a score modification's steps, as the op's ``score_mod`` argument spells them)."""
-    from flash_fx.kernels import triton_backward, triton_forward
+    from flash_fx.kernels import triton_backward, triton_forward  # noqa: F401  (imported before recording)
     from flash_fx.kernels.schedule import schedule
     from flash_fx.kernels.spec import AttentionSpec, Band, Dropout, Saved, ScoreMod
 
@@ -105,13 +109,46 @@ def _launches(tiles: Tiles, head_dim: int, dtype: torch.dtype, causal: bool, bac
     spec = AttentionSpec(head_dim ** -0.5, band=Band(None, 0) if causal else Band(), score_mod=score_mod,
                          dropout=Dropout(dropout, seed) if dropout else Dropout()).validate(q, q, v)
     plan = schedule(spec, LENGTH, LENGTH, tiles.block_m, tiles.block_n)
-    with _recording({"triton_forward": triton_forward, "triton_backward": triton_backward}) as calls:
+    with _recording(_modules()) as calls:
         if backward:
             lse = torch.zeros(1, 2, LENGTH, 2)
             triton_backward.attention_backward(v, Saved(q, q, v, v, lse), spec, tiles, plan)
         else:
             triton_forward.attention_forward(q, q, v, spec, tiles, plan)
     return calls
+
+
+def _modules() -> dict[str, ModuleType]:
+    from flash_fx.kernels import triton_backward, triton_decode, triton_forward
+
+    return {"triton_forward": triton_forward, "triton_backward": triton_backward, "triton_decode": triton_decode}
+
+
+def check_decode(head_dim: int, dtype: torch.dtype, capability: int) -> list[Usage]:
+    """The compiled resources of the decode and merge kernels at the GPU launch :func:`decode.tiles` gives one
+    decode step (GQA 8:1, a static cache's key validity, :data:`DECODE_SPLITS` splits)."""
+    from flash_fx.kernels import decode, triton_decode
+    from flash_fx.kernels.schedule import schedule
+    from flash_fx.kernels.spec import AttentionSpec
+
+    q = torch.randn(1, DECODE_HEADS, 1, head_dim).to(dtype)
+    k = torch.randn(1, DECODE_KV_HEADS, LENGTH, head_dim).to(dtype)
+    valid = torch.arange(LENGTH)[None] < LENGTH // 4
+    spec = AttentionSpec(head_dim ** -0.5, key_valid=valid).validate(q, k, k)
+    launch = decode.tiles(decode.packed_rows(1, DECODE_HEADS, DECODE_KV_HEADS), config.padded_head_dim(head_dim),
+                          dtype, on_gpu=True)._replace(splits=DECODE_SPLITS)
+    plan = schedule(spec, 1, LENGTH, 1, launch.block_n).by_kv_head(DECODE_HEADS, DECODE_KV_HEADS, False)
+    with _recording(_modules()) as calls:
+        triton_decode.attention_forward(q, k, k, spec, launch, plan)
+    budget = config.sram_budget((capability // 10, capability % 10))
+    usages = []
+    for name in ("_decode_kernel", "_merge_kernel"):
+        compiled = compile_for(*calls[name], capability)
+        warps = compiled.metadata.num_warps
+        tiles = Tiles(launch.block_m, launch.block_n, warps, launch.num_stages if name == "_decode_kernel" else 1)
+        usages.append(Usage(name.strip("_").removesuffix("_kernel"), tiles, compiled.metadata.shared,
+                            *ptxas_usage(compiled.asm["ptx"], capability), budget))
+    return usages
 
 
 def compile_for(kernel: Any, args: tuple, kwargs: dict, capability: int) -> Any:
@@ -206,9 +243,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dropout", type=float, default=0.0, help="the variant with fused dropout of this p")
     parser.add_argument("--score-mod", default=None,
                         help='a score modification\'s steps, e.g. "mul(0.02);tanh;mul(50.0)" (soft-capping)')
+    parser.add_argument("--decode", action="store_true",
+                        help="the decode and merge kernels (GQA 8:1, one query row, four key splits) instead")
     args = parser.parse_args(argv)
     if config.interpreter_active():
         raise SystemExit("compile_check compiles the kernels: run it without TRITON_INTERPRET=1")
+    if args.decode:
+        print(HEADER, flush=True)
+        for head_dim in args.head_dims:
+            for dtype in (getattr(torch, name) for name in args.dtypes):
+                print("\n".join(markdown_rows(args.arch, head_dim, dtype, False, True,
+                                               check_decode(head_dim, dtype, args.arch))), flush=True)
+        return
     causal = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
     dtypes = [getattr(torch, name) for name in args.dtypes]
     print(HEADER, flush=True)
