@@ -378,7 +378,7 @@ def _decide_masks(graph: fx.Graph, match: AttentionMatch, example_inputs: list[A
                 decision.parts.append(table.describe())
                 continue
             decision.bias_terms.append(term)
-            if not tensor.requires_grad and _per_key(tuple(tensor.shape), nk):
+            if not tensor.requires_grad and _per_key(tuple(tensor.shape), match.k_shape[-2]):
                 # a per-key float bias (a padding or static-cache mask passed in as 0 / finfo.min): the kernels
                 # skip the tiles of the keys it masks, where the op finds that exact per call
                 decision.masks_in_bias += 1
@@ -508,8 +508,9 @@ def _use_structural(decision: MaskDecision, analysis: MaskAnalysis | Unrecognize
     return None
 
 
-def _per_key(shape: tuple, nk: int) -> bool:
-    """True for a [.., 1, 1, Nk]-shaped term (at least 3 dims): one value per (batch row, key)."""
+def _per_key(shape: tuple, nk: Any) -> bool:
+    """True for a [.., 1, 1, Nk]-shaped term (at least 3 dims): one value per (batch row, key); ``nk`` as the graph
+    has it (a symbolic size under dynamic shapes)."""
     return len(shape) >= 3 and all(statically_known_true(s == 1) for s in shape[-3:-1]) and _same(shape[-1], nk)
 
 

@@ -161,7 +161,7 @@ class HeadExpand:
     """
 
     x: fx.Node
-    repeat: int
+    repeat: int | torch.SymInt
     tiled: bool
 
 
@@ -349,7 +349,7 @@ def _head_expansion(node: fx.Node, expanded: fx.Node, before: tuple, after: tupl
     for position, tiled in ((2, False), (1, True)):
         if statically_known_true(inner[position] == 1) and not statically_known_true(before[position] == 1):
             x = _unsqueezed_input(source, position)
-            if x is not None and isinstance(before[position], int):
+            if x is not None:  # the repeat may be a size of the graph (a group computed from shapes)
                 return HeadExpand(x, before[position], tiled)
     return None
 

@@ -471,7 +471,8 @@ def _undo_head_expansion(k: Operand, v: Operand) -> tuple[Operand, Operand, bool
     if k.perm is not None or v.perm is not None:
         return k, v, False, None
     ek, ev = canonicalize(k.node), canonicalize(v.node)
-    if isinstance(ek, HeadExpand) and isinstance(ev, HeadExpand) and (ek.repeat, ek.tiled) == (ev.repeat, ev.tiled):
+    if (isinstance(ek, HeadExpand) and isinstance(ev, HeadExpand) and ek.tiled == ev.tiled
+            and statically_known_true(ek.repeat == ev.repeat)):
         mode = "h % kv_heads" if ek.tiled else "h // group"
         return Operand(ek.x), Operand(ev.x), ek.tiled, f"GQA: KV heads shared x{ek.repeat} ({mode}), read once"
     return k, v, False, None

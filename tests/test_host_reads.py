@@ -95,3 +95,26 @@ def test_compiled_dropout_model_reads_nothing_on_the_host():
         compiled(q, k, v).sum().backward()
     torch._dynamo.reset()
     assert reads == []
+
+
+@pytest.mark.parametrize("form", ["full_cache", "static_cache", "causal_step"])
+def test_decode_steps_read_nothing_on_the_host(form, monkeypatch):
+    """A decode step (one query row, GQA 8:2, keys split across programs) on the decode kernels, forward and
+    backward: no host read, the static cache's valid slots included."""
+    from flash_fx.kernels import decode, triton_decode
+
+    launches = []
+    real = triton_decode.attention_forward
+    monkeypatch.setattr(triton_decode, "attention_forward", lambda *a: launches.append(a[4]) or real(*a))
+    monkeypatch.setattr(decode, "INTERPRETER_SMS", 32)  # a card with more SMs than programs: split the keys
+    torch.manual_seed(0)
+    q = torch.randn(2, 8, 1, 16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 100, 16, requires_grad=True) for _ in range(2))
+    valid = torch.arange(100)[None].expand(2, 100) < torch.tensor([[30], [77]])
+    kwargs = {"full_cache": {}, "static_cache": dict(key_valid=valid), "causal_step": {}}[form]
+    causal = 99 if form == "causal_step" else None
+    with host_reads() as reads:
+        out, lse, seed = torch.ops.flash_fx.attention(q, k, v, None, 0.25, causal, **kwargs)
+        out.sum().backward()
+    assert reads == [] and flash_fx.kernels.triton_failure() is None
+    assert launches and launches[0].splits > 1

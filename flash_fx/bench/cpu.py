@@ -138,6 +138,43 @@ def _decode_case(batch: int, n_k: int, reps: int) -> Iterator[dict]:
         "SDPA, same mask")
 
 
+def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A decode step's attention as transformers' SDPA path writes it: the KV heads repeated for their query groups
+    (``repeat_kv``), then SDPA with the cache's mask (None: a full cache)."""
+    group = q.shape[1] // k.shape[1]
+
+    def repeat_kv(x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, None].expand(x.shape[0], x.shape[1], group, *x.shape[2:]).reshape(
+            x.shape[0], x.shape[1] * group, *x.shape[2:])
+
+    return F.scaled_dot_product_attention(q, repeat_kv(k), repeat_kv(v), attn_mask=mask)
+
+
+def compiled_decode_rows(cases: list[tuple[int, int]], reps: int = 5) -> Iterator[dict]:
+    """:func:`decode_step` compiled with ``backend="flash_fx"`` (Inductor inside) against ``torch.compile``'s default,
+    forward, at a full cache and at a static cache filled to 25%; one compilation per backend and mask kind
+    (``dynamic=True``: the cache length and batch are sizes of the graph)."""
+    import flash_fx
+
+    compiled = {(backend, masked): torch.compile(decode_step, backend=backend, dynamic=True,
+                                                 **({"options": {"report": False}} if backend == "flash_fx" else {}))
+                for backend in ("flash_fx", "inductor") for masked in (False, True)}
+    flash_fx.clear_reports()
+    for batch, n_k in cases:
+        torch.manual_seed(0)
+        q = torch.randn(batch, DECODE_HEADS, 1, DECODE_HEAD_DIM)
+        k, v = (torch.randn(batch, DECODE_KV_HEADS, n_k, DECODE_HEAD_DIM) for _ in range(2))
+        valid = torch.arange(n_k) < max(1, int(n_k * DECODE_FILLED))
+        mask = torch.zeros(batch, 1, 1, n_k).masked_fill(~valid, float("-inf"))
+        shape = f"B{batch} H{DECODE_HEADS}/{DECODE_KV_HEADS} d{DECODE_HEAD_DIM}, compiled repeat_kv + SDPA"
+        for masked, case in ((False, "full cache"), (True, f"cache {DECODE_FILLED:.0%} filled, mask")):
+            inputs = (q, k, v, mask if masked else None)
+            ours, plain = compiled[("flash_fx", masked)], compiled[("inductor", masked)]
+            yield _row("decode", f"{shape}, {case}", n_k, "forward", *_forward_pair(
+                lambda ours=ours, inputs=inputs: ours(*inputs), lambda plain=plain, inputs=inputs: plain(*inputs),
+                reps), "torch.compile default")
+
+
 def model_rows(cases: list[tuple[str, int]], width: int = 768, heads: int = 12, layers: int = 2,
                vocab: int = 50304, reps: int = 3, deadline: Deadline = NO_DEADLINE) -> Iterator[dict]:
     """The model-level rows: flash_fx (Inductor inside) against ``torch.compile``'s default, batch 1."""
@@ -160,5 +197,6 @@ def run(op_n: int, model_cases: list[tuple[str, int]], reps: int, deadline: Dead
         yield from op_rows(op_n, reps=reps)
     if decode_cases:
         yield from decode_rows(decode_cases, reps=reps)
+        yield from compiled_decode_rows(decode_cases, reps=reps)
     if model_cases:
         yield from model_rows(model_cases, reps=max(1, reps // 2 + 1), deadline=deadline)
