@@ -218,3 +218,23 @@ def test_cpu_section_model_rows_pair_each_mode_with_plain_compile(monkeypatch):
         ("packed (2 causal)", 4096, "train step"), ("packed (2 causal)", 4096, "inference")]
     assert math.isclose(found[0]["ratio"], 1.5)
     assert math.isclose(found[1]["flash_fx_ms"], 201.0) and math.isclose(found[1]["baseline_ms"], 301.0)
+
+
+def test_decode_section_rows():
+    """The decode section's five rows per (dtype, batch, cache length), each baseline timed in the same run (here
+    on the CPU, the compiled baselines replaced by the function they compile, so no Inductor compile runs)."""
+    from flash_fx.bench import cpu, decode
+
+    found = list(decode._case_rows(torch.float32, 2, 96, "cpu", 1, {False: cpu.decode_step, True: cpu.decode_step}))
+    assert [(row["case"], row["baseline"]) for row in found] == [
+        ("full cache", "SDPA, no mask"), ("full cache", "SDPA, same mask"), ("full cache", "torch.compile default"),
+        ("cache 25% filled", "SDPA, same mask"), ("cache 25% filled", "torch.compile default")]
+    assert all(row["flash_fx_ms"] > 0 and math.isclose(row["ratio"], row["baseline_ms"] / row["flash_fx_ms"])
+               for row in found)
+
+
+def test_check_decode_case_passes_on_cpu():
+    """The bench's decode check (one query row against 150 keys, GQA 8:2) within the bound, on the decode kernels."""
+    (case,) = [case for case in check.cases("cpu") if case.n_q == 1]
+    found = check.run_case(case, "cpu")
+    assert all(row["ok"] for row in found) and {row["n_q"] for row in found} == {1}, found

@@ -6,6 +6,7 @@
     python -m flash_fx.bench sparse    # block-sparse: time against tile density
     python -m flash_fx.bench models    # training step and inference of small transformers
     python -m flash_fx.bench memory    # peak memory of forward + backward against N (CUDA)
+    python -m flash_fx.bench decode    # a decode step (GQA 8:1, d 128) against SDPA and torch.compile's default
     python -m flash_fx.bench cpu       # the CPU: the op against PyTorch's C++ flash kernel and SDPA, and models
                                        # against plain torch.compile (its own command; not part of `all`)
     python -m flash_fx.bench all --budget-s 300   # everything above in one folder within a time budget, then
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from flash_fx.bench import autotune, bars, check, cpu, kernels, memory, models, report, roofline, sparse
+from flash_fx.bench import autotune, bars, check, cpu, decode, kernels, memory, models, report, roofline, sparse
 from flash_fx.bench.timing import NO_DEADLINE, Deadline, environment
 from flash_fx.kernels import triton_interpreted as kernels_interpreted
 
@@ -105,6 +106,14 @@ def memory_command(args: argparse.Namespace, deadline: Deadline) -> Iterator[dic
     return memory.run(sizes, args.heads or 16, args.head_dim, _dtype(args.dtype or "float16"), deadline)
 
 
+def decode_command(args: argparse.Namespace, deadline: Deadline) -> Iterator[dict]:
+    on_gpu = args.device == "cuda"
+    lengths = args.sizes or ([1024, 8192, 32768] if on_gpu else [64, 160])
+    dtypes = [_dtype(d) for d in (args.dtypes or (["float16", "bfloat16"] if on_gpu else ["float32"]))]
+    return decode.run(args.device, lengths, [1, 8] if on_gpu else [1, 2], dtypes, args.reps or (5 if on_gpu else 1),
+                      deadline)
+
+
 def cpu_command(args: argparse.Namespace, deadline: Deadline) -> Iterator[dict]:
     if args.device != "cpu":
         print("# cpu: run with --device cpu (the CPU section times the CPU)")
@@ -119,8 +128,9 @@ def cpu_command(args: argparse.Namespace, deadline: Deadline) -> Iterator[dict]:
 
 #: Each command, and its share of ``all``'s budget (time a section leaves unused passes to the next).
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, Deadline], Iterator[dict]], float]] = {
-    "check": (check_command, 0.08), "kernels": (kernels_command, 0.30), "autotune": (autotune_command, 0.06),
-    "sparse": (sparse_command, 0.14), "memory": (memory_command, 0.06), "models": (models_command, 0.36),
+    "check": (check_command, 0.08), "kernels": (kernels_command, 0.27), "autotune": (autotune_command, 0.05),
+    "sparse": (sparse_command, 0.12), "memory": (memory_command, 0.05), "decode": (decode_command, 0.08),
+    "models": (models_command, 0.35),
     "cpu": (cpu_command, 0.0),
 }
 GPU_SECTIONS = [name for name in COMMANDS if name != "cpu"]  # what `all` runs by default
@@ -153,9 +163,10 @@ def _parser() -> argparse.ArgumentParser:
         if name in ("kernels", "autotune", "models", "all"):
             sub.add_argument("--tokens", type=int, default=None,
                              help="batch x N (default on a GPU: 16K for kernels, 8K for models)")
+        if name in ("kernels", "decode", "all"):
+            sub.add_argument("--dtypes", nargs="+", default=None, choices=("float16", "bfloat16", "float32"))
         if name in ("kernels", "all"):
             sub.add_argument("--head-dims", type=int, nargs="+", default=None)
-            sub.add_argument("--dtypes", nargs="+", default=None, choices=("float16", "bfloat16", "float32"))
             sub.add_argument("--modes", nargs="+", default=["forward", "backward", "forward+backward"])
         if name in ("sparse", "all"):
             sub.add_argument("--batch-heads", type=int, default=None)

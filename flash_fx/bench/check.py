@@ -30,10 +30,15 @@ class Case:
     causal: bool = False
     window: tuple[int, int] | None = None
     sparse_block: int | None = None  # a random block layout of this block size, as a -inf bias
+    n_q: int | None = None  # query rows when fewer than the keys (a decode step; causal is then bottom-right)
+
+    @property
+    def queries(self) -> int:
+        return self.n if self.n_q is None else self.n_q
 
     def extra(self, device: str) -> dict:
         """The keyword arguments of the kernels' entry points for this case (the bias built on ``device``)."""
-        extra: dict = {"causal_offset": 0 if self.causal else None, "window": self.window}
+        extra: dict = {"causal_offset": self.n - self.queries if self.causal else None, "window": self.window}
         if self.sparse_block:
             blocks = -(-self.n // self.sparse_block)
             generator = torch.Generator().manual_seed(1)
@@ -53,13 +58,16 @@ def cases(device: str) -> list[Case]:
         f32 = torch.float32
         return [Case("dense", f32, 32, 77), Case("causal", f32, 32, 77, causal=True),
                 Case("gqa causal", f32, 16, 45, heads=4, kv_heads=2, causal=True),
-                Case("window", f32, 16, 61, window=(20, 0)), Case("block sparse", f32, 16, 70, sparse_block=16)]
+                Case("window", f32, 16, 61, window=(20, 0)), Case("block sparse", f32, 16, 70, sparse_block=16),
+                Case("decode gqa", f32, 32, 150, heads=8, kv_heads=2, n_q=1)]
     f16, bf16 = torch.float16, torch.bfloat16
     return [Case("dense", f16, 128, 1000), Case("causal", f16, 128, 1000, causal=True),
             Case("dense", bf16, 128, 1000), Case("causal", bf16, 128, 1000, causal=True),
             Case("causal", f16, 64, 1000, causal=True), Case("gqa causal", bf16, 64, 777, heads=8, kv_heads=2,
                                                              causal=True),
-            Case("window", bf16, 64, 1000, window=(256, 0)), Case("block sparse", f16, 64, 1000, sparse_block=128)]
+            Case("window", bf16, 64, 1000, window=(256, 0)), Case("block sparse", f16, 64, 1000, sparse_block=128),
+            Case("decode gqa", f16, 128, 4000, heads=32, kv_heads=4, n_q=1),
+            Case("decode gqa causal", bf16, 128, 3001, heads=32, kv_heads=4, causal=True, n_q=4)]
 
 
 def reference_attention(q, k, v, *, scale: float, causal_offset: int | None = None,
@@ -83,7 +91,7 @@ def reference_attention(q, k, v, *, scale: float, causal_offset: int | None = No
 def _fields(case: Case) -> dict:
     """The columns that name a case in its rows."""
     return {"case": case.name, "dtype": str(case.dtype).removeprefix("torch."), "head_dim": case.head_dim,
-            "n": case.n, "heads": f"{case.heads}/{case.kv_heads}"}
+            "n": case.n, "n_q": case.queries, "heads": f"{case.heads}/{case.kv_heads}"}
 
 
 def _relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -104,10 +112,11 @@ def run_case(case: Case, device: str, seed: int = 0) -> list[dict]:
     """Rows of ``case``: one per tensor (out, dq, dk, dv) with both errors, the bound and whether it holds."""
     generator = torch.Generator(device=device).manual_seed(seed)
 
-    def randn(heads: int) -> torch.Tensor:
-        return torch.randn(2, heads, case.n, case.head_dim, device=device, dtype=case.dtype, generator=generator)
+    def randn(heads: int, n: int) -> torch.Tensor:
+        return torch.randn(2, heads, n, case.head_dim, device=device, dtype=case.dtype, generator=generator)
 
-    q, k, v, grad = randn(case.heads), randn(case.kv_heads), randn(case.kv_heads), randn(case.heads)
+    q, grad = randn(case.heads, case.queries), randn(case.heads, case.queries)
+    k, v = randn(case.kv_heads, case.n), randn(case.kv_heads, case.n)
     scale, extra = case.head_dim**-0.5, case.extra(device)
     spec = AttentionSpec.from_op_args(extra.get("bias"), scale, extra["causal_offset"], window=extra["window"],
                                       sparse_bias=extra.get("sparse_bias", False))
