@@ -124,6 +124,8 @@ def test_bars_from_rows():
         ],
         "memory": [{"n": n, "method": "flash_fx", "peak_mb": n / 8} for n in (1024, 8192)]
                   + [{"n": 8192, "method": "eager", "peak_mb": 8192.0}],
+        "decode": [{"dtype": "float16", "batch": batch, "n_k": 8192, "case": "cache 25% filled",
+                    "baseline": "SDPA, same mask", "ratio": ratio} for batch, ratio in ((1, 3.5), (8, 1.5))],
     }
     evaluated = bars.evaluate(results)
 
@@ -139,6 +141,9 @@ def test_bars_from_rows():
     assert bar("memory, N=8K")["measured (worst case)"] == 8.0
     assert math.isclose(bar("memory: 1 / (exponent")["measured (worst case)"], 1.0)
     assert bar("GPT-2-small train step, N=1024: eager")["met"] == "not measured"
+    filled = bar("decode step, static cache 25% filled")
+    assert filled["measured (worst case)"] == 1.5 and "batch=8" in filled["where"] and filled["met"] == "no"
+    assert bar("decode step, full cache: SDPA without")["met"] == "not measured"
 
 
 def test_models_bench_cpu(tmp_path):

@@ -103,9 +103,23 @@ def _memory_bars(rows: Rows) -> list[tuple[str, float, list]]:
             ("memory: 1 / (exponent of flash_fx peak in N), 1 = linear", 0.9, growth)]
 
 
+def _decode_bars(rows: Rows) -> list[tuple[str, float, list]]:
+    def ratios(case: str, baseline: str) -> list[tuple[tuple, float]]:
+        return [(tuple((k, row[k]) for k in ("dtype", "batch", "n_k")), float(row["ratio"])) for row in rows
+                if row["case"] == case and row["baseline"] == baseline]
+
+    return [("decode step, full cache: SDPA with the same mask time / flash_fx time", 1.0,
+             ratios("full cache", "SDPA, same mask")),
+            ("decode step, full cache: SDPA without a mask time / flash_fx time", 0.9,
+             ratios("full cache", "SDPA, no mask")),
+            ("decode step, static cache 25% filled: SDPA with the mask time / flash_fx time", 2.0,
+             ratios("cache 25% filled", "SDPA, same mask"))]
+
+
 def evaluate(results: dict[str, Rows]) -> list[dict]:
     """One row per bar: its goal, the worst measured ratio, where, and whether the goal is met."""
-    sections = {"kernels": _kernel_bars, "sparse": _sparse_bars, "models": _model_bars, "memory": _memory_bars}
+    sections = {"kernels": _kernel_bars, "sparse": _sparse_bars, "models": _model_bars, "memory": _memory_bars,
+                "decode": _decode_bars}
     rows = []
     for name, bars in sections.items():
         for bar, goal, ratios in bars(results.get(name, [])):
