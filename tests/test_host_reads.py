@@ -118,3 +118,36 @@ def test_decode_steps_read_nothing_on_the_host(form, monkeypatch):
         out.sum().backward()
     assert reads == [] and flash_fx.kernels.triton_failure() is None
     assert launches and launches[0].splits > 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a GPU")
+def test_cuda_graph_capture_and_replay():
+    """On a GPU: a decode step over a static cache and a causal block with dropout, captured in one CUDA graph and
+    replayed: the decode output equals the op run outside the graph, and each replay draws a fresh dropout mask."""
+    torch.manual_seed(0)
+    device = "cuda"
+    q = torch.randn(2, 8, 1, 64, device=device, dtype=torch.float16)
+    k, v = (torch.randn(2, 2, 1000, 64, device=device, dtype=torch.float16) for _ in range(2))
+    valid = torch.arange(1000, device=device)[None].expand(2, 1000) < torch.tensor([[300], [777]], device=device)
+    x = torch.randn(1, 4, 256, 64, device=device, dtype=torch.float16)
+
+    def step():
+        decoded = torch.ops.flash_fx.attention(q, k, v, None, 0.125, None, key_valid=valid)[0]
+        dropped = torch.ops.flash_fx.attention(x, x, x, None, 0.125, 0, dropout_p=0.5)[0]
+        return decoded, dropped
+
+    expected, _ = step()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up (compiles the kernels) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decoded, dropped = step()
+    graph.replay()
+    first = dropped.clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(decoded, expected)
+    assert not torch.equal(first, dropped)  # a fresh seed drawn on the device at each replay
