@@ -8,10 +8,12 @@ gradients are passed as they are (any strides), never copied.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from flash_fx.kernels import config, dropout
 from flash_fx.kernels.schedule import TileSchedule
-from flash_fx.kernels.spec import MOD_OPS, AttentionSpec
+from flash_fx.kernels.spec import MOD_OPS, AttentionSpec, ModStep
 
 Group = dict[str, object]
 
@@ -96,6 +98,12 @@ def mod(spec: AttentionSpec, dummy: torch.Tensor) -> Group:
     if score_mod is None:
         return {"ModParams": dummy, "MOD": 0, **tensor("ModFactor", "stride_mfb,stride_mfh", None, dummy)}
     code = sum(MOD_OPS[step.op] << (4 * i) for i, step in enumerate(score_mod.steps))
-    params = torch.tensor([[step.a, step.b] for step in score_mod.steps], dtype=torch.float32, device=dummy.device)
-    return {"ModParams": params, "MOD": code,
+    return {"ModParams": _mod_params(score_mod.steps, dummy.device), "MOD": code,
             **tensor("ModFactor", "stride_mfb,stride_mfh", score_mod.head_factor, dummy)}
+
+
+@functools.lru_cache(maxsize=256)
+def _mod_params(steps: tuple[ModStep, ...], device: torch.device) -> torch.Tensor:
+    """The steps' constants (float32 [steps, 2]) on ``device``, copied there once per modification and device: a
+    call never copies from the host, which a CUDA-graph capture would not allow."""
+    return torch.tensor([[step.a, step.b] for step in steps], dtype=torch.float32, device=device)
