@@ -23,6 +23,7 @@ import threading
 import torch
 
 from flash_fx.kernels.filled_rows import completed_rows
+from flash_fx.kernels.schedule import per_tensor
 from flash_fx.kernels.spec import AttentionSpec
 
 LARGEST_MASK_FILL = -1e4  # a masked_fill / where value (after later scales) at or below this may be a mask
@@ -49,24 +50,33 @@ def take_inexact() -> str | None:
     return reason
 
 
-def layout_is_exact(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, threshold: float) -> bool:
-    """Whether a block layout of the spec's bias (skipping entries at or below `threshold`) leaves eager's result exact,
-    decided from the inputs alone (so the forward and the backward decide alike; the op runs the dense bias pass
-    otherwise, which is exact).
+def layout_is_exact(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, threshold: float) -> torch.Tensor:
+    """Whether a block layout of the spec's bias (skipping entries at or below `threshold`) leaves eager's result
+    exact, decided from the inputs alone (so the forward and the backward decide alike; where it does not, the
+    schedule reads those tiles, which is exact): a 0-d bool tensor computed on the inputs' device, nothing read on
+    the host (a call stays capturable in a CUDA graph).
 
     The layout keeps whole every query tile holding a row that the bias hides entirely. Any other row has a bias
     entry above the threshold; the entries it skips are at or below it, so their scores trail that entry's by at
     least the gap between the two bias values less twice a bound of the scores (Cauchy-Schwarz) and the position
     terms: more than UNDERFLOW_MARGIN (plus rounding slack) makes every skipped probability 0 in float32."""
-    row_max = spec.bias.values.detach().amax(-1).float()
-    live = row_max > threshold  # NaN rows are not live: kept whole, they propagate NaN as eager does
-    if not bool(live.any()):
-        return True
-    lowest = float(row_max[live].min())
+    values = spec.bias.values.detach()
+    if values.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=values.device)
+    lowest, none_live = per_tensor(values, ("lowest live row max", threshold), lambda: _lowest_live_row(values,
+                                                                                                        threshold))
     low, high = _score_range(q, k, spec)
     terms = (high - low) + _position_bound(q, k, spec)
-    slack = ROUNDING * (abs(lowest) + abs(threshold))
-    return lowest - threshold - slack > terms + UNDERFLOW_MARGIN
+    slack = ROUNDING * (lowest.abs() + abs(threshold))
+    return (lowest - threshold - slack > terms + UNDERFLOW_MARGIN) | none_live
+
+
+def _lowest_live_row(values: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest row maximum of a bias among its rows with an entry above ``threshold`` (+inf without one), and
+    whether it has none (0-d tensors on its device)."""
+    row_max = values.amax(-1).double()
+    live = row_max > threshold  # NaN rows are not live: kept whole, they propagate NaN as eager does
+    return torch.where(live, row_max, math.inf).amin(), ~live.any()
 
 
 def check_call(lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> None:
@@ -103,7 +113,7 @@ def check_call(lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, spec: Attent
         row_lse = row_lse[~completed]
         if row_lse.numel() == 0:
             return
-    bound = excluded_fill + bias_max + scores[1] + _position_bound(q, k, spec)
+    bound = excluded_fill + bias_max + float(scores[1]) + float(_position_bound(q, k, spec))
     lowest = float(row_lse.min())
     # float32 rounding of the log-sum-exp and of the fills: a few units in the last place of the larger magnitude
     slack = ROUNDING * (abs(lowest) + abs(bound)) if math.isfinite(lowest) and math.isfinite(bound) else math.inf
@@ -118,36 +128,36 @@ def _rounds_to_fill(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, score
     terms) is bounded below a quarter of the float32 spacing at the fill, so rounding takes it away."""
     fill = torch.tensor(spec.filled_rows.fill, dtype=torch.float32)
     spacing = float((fill - torch.nextafter(fill, torch.zeros(()))).abs())
-    bound = _position_bound(q, k, spec)
+    bound = float(_position_bound(q, k, spec))
     if spec.filled_rows.added:
-        bound += max(abs(x) for x in scores)  # the scores' range (_score_range)
+        bound += float(torch.maximum(scores[0].abs(), scores[1].abs()))  # the scores' range (_score_range)
     if spec.bias is not None and spec.bias.values.numel():
         bound += float(spec.bias.values.detach().abs().max())
     return bound < spacing / 4
 
 
-def _score_range(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> tuple[float, float]:
+def _score_range(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """An interval holding every score ``mod(q_i . k_j * scale)`` (Cauchy-Schwarz bounds the product; the score
-    modification maps that interval)."""
-    bound = abs(spec.scale) * float(_row_norms(q).max()) * float(_row_norms(k).max())
+    modification maps that interval), as 0-d float64 tensors on q's device."""
+    bound = abs(spec.scale) * _row_norms(q).amax() * _row_norms(k).amax()
     mod = spec.score_mod
     if mod is None:
         return -bound, bound
-    factors = (1.0, 1.0)
+    factors = None
     if mod.head_factor is not None and mod.head_factor.numel():
-        factors = tuple(float(x) for x in mod.head_factor.detach().float().aminmax())
+        factors = tuple(mod.head_factor.detach().double().aminmax())
     return mod.bounds(-bound, bound, factors)
 
 
-def _position_bound(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> float:
-    """A bound of the ALiBi and relative-position terms' magnitude."""
-    bound = 0.0
+def _position_bound(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    """A bound of the ALiBi and relative-position terms' magnitude (a 0-d float64 tensor on q's device)."""
+    bound = torch.zeros((), dtype=torch.float64, device=q.device)
     if spec.alibi is not None and spec.alibi.slopes.numel():
-        bound += float(spec.alibi.slopes.detach().abs().max()) * (q.shape[-2] + k.shape[-2])
+        bound = bound + spec.alibi.slopes.detach().double().abs().amax() * (q.shape[-2] + k.shape[-2])
     if spec.relative is not None and spec.relative.values.numel():
-        bound += float(spec.relative.values.detach().abs().max())
+        bound = bound + spec.relative.values.detach().double().abs().amax()
     return bound
 
 
 def _row_norms(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().float().norm(dim=-1) if x.numel() else torch.zeros(1)
+    return x.detach().double().norm(dim=-1) if x.numel() else torch.zeros(1, dtype=torch.float64, device=x.device)

@@ -26,12 +26,14 @@ merge nor recompute it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from flash_fx import exactness, kernels
 from flash_fx.kernels.schedule import masked_threshold
 from flash_fx.kernels.sinks import sink_grad
-from flash_fx.kernels.spec import OP_ARGUMENTS, AttentionSpec, Bias, Saved
+from flash_fx.kernels.spec import OP_ARGUMENTS, AttentionSpec, Saved
 
 
 def _broadcast_qkv(
@@ -103,14 +105,14 @@ def is_checked_call(args: tuple, kwargs: dict) -> bool:
 
 
 def _exact_layout(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> AttentionSpec:
-    """``spec`` with a bias that holds masks read densely unless skipping its tiles is exact on these inputs (the
-    forward and the backward decide alike from the same inputs)."""
+    """``spec`` whose mask bias carries, as a device-side flag, whether skipping its masked tiles is exact on these
+    inputs (the forward and the backward decide alike from the same inputs; where it is not, the schedule reads
+    those tiles)."""
     bias = spec.bias
     if bias is None or not bias.holds_masks:
         return spec
-    if exactness.layout_is_exact(q, k, spec, masked_threshold(bias.values.dtype)):
-        return spec
-    return spec.replace(bias=Bias(bias.values, holds_masks=False, requires_grad=bias.requires_grad))
+    exact = exactness.layout_is_exact(q, k, spec, masked_threshold(bias.values.dtype))
+    return spec.replace(bias=dataclasses.replace(bias, layout_exact=exact))
 
 
 @attention.register_fake

@@ -15,22 +15,56 @@ Skipping an empty tile is exact: its probabilities are ``exp(-inf) = 0`` (struct
 keeps whole every query tile holding a row it hides with a finite fill (:func:`bias_classes`). The classes have the
 batch and head dims of what they depend on (1 where nothing does: the band alone gives [1, 1, Tq, Tk]); the
 kernels index them with the real batch row and query head through zero strides. A structural schedule is built
-with tensor ops on the inputs' device (no host synchronisation); one of the band alone is cached per shape.
+with tensor ops on the inputs' device (no host synchronisation); one of the band alone is cached per shape, and a
+mask bias's classes once per tensor contents (:func:`per_tensor`: a constant mask is reduced on its first call).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from flash_fx.kernels.spec import AttentionSpec, Band
 
-__all__ = ["EMPTY", "FULL", "PARTIAL", "TileSchedule", "bias_classes", "masked_threshold", "schedule"]
+__all__ = ["EMPTY", "FULL", "PARTIAL", "TileSchedule", "bias_classes", "masked_threshold", "per_tensor", "schedule"]
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
+
+T = TypeVar("T")
+
+#: Results kept by :func:`per_tensor` (least recently used dropped first).
+PER_TENSOR_ENTRIES = 16
+_PER_TENSOR: OrderedDict[tuple, tuple[torch.Tensor, object]] = OrderedDict()
+
+
+def per_tensor(values: torch.Tensor, key: tuple, compute: Callable[[], T]) -> T:
+    """``compute()``, a function of ``values``'s contents (and of ``key``), computed once per contents: kept per
+    (memory, view, version, key). The entry holds ``values``, so no other tensor can take its memory while it is
+    kept, and an in-place write bumps the version, so written contents are computed anew. Inference tensors (no
+    version counter) and calls inside a CUDA-graph capture (whose replays must recompute) are never kept."""
+    try:
+        version = values._version
+    except RuntimeError:  # an inference tensor
+        return compute()
+    if values.is_cuda and torch.cuda.is_current_stream_capturing():
+        return compute()
+    full_key = (values.data_ptr(), values.storage_offset(), tuple(values.shape), values.stride(), values.dtype,
+                values.device, version, key)
+    found = _PER_TENSOR.get(full_key)
+    if found is not None:
+        _PER_TENSOR.move_to_end(full_key)
+        return found[1]
+    result = compute()
+    _PER_TENSOR[full_key] = (values, result)
+    while len(_PER_TENSOR) > PER_TENSOR_ENTRIES:
+        _PER_TENSOR.popitem(last=False)
+    return result
 
 
 def masked_threshold(dtype: torch.dtype) -> float:
@@ -109,7 +143,12 @@ def schedule(spec: AttentionSpec, n_q: int, n_k: int, block_m: int, block_n: int
     if spec.documents is not None:
         classes = _combine(classes, _document_classes(spec, block_m, block_n)[:, None])
     if spec.bias is not None and spec.bias.holds_masks:
-        classes = _combine(classes, bias_classes(spec, block_m, block_n))
+        layout = per_tensor(spec.bias.values, ("classes", spec.band, block_m, block_n),
+                            lambda: bias_classes(spec, block_m, block_n))
+        exact = spec.bias.layout_exact
+        if exact is not None:  # where skipping is not proven exact, the masked tiles are read (on the device)
+            layout = torch.where(exact.to(layout.device) | (layout != EMPTY), layout, PARTIAL).to(torch.int8)
+        classes = _combine(classes, layout)
     return TileSchedule(classes, block_m, block_n)
 
 

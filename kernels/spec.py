@@ -147,11 +147,15 @@ class Documents:
 class Bias:
     """An additive score term of any float dtype broadcastable to [B, Hq, Nq, Nk] ("the bias"). ``holds_masks``:
     it comes from masks, so its empty and full tiles may be skipped or read as zeros (:mod:`layout`).
-    ``requires_grad``: the backward returns the float32 gradient of its expanded [B, Hq, Nq, Nk] form."""
+    ``requires_grad``: the backward returns the float32 gradient of its expanded [B, Hq, Nq, Nk] form.
+    ``layout_exact``: whether skipping the empty tiles is exact on this call's inputs, a 0-d bool tensor on the
+    device (:func:`flash_fx.exactness.layout_is_exact`, no host read); where it is false the schedule reads them as
+    partial tiles (None: skipping them is exact)."""
 
     values: Any
     holds_masks: bool = False
     requires_grad: bool = False
+    layout_exact: Any = None  # a 0-d bool tensor from the op's per-call proof: false reads the masked tiles too
 
 
 @dataclass(frozen=True, eq=False)
@@ -322,30 +326,30 @@ class ScoreMod:
                 grad = grad * local
         return (x, grad) if derivative else x
 
-    def bounds(self, low: float, high: float, factor: tuple[float, float] = (1.0, 1.0)) -> tuple[float, float]:
-        """An interval holding ``mod(x)`` for every x in [low, high] (``factor``: the range of the head factor)."""
+    def bounds(self, low: torch.Tensor, high: torch.Tensor,
+               factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """An interval holding ``mod(x)`` for every x in [low, high] (0-d float64 tensors, on any device: computed
+        there, nothing read on the host; ``factor``: the range of the head factor, default 1)."""
         for step in self.steps:
             if step.op in ("mul", "mul_head"):
-                values = (step.a,) if step.op == "mul" else factor
-                ends = [e * f for e in (low, high) for f in values]
-                low, high = min(ends), max(ends)
+                values = (step.a, step.a) if step.op == "mul" else factor or (1.0, 1.0)
+                ends = torch.stack([e * f for e in (low, high) for f in values])
+                low, high = ends.amin(), ends.amax()
             elif step.op == "add":
                 low, high = low + step.a, high + step.a
             elif step.op == "tanh":
-                low, high = math.tanh(low), math.tanh(high)
+                low, high = torch.tanh(low), torch.tanh(high)
             elif step.op == "sigmoid":
-                low, high = _sigmoid(low), _sigmoid(high)
+                low, high = torch.sigmoid(low), torch.sigmoid(high)
             elif step.op == "relu":
-                low, high = max(low, 0.0), max(high, 0.0)
+                low, high = low.clamp_min(0.0), high.clamp_min(0.0)
             elif step.op == "clamp":
-                low, high = min(max(low, step.a), step.b), min(max(high, step.a), step.b)
+                low, high = low.clamp(step.a, step.b), high.clamp(step.a, step.b)
             else:  # square
-                low, high = (0.0 if low <= 0.0 <= high else min(low * low, high * high)), max(low * low, high * high)
+                low_sq, high_sq = low * low, high * high
+                spans_zero = (low <= 0.0) & (high >= 0.0)
+                low, high = torch.where(spans_zero, 0.0, torch.minimum(low_sq, high_sq)), torch.maximum(low_sq, high_sq)
         return low, high
-
-
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """CUDA-graph safety of the op (issue 16, item 4), checked on the CPU: on the Triton path (as it runs on a GPU,
 here through the interpreter) a compiled forward + backward reads no tensor value on the host for the forms that
-need no run-time proof (dense, causal, windows, key padding, dropout, sinks, score modifications, a bias), and the
-dropout seed is drawn and kept on the inputs' device. Forms whose calls prove a fact per call (finite fills, a bias
+need no run-time proof (dense, causal, windows, key padding, dropout, sinks, score modifications, a bias, a mask
+bias whose tiles are skipped: that proof is computed on the device), and the dropout seed is drawn and kept on the
+inputs' device. Forms whose calls prove a fact per call (finite fills, a bias
 beside structural masks, document ids) do read their proof's result on the host: listed here so a change to
 either list is noticed."""
 
@@ -53,13 +54,17 @@ def attention_call(form):
               "key_padding": dict(key_valid=valid), "sinks": dict(sinks=torch.zeros(1, 2, 1)),
               "softcap": dict(score_mod="mul(0.1);tanh;mul(10.0)"), "bias": {},
               "documents": dict(q_doc=ids, k_doc=ids), "finite_fill": dict(key_valid=valid, excluded_fill=-1e9),
-              "bias_beside_causal": {}}[form]
+              "bias_beside_causal": {}, "mask_bias": dict(sparse_bias=True)}[form]
     bias = torch.randn(1, 1, 40, 40) if form.startswith("bias") else None
-    causal = None if form in ("dense", "bias") else 0
+    if form == "mask_bias":  # a block mask as a 0 / -inf bias whose tiles are skipped where that is proven exact
+        blocks = torch.arange(40) // 16
+        bias = torch.zeros(40, 40).masked_fill(blocks[:, None] < blocks[None, :], float("-inf"))
+    causal = None if form in ("dense", "bias", "mask_bias") else 0
     return (q, k, v, bias, 0.25, causal), kwargs
 
 
-@pytest.mark.parametrize("form", ["dense", "causal_dropout", "window", "key_padding", "sinks", "softcap", "bias"])
+@pytest.mark.parametrize("form", ["dense", "causal_dropout", "window", "key_padding", "sinks", "softcap", "bias",
+                                  "mask_bias"])
 def test_no_host_reads_in_forward_and_backward(form):
     args, kwargs = attention_call(form)
     with host_reads() as reads:
@@ -97,7 +102,7 @@ def test_compiled_dropout_model_reads_nothing_on_the_host():
     assert reads == []
 
 
-@pytest.mark.parametrize("form", ["full_cache", "static_cache", "causal_step"])
+@pytest.mark.parametrize("form", ["full_cache", "static_cache", "causal_step", "static_cache_as_bias"])
 def test_decode_steps_read_nothing_on_the_host(form, monkeypatch):
     """A decode step (one query row, GQA 8:2, keys split across programs) on the decode kernels, forward and
     backward: no host read, the static cache's valid slots included."""
@@ -111,10 +116,14 @@ def test_decode_steps_read_nothing_on_the_host(form, monkeypatch):
     q = torch.randn(2, 8, 1, 16, requires_grad=True)
     k, v = (torch.randn(2, 2, 100, 16, requires_grad=True) for _ in range(2))
     valid = torch.arange(100)[None].expand(2, 100) < torch.tensor([[30], [77]])
-    kwargs = {"full_cache": {}, "static_cache": dict(key_valid=valid), "causal_step": {}}[form]
+    kwargs = {"full_cache": {}, "static_cache": dict(key_valid=valid), "causal_step": {},
+              "static_cache_as_bias": dict(sparse_bias=True)}[form]
     causal = 99 if form == "causal_step" else None
+    # transformers' eager decode mask: 0 / finfo.min per key, its masked tiles skipped where that is proven exact
+    bias = (torch.zeros(2, 1, 1, 100).masked_fill(~valid[:, None, None], torch.finfo(torch.float32).min)
+            if form == "static_cache_as_bias" else None)
     with host_reads() as reads:
-        out, lse, seed = torch.ops.flash_fx.attention(q, k, v, None, 0.25, causal, **kwargs)
+        out, lse, seed = torch.ops.flash_fx.attention(q, k, v, bias, 0.25, causal, **kwargs)
         out.sum().backward()
     assert reads == [] and flash_fx.kernels.triton_failure() is None
     assert launches and launches[0].splits > 1

@@ -424,3 +424,56 @@ def test_block_layout_is_used_only_where_it_is_exact():
     assert not layout_is_exact(q * 1e14, k * 1e14, spec_of(D**-0.5, bias=near), threshold)
     slopes = torch.full((1, H), 1e36)
     assert not layout_is_exact(q, k, spec_of(D**-0.5, bias=bias, alibi_slopes=slopes), threshold)
+
+
+def test_an_unproven_layout_reads_the_masked_tiles():
+    """The layout proof is a device-side flag the schedule applies (no host read): false turns every tile the bias
+    masks into a partial tile that is read (the dense pass's result), true skips them; both equal the float64
+    reference on inputs where skipping is exact."""
+    from flash_fx.kernels import attention_forward
+    from flash_fx.kernels.schedule import EMPTY, schedule
+    from flash_fx.kernels.spec import AttentionSpec, Bias
+
+    n = 48
+    q, k, v = qkv(n, n, grad=False)
+    blocks = torch.arange(n) // 16
+    values = torch.zeros(n, n).masked_fill(blocks[:, None] != blocks[None, :], MIN)
+    reference = AttentionSpec(D**-0.5, bias=Bias(values)).validate(q, k, v).reference(q, k, v)
+    for proven in (True, False):
+        spec = AttentionSpec(D**-0.5, bias=Bias(values, holds_masks=True, layout_exact=torch.tensor(proven)))
+        classes = schedule(spec.validate(q, k, v), n, n, 16, 16).classes
+        assert bool((classes == EMPTY).any()) == proven
+        out, _ = attention_forward(q, k, v, spec)
+        torch.testing.assert_close(out.double(), reference, atol=2e-5, rtol=2e-5)
+
+
+def test_a_mask_bias_layout_is_reduced_once_per_contents(monkeypatch):
+    """A constant mask's tile classes are computed on its first call and reused; an in-place write to the mask (its
+    version counter moves) makes the next call reduce it again, and the output follows the new contents."""
+    import importlib
+
+    from flash_fx.kernels import attention_forward
+    from flash_fx.kernels.spec import AttentionSpec, Bias
+
+    schedule = importlib.import_module("flash_fx.kernels.schedule")  # the module (the package exports its function)
+    reductions = []
+    real = schedule.bias_classes
+    monkeypatch.setattr(schedule, "bias_classes", lambda *a: reductions.append(1) or real(*a))
+    n = 48
+    q, k, v = qkv(n, n, grad=False)
+    blocks = torch.arange(n) // 16
+    mask = torch.zeros(n, n).masked_fill(blocks[:, None] < blocks[None, :], float("-inf"))
+
+    def run():
+        spec = AttentionSpec(D**-0.5, bias=Bias(mask, holds_masks=True, layout_exact=torch.tensor(True)))
+        out, _ = attention_forward(q, k, v, spec)
+        reference = AttentionSpec(D**-0.5, bias=Bias(mask.clone())).validate(q, k, v).reference(q, k, v)
+        torch.testing.assert_close(out.double(), reference, atol=2e-5, rtol=2e-5)
+
+    run()
+    run()
+    assert len(reductions) == 1
+    mask[20:, :16] = float("-inf")  # written in place: the old layout would skip nothing new but keep stale tiles
+    mask[:16, 20:] = 0.0  # and now tiles the old layout skipped are visible
+    run()
+    assert len(reductions) == 2
