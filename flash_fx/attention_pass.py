@@ -194,13 +194,14 @@ def plan_attention(graph: fx.Graph, match: AttentionMatch, example_inputs: list[
     band_density = _band_density(masks.band, nq, nk, tiles)
     holds_masks = masks.masks_in_bias > 0  # the kernels reduce the masks in the bias to a tile layout
     density = _layout_density(masks, nq, nk, tiles) if holds_masks else band_density
-    plan = _plan(match, masks, options, device, density, holds_masks)
+    # A run-time mask is reduced to its tile layout at every call; a constant one (density known) on its first
+    # call only (kernels.schedule.per_tensor), after which its layout is used where it reads less than the bias.
+    plan = _plan(match, masks, options, device, density, layout_pass=holds_masks and density is None)
     sparse_note = []
-    if holds_masks and density is not None:  # a constant layout: used only where it pays for its pass over the mask
-        dense_bias = _plan(match, masks, options, device, band_density, False)
+    if holds_masks and density is not None:
+        dense_bias = _plan(match, masks, options, device, band_density, layout_pass=False)
         if dense_bias.hbm_after <= plan.hbm_after:
-            sparse_note = [f"block layout not used: reducing the mask costs more than skipping {1 - density:.0%} "
-                           "of the tiles saves"]
+            sparse_note = ["block layout not used: the mask empties no tile"]
             plan, density, holds_masks, variant = dense_bias, band_density, False, "bias"
             if variant not in options.variants:
                 return _not_allowed(variant, options)
@@ -256,10 +257,11 @@ def _moved_read(match: AttentionMatch, masks: MaskDecision) -> str | None:
 
 
 def _plan(match: AttentionMatch, masks: MaskDecision, options: Options, device: cost.Device,
-          density: float | None, holds_masks: bool) -> cost.Plan:
-    """The cost model's decision for one match, with sizes as the graph's symbols (hints: example sizes)."""
+          density: float | None, layout_pass: bool) -> cost.Plan:
+    """The cost model's decision for one match, with sizes as the graph's symbols (hints: example sizes);
+    ``layout_pass``: each call reduces its mask bias to a tile layout."""
     sizes = [*match.q_shape, *match.k_shape, *match.output.meta["example_value"].shape]
-    shape = _cost_shape(match, masks, 1.0 if density is None else density, holds_masks)
+    shape = _cost_shape(match, masks, 1.0 if density is None else density, layout_pass)
     return cost.plan(shape, _size_hints(sizes), device=device, force=options.force,
                      min_speedup=options.min_speedup, tiles=options.tiles)
 

@@ -113,18 +113,26 @@ def test_bad_cost_options(options, message):
         parse_options(options)
 
 
-def test_block_layout_chosen_only_when_it_saves():
+def test_a_constant_block_layout_is_used_where_it_empties_a_tile():
+    """A constant mask's layout is reduced on its first call only (kernels.schedule.per_tensor), so the cost model
+    charges it no per-call pass over the mask: it is used wherever it empties a tile, and a mask that empties none
+    stays a plain bias."""
     n = 1024
     q = torch.randn(1, 2, n, 64)
     sparse = BlockLayoutMask(n=n, block=128)
     (chosen,) = capture(sparse, q, q, q).reports[0].rewrites
     assert chosen.variant == "block_sparse" and chosen.tile_density < 0.5
+    one_empty = BlockLayoutMask(n=n, block=128)
+    one_empty.visible.fill_(True)
+    one_empty.visible[:128, 128:256] = False  # one 128 x 128 block hidden: the tiles it covers are empty
+    (used,) = capture(one_empty, q, q, q).reports[0].rewrites
+    assert used.variant == "block_sparse" and 0.9 < used.tile_density < 1.0
     nearly_full = BlockLayoutMask(n=n, block=128)
     nearly_full.visible.fill_(True)
     nearly_full.visible[5, 3] = False
     captured = capture(nearly_full, q, q, q)
     (kept_dense,) = captured.reports[0].rewrites
-    assert kept_dense.variant == "bias" and "block layout not used" in kept_dense.notes
+    assert kept_dense.variant == "bias" and "the mask empties no tile" in kept_dense.notes
     assert "sparse_bias" not in captured.after
 
 
