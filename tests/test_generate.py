@@ -53,5 +53,10 @@ def test_static_cache_generation_matches_eager(name, impl, monkeypatch):
     assert all("key_padding" in r.mask or "per key" in r.mask for r in decode), [r.mask for r in decode]
     # the decode variant: both query heads of a KV head in one tile, and the decode kernels ran for every step
     assert all(r.kernel == "decode" and "decode kernels: 2 query heads per KV head" in r.notes for r in decode)
+    # prefill under SDPA: the static cache's mask over its unfilled slots (an in-graph boolean built from the input
+    # mask) is a mask whose empty tiles are skipped at run time; eager's float mask [B, 1, Nq, Nk] stays a bias (a
+    # float bias shared by the heads is not taken for a mask: a genuine one would pay a pass for nothing)
+    prefill = [r for report in flash_fx.reports() for r in report.rewrites if r.q_shape[2] > 1]
+    assert prefill and (impl == "eager" or all("skipped at run time" in r.mask for r in prefill)), prefill
     steps = [shape for shape in decode_launches if shape[2] == 1]
     assert len(steps) == 2 * (options["max_new_tokens"] - 1), decode_launches
