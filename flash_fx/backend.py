@@ -21,7 +21,7 @@ from flash_fx import exactness
 from flash_fx.attention_pass import PassResult, run_attention_pass
 from flash_fx.cache_salt import inductor_config_patches
 from flash_fx.kernels import AttentionInputError
-from flash_fx.op import is_checked_call
+from flash_fx.op import is_checked_call, reads_the_host
 from flash_fx.options import Options, parse_options
 from flash_fx.patterns.mutation import Writes
 from flash_fx.report import Report, SkipRecord, record
@@ -46,14 +46,13 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], options: Option
     rewritten = copy_graph_module(gm)
     result = _run_pass_safely(rewritten, example_inputs, options, next(_graph_ids))
     record(result.report)
+    rewrote = bool(result.report.rewrites)
+    compiled = _inner_compile(options, rewritten if rewrote else gm, example_inputs, result.report)
     if options.prints_report:
         print(result.report)
         if options.report == "verbose":
             print("graph before flash_fx:", gm.code, "graph after flash_fx:", rewritten.code, sep="\n")
-    if not result.report.rewrites:
-        return _inner_compile(options, gm, example_inputs)
-    compiled = _inner_compile(options, rewritten, example_inputs)
-    return _Guarded(compiled, gm, result, options, rewritten)
+    return _Guarded(compiled, gm, result, options, rewritten) if rewrote else compiled
 
 
 def explain(model: Callable, *example_inputs: Any, **options: Any) -> list[Report]:
@@ -92,15 +91,22 @@ def _run_pass_safely(gm: fx.GraphModule, example_inputs: list[Any], options: Opt
         return PassResult(report)
 
 
-def _inner_compile(options: Options, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+def _inner_compile(options: Options, gm: fx.GraphModule, example_inputs: list[Any],
+                   report: Report | None = None) -> Callable:
     """The inner compiler's callable for ``gm``: Inductor with the mode's settings (as plain torch.compile applies
-    them) and flash_fx's cache salt, AOTAutograd's eager, or the graph as it is."""
+    them) and flash_fx's cache salt, AOTAutograd's eager, or the graph as it is. A graph whose attention calls
+    read values on the host is compiled without CUDA graphs (which could not capture it), and ``report`` says so."""
     inner = options.inner
     if inner == "inductor":
-        from torch._inductor import list_mode_options
+        from torch._inductor import config, list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
         patches = {**list_mode_options(options.mode), **inductor_config_patches()}
+        why = _host_reads([gm.graph])
+        if why and patches.get("triton.cudagraphs", config.triton.cudagraphs):
+            patches["triton.cudagraphs"] = False
+            if report is not None:
+                report.notes.append(f"CUDA graphs off for this graph: {why}")
         return compile_fx(gm, example_inputs, config_patches=patches)
     if inner == "aot_eager":
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
@@ -200,13 +206,18 @@ class _Guarded:
         self.result.report.skipped.append(SkipRecord("<graph>", f"original ops run at run time when: {why}"))
 
 
+def _attention_calls(graphs: list[fx.Graph]) -> list[fx.Node]:
+    return [node for graph in graphs for node in graph.nodes if node.target is torch.ops.flash_fx.attention.default]
+
+
 def _checks_at_run_time(graphs: list[fx.Graph]) -> bool:
     """Whether some attention op call of these graphs proves its result at run time (flash_fx.exactness)."""
-    for graph in graphs:
-        for node in graph.nodes:
-            if node.target is torch.ops.flash_fx.attention.default and is_checked_call(node.args[3:], node.kwargs):
-                return True
-    return False
+    return any(is_checked_call(node.args[3:], node.kwargs) for node in _attention_calls(graphs))
+
+
+def _host_reads(graphs: list[fx.Graph]) -> str | None:
+    """Why some attention op call of these graphs reads a value on the host (flash_fx.op.reads_the_host), or None."""
+    return next(filter(None, (reads_the_host(node.args[3:], node.kwargs) for node in _attention_calls(graphs))), None)
 
 
 def written_inputs(gm: fx.GraphModule) -> list[int]:

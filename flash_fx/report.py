@@ -50,6 +50,7 @@ class Report:
     graph_id: int
     rewrites: list[RewriteRecord] = field(default_factory=list)
     skipped: list[SkipRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how the graph is compiled, where flash_fx changed it
 
     def __str__(self) -> str:
         lines = [f"flash_fx report for graph {self.graph_id}: "
@@ -69,6 +70,7 @@ class Report:
                       for r in self.rewrites if r.hbm_formula]
         if self.skipped:
             lines += _table(("skipped", "reason"), [(s.location, s.reason) for s in self.skipped])
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 

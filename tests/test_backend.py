@@ -289,3 +289,42 @@ def test_explain_command_line():
     assert done.returncode == 0, done.stderr
     assert "2 rewritten" in done.stdout and "causal" in done.stdout
     assert "cost model: A100, tiles Br x Bc = 64 x 64" in done.stdout
+
+
+@pytest.mark.parametrize("form", ["finite_fill", "key_padding"])
+def test_reduce_overhead_skips_cuda_graphs_only_for_graphs_that_read_the_host(form, monkeypatch):
+    """Under mode="reduce-overhead" a graph whose attention proves a finite fill's exclusion per call (a host read a
+    CUDA graph cannot capture) is compiled without CUDA graphs and its report says why; a graph whose calls read
+    nothing on the host keeps them."""
+    import torch._inductor.compile_fx as inductor
+
+    seen = []
+    monkeypatch.setattr(inductor, "compile_fx", lambda gm, inputs, config_patches=None: seen.append(config_patches)
+                        or gm.forward)
+
+    def padded(q, k, v, valid):
+        scores = q @ k.transpose(-1, -2) / 4.0
+        if form == "finite_fill":
+            scores = scores.masked_fill(~valid[:, None, None, :], -1e9)
+        else:
+            scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        return scores.softmax(-1) @ v
+
+    q, k, v = (torch.randn(2, 2, 40, 16) for _ in range(3))
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[1, 30:] = False
+    flash_fx.clear_reports()
+    torch._dynamo.reset()
+    compiled = torch.compile(padded, backend="flash_fx",
+                             options={"mode": "reduce-overhead", "report": False, "force": True})
+    compiled(q, k, v, valid)
+    torch._dynamo.reset()
+    (patches,) = seen
+    (report,) = flash_fx.reports()
+    assert report.rewrites, report
+    if form == "finite_fill":
+        assert patches["triton.cudagraphs"] is False
+        assert report.notes == ["CUDA graphs off for this graph: an attention call proves its finite-fill "
+                                "exclusions on the host"]
+    else:
+        assert patches["triton.cudagraphs"] is True and not report.notes
