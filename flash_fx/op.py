@@ -106,13 +106,9 @@ def is_checked_call(args: tuple, kwargs: dict) -> bool:
 
 def reads_the_host(args: tuple, kwargs: dict) -> str | None:
     """Why an op call with these arguments after q, k, v (graph nodes or values) reads a tensor value on the host
-    (which a CUDA graph cannot capture), or None: it proves its exclusions per call (:func:`is_checked_call`), or
-    it checks its document ids' order."""
-    spec = AttentionSpec.from_op_args(*args, **kwargs)
-    if spec.is_checked:
+    (which a CUDA graph cannot capture), or None: it proves its exclusions per call (:func:`is_checked_call`)."""
+    if AttentionSpec.from_op_args(*args, **kwargs).is_checked:
         return "an attention call proves its finite-fill exclusions on the host"
-    if spec.documents is not None:
-        return "an attention call checks its document ids' order on the host"
     return None
 
 

@@ -210,14 +210,13 @@ def _key_classes(key_valid: torch.Tensor, block_n: int) -> torch.Tensor:
 
 def _document_classes(spec: AttentionSpec, block_m: int, block_n: int) -> torch.Tensor:
     """[B, Tq, Tk] classes of document ids: full when the query and key tiles hold one and the same document;
-    with sorted ids, empty when their id ranges do not meet; otherwise partial."""
+    empty when their id ranges do not meet (then no id is shared, in any order; with sorted ids, as packed
+    documents are, this finds every empty tile); otherwise partial."""
     documents = spec.documents
     q_lo, q_hi = _tile_id_range(documents.q_ids, block_m)
     k_lo, k_hi = _tile_id_range(documents.k_ids, block_n)
     one_document = (q_lo == q_hi)[:, :, None] & (k_lo == k_hi)[:, None, :] & (q_lo[:, :, None] == k_lo[:, None, :])
-    some = torch.ones_like(one_document)
-    if documents.sorted:
-        some = (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
+    some = (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
     every = one_document
     n_k = documents.k_ids.shape[1]
     if n_k % block_n:
@@ -230,8 +229,12 @@ def _tile_id_range(ids: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.T
     n = ids.shape[1]
     pad = math.ceil(n / block) * block - n
     info = torch.iinfo(ids.dtype)
-    low = F.pad(ids, (0, pad), value=info.max).unflatten(1, (-1, block)).amin(-1)
-    high = F.pad(ids, (0, pad), value=info.min).unflatten(1, (-1, block)).amax(-1)
+
+    def padded(value: int) -> torch.Tensor:  # exact for int64 (F.pad's float value would round int64's extremes)
+        return torch.cat([ids, torch.full((ids.shape[0], pad), value, dtype=ids.dtype, device=ids.device)], 1)
+
+    low = padded(info.max).unflatten(1, (-1, block)).amin(-1)
+    high = padded(info.min).unflatten(1, (-1, block)).amax(-1)
     return low, high
 
 

@@ -135,12 +135,11 @@ class Band:
 @dataclass(frozen=True, eq=False)
 class Documents:
     """Document ids: key j is visible to query i of batch row b iff ``q_ids[b, i] == k_ids[b, j]``. After
-    :meth:`AttentionSpec.validate` both are int32 [B, N] and ``sorted`` says whether both are non-decreasing
-    (which lets the kernels bound their loops by document ranges)."""
+    :meth:`AttentionSpec.validate` both are [B, N] integer tensors of one dtype: int32 for ids up to 32 bits wide
+    (bools included), int64 ids as they are (nothing about their values is read on the host)."""
 
     q_ids: Any
     k_ids: Any
-    sorted: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -389,12 +388,6 @@ class AttentionSpec:
         return self.band.bounded or self.key_valid is not None or self.documents is not None
 
     @property
-    def may_skip(self) -> bool:
-        """Whether whole tiles may be skipped beyond those above a causal diagonal."""
-        return (self.band.lower is not None or self.key_valid is not None
-                or (self.documents is not None and self.documents.sorted))
-
-    @property
     def is_checked(self) -> bool:
         """Whether a call proves its exclusions exact at run time (flash_fx.exactness), and so may ask for the
         original ops: a finite fill was excluded, or a bias sits beside masks that replace the scores."""
@@ -607,10 +600,8 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 def _documents(documents: Documents | None, batch: int, n_q: int, n_k: int) -> Documents | None:
     if documents is None:
         return None
-    q_ids, k_ids = _int32_ids(documents.q_ids, documents.k_ids)
-    q_ids, k_ids = _batch_rows(q_ids, batch, n_q, "q_doc"), _batch_rows(k_ids, batch, n_k, "k_doc")
-    ordered = bool((q_ids[:, 1:] >= q_ids[:, :-1]).all() and (k_ids[:, 1:] >= k_ids[:, :-1]).all())
-    return Documents(q_ids, k_ids, ordered)
+    q_ids, k_ids = _integer_ids(documents.q_ids, documents.k_ids)
+    return Documents(_batch_rows(q_ids, batch, n_q, "q_doc"), _batch_rows(k_ids, batch, n_k, "k_doc"))
 
 
 def _bias(bias: Bias | None, q: torch.Tensor, k: torch.Tensor) -> Bias | None:
@@ -699,20 +690,19 @@ def _clamp(offset: int, reach: int) -> int:
     return max(-reach, min(int(offset), reach))
 
 
-def _int32_ids(q_doc: torch.Tensor, k_doc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer (or bool) document ids as int32 with the same equalities and order: ids outside int32's range
-    are replaced by their ranks among all ids (float ids are refused)."""
+def _integer_ids(q_doc: torch.Tensor, k_doc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer (or bool) document ids in one dtype with the same equalities: int64 if either is int64 (or
+    uint32/uint64, whose values may not fit int32), else int32; exact, decided from the dtypes alone (float ids are
+    refused)."""
     for name, ids in (("q_doc", q_doc), ("k_doc", k_doc)):
         if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex:
             raise AttentionInputError(f"{name} must hold integer ids, got {getattr(ids, 'dtype', ids)}")
-    if q_doc.dtype == torch.bool or k_doc.dtype == torch.bool:
+    narrow = (torch.bool, torch.int8, torch.uint8, torch.int16, torch.uint16, torch.int32)
+    if q_doc.dtype in narrow and k_doc.dtype in narrow:
         return q_doc.to(torch.int32), k_doc.to(torch.int32)
-    both = torch.cat([q_doc.reshape(-1).long(), k_doc.reshape(-1).long()])
-    info = torch.iinfo(torch.int32)
-    if both.numel() and (int(both.min()) < info.min or int(both.max()) > info.max):
-        ranks = torch.unique(both, return_inverse=True)[1].to(torch.int32)
-        return ranks[: q_doc.numel()].view(q_doc.shape), ranks[q_doc.numel():].view(k_doc.shape)
-    return q_doc.to(torch.int32), k_doc.to(torch.int32)
+    if torch.uint64 in (q_doc.dtype, k_doc.dtype):
+        raise AttentionInputError("document ids of dtype uint64 are not supported (int64 ids are)")
+    return q_doc.to(torch.int64), k_doc.to(torch.int64)
 
 
 def _and(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:

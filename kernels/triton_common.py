@@ -286,10 +286,10 @@ def tile_list(Counts, Indices, stride_cb, stride_ch, stride_ib, stride_ih, b, h,
 
 @triton.jit
 def load_ids(base, idx, stride, n, ENABLED: tl.constexpr):
-    """int32 entries ``base[idx * stride]`` of a per-position vector (document ids, key validity), -1 where
-    ``idx >= n``; zeros when the vector is absent (``ENABLED`` false)."""
+    """int64 entries ``base[idx * stride]`` of a per-position vector (document ids of any integer width, key
+    validity), -1 where ``idx >= n``; zeros when the vector is absent (``ENABLED`` false)."""
     if ENABLED:
-        out = tl.load(base + idx * stride, mask=idx < n, other=-1).to(tl.int32)
+        out = tl.load(base + idx * stride, mask=idx < n, other=-1).to(tl.int64)
     else:
         out = tl.zeros_like(idx)
     return out

@@ -58,7 +58,7 @@ def terms(spec: AttentionSpec, dummy: torch.Tensor) -> Group:
 
 
 def masks(spec: AttentionSpec, dummy: torch.Tensor) -> Group:
-    """The structural masks of partial tiles: band offsets, the key-valid (int8) and document (int32) vectors
+    """The structural masks of partial tiles: band offsets, the key-valid (int8) and document (int32 or int64) vectors
     [B, N] and the flags."""
     band, documents = spec.band, spec.documents
     key_valid = None if spec.key_valid is None else spec.key_valid.view(torch.int8)

@@ -1186,3 +1186,23 @@ def test_rel_bias_validation(backward):
     for good in (torch.ones(2, 4, 11), torch.ones(1, 1, 11), torch.ones(2, 1, 11, dtype=torch.float16),
                  torch.ones(1, 4, 11, dtype=torch.float64)):
         call(good)
+
+
+@pytest.mark.parametrize("path", ["triton", "cpu"])
+def test_int64_document_ids_beyond_int32_stay_distinct(path):
+    """Document ids that differ only above bit 31 are different documents: kept as int64 (no host read of their
+    range), never narrowed, on both paths; unsorted ids too (a tile is skipped only when its id ranges do not meet)."""
+    from flash_fx.kernels import attention_forward as kernels_forward
+    from flash_fx.kernels.spec import AttentionSpec, Documents
+    from soundness import kernel_path
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))
+    big = 2**40
+    ids = torch.tensor([[big] * 13 + [big + 2**32] * 14 + [big] * 13])  # same low 32 bits, unsorted
+    spec = AttentionSpec(0.25, documents=Documents(ids, ids))
+    reference = spec.validate(q, k, v).reference(q, k, v)
+    with kernel_path(path):
+        out, _ = kernels_forward(q, k, v, spec)
+    assert spec.validate(q, k, v).documents.q_ids.dtype == torch.int64
+    torch.testing.assert_close(out.double(), reference, atol=2e-5, rtol=2e-5)
