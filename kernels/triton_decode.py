@@ -67,8 +67,9 @@ def _decode_kernel(
     HAS_REL: tl.constexpr, MOD: tl.constexpr,
 ):
     """Grid: (SPLITS, B * Hkv). Counts/Indices are the schedule's lists of its one query tile per (batch row, KV
-    head) (:func:`schedule.by_kv_head`). With one split, Out [B, Hq, Nq, Dv] and Lse [B, Hq, Nq, 2] get the rows;
-    else PartOut (float32 [B * Hkv, SPLITS, rows, Dv]) and PartLse (float32 [B * Hkv, SPLITS, rows, 2])."""
+    head) (:meth:`schedule.TileSchedule.by_kv_head`). With one split, Out [B, Hq, Nq, Dv] and Lse [B, Hq, Nq, 2]
+    get the rows; else PartOut (float32 [B * Hkv, SPLITS, rows, Dv]) and PartLse (float32 [B * Hkv, SPLITS, rows,
+    2])."""
     split = tl.program_id(0)
     bkv = tl.program_id(1).to(tl.int64)
     b = bkv // num_kv_heads
@@ -163,7 +164,8 @@ def _merge_kernel(PartOut, PartLse, Out, Lse, stride_ob, stride_oh, stride_om, s
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, launch: DecodePlan,
                       schedule: TileSchedule) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the decode kernels on non-empty inputs for a validated ``spec`` without dropout, over ``schedule``'s
-    lists per KV head (:meth:`schedule.TileSchedule.by_kv_head`, one query tile of ``launch.block_n`` keys)."""
+    lists per KV head (:meth:`schedule.TileSchedule.by_kv_head`: one query tile holding every query row, key tiles
+    of ``launch.block_n``)."""
     batch, num_heads, n_q = q.shape[:3]
     num_kv_heads, value_dim = k.shape[1], v.shape[-1]
     rows = packed_rows(n_q, num_heads, num_kv_heads)
