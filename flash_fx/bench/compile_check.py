@@ -124,20 +124,21 @@ def _modules() -> dict[str, ModuleType]:
     return {"triton_forward": triton_forward, "triton_backward": triton_backward, "triton_decode": triton_decode}
 
 
-def check_decode(head_dim: int, dtype: torch.dtype, capability: int) -> list[Usage]:
+def check_decode(head_dim: int, dtype: torch.dtype, capability: int, splits: int = DECODE_SPLITS) -> list[Usage]:
     """The compiled resources of the decode and merge kernels at the GPU launch :func:`decode.tiles` gives one
-    decode step (GQA 8:1, a static cache's key validity, :data:`DECODE_SPLITS` splits)."""
+    decode step (GQA 8:1, a static cache's key validity, ``splits`` key splits: the merge kernel's tile grows with
+    them)."""
     from flash_fx.kernels import decode, triton_decode
     from flash_fx.kernels.schedule import schedule
     from flash_fx.kernels.spec import AttentionSpec
 
     q = torch.randn(1, DECODE_HEADS, 1, head_dim).to(dtype)
-    k = torch.randn(1, DECODE_KV_HEADS, LENGTH, head_dim).to(dtype)
-    valid = torch.arange(LENGTH)[None] < LENGTH // 4
+    k = torch.randn(1, DECODE_KV_HEADS, max(LENGTH, 64 * splits), head_dim).to(dtype)
+    valid = torch.arange(k.shape[2])[None] < k.shape[2] // 4
     spec = AttentionSpec(head_dim ** -0.5, key_valid=valid).validate(q, k, k)
     launch = decode.tiles(decode.packed_rows(1, DECODE_HEADS, DECODE_KV_HEADS), config.padded_head_dim(head_dim),
-                          dtype, on_gpu=True)._replace(splits=DECODE_SPLITS)
-    plan = schedule(spec, 1, LENGTH, 1, launch.block_n).by_kv_head(DECODE_HEADS, DECODE_KV_HEADS, False)
+                          dtype, on_gpu=True)._replace(splits=splits)
+    plan = schedule(spec, 1, k.shape[2], 1, launch.block_n).by_kv_head(DECODE_HEADS, DECODE_KV_HEADS, False)
     with _recording(_modules()) as calls:
         triton_decode.attention_forward(q, k, k, spec, launch, plan)
     budget = config.sram_budget((capability // 10, capability % 10))
@@ -244,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--score-mod", default=None,
                         help='a score modification\'s steps, e.g. "mul(0.02);tanh;mul(50.0)" (soft-capping)')
     parser.add_argument("--decode", action="store_true",
-                        help="the decode and merge kernels (GQA 8:1, one query row, four key splits) instead")
+                        help="the decode and merge kernels (GQA 8:1, one query row) instead")
+    parser.add_argument("--splits", type=int, default=DECODE_SPLITS, help="the decode check's key splits")
     args = parser.parse_args(argv)
     if config.interpreter_active():
         raise SystemExit("compile_check compiles the kernels: run it without TRITON_INTERPRET=1")
@@ -253,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
         for head_dim in args.head_dims:
             for dtype in (getattr(torch, name) for name in args.dtypes):
                 print("\n".join(markdown_rows(args.arch, head_dim, dtype, False, True,
-                                               check_decode(head_dim, dtype, args.arch))), flush=True)
+                                               check_decode(head_dim, dtype, args.arch, args.splits))),
+                      flush=True)
         return
     causal = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
     dtypes = [getattr(torch, name) for name in args.dtypes]
