@@ -47,15 +47,15 @@ def per_tensor(values: torch.Tensor, key: tuple, compute: Callable[[], T]) -> T:
     """``compute()``, a function of ``values``'s contents (and of ``key``), computed once per contents: kept per
     (memory, view, version, key). The entry holds ``values``, so no other tensor can take its memory while it is
     kept, and an in-place write bumps the version, so written contents are computed anew. Inference tensors (no
-    version counter) and calls inside a CUDA-graph capture (whose replays must recompute) are never kept."""
-    try:
-        version = values._version
-    except RuntimeError:  # an inference tensor
-        return compute()
+    version counter), tensors without storage of their own (a wrapper subclass) and calls inside a CUDA-graph
+    capture (whose replays must recompute) are never kept."""
     if values.is_cuda and torch.cuda.is_current_stream_capturing():
         return compute()
-    full_key = (values.data_ptr(), values.storage_offset(), tuple(values.shape), values.stride(), values.dtype,
-                values.device, version, key)
+    try:
+        full_key = (values.data_ptr(), values.storage_offset(), tuple(values.shape), values.stride(), values.dtype,
+                    values.device, values._version, key)
+    except RuntimeError:  # an inference tensor (no version counter), a tensor without storage of its own
+        return compute()
     found = _PER_TENSOR.get(full_key)
     if found is not None:
         _PER_TENSOR.move_to_end(full_key)

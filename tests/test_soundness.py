@@ -477,3 +477,21 @@ def test_a_mask_bias_layout_is_reduced_once_per_contents(monkeypatch):
     mask[:16, 20:] = 0.0  # and now tiles the old layout skipped are visible
     run()
     assert len(reductions) == 2
+
+
+def test_per_tensor_cache_keeps_results_per_contents():
+    """kernels.schedule.per_tensor: computed once per tensor contents, again after an in-place write, and never kept
+    for an inference tensor (which has no version counter to tell a write)."""
+    from flash_fx.kernels.schedule import per_tensor
+
+    computed = []
+    kept = torch.zeros(3)
+    for _ in range(2):
+        per_tensor(kept, ("test",), lambda: computed.append("kept"))
+    kept.add_(1)
+    per_tensor(kept, ("test",), lambda: computed.append("written"))
+    with torch.inference_mode():
+        inference = torch.zeros(3)
+    for _ in range(2):
+        per_tensor(inference, ("test",), lambda: computed.append("inference"))
+    assert computed == ["kept", "written", "inference", "inference"]
