@@ -213,6 +213,7 @@ def plan_attention(graph: fx.Graph, match: AttentionMatch, example_inputs: list[
                       bias_holds_masks=holds_masks, alibi=masks.alibi, relative=masks.relative, copy_output=copy_output,
                       excluded_fill=masks.excluded_fill, filled_rows=masks.filled_rows, score_mod=score_mod,
                       sinks=match.sinks)
+    decode_group = _decode_group(match)
     scale = f"{match.scale:.4g}" + "".join(
         " / sqrt(head_dim)" if d == RSQRT_HEAD_DIM else f" {'/' if d.reciprocal else '*'} {d.factor.name}"
         for d in match.dynamic_scales)
@@ -223,9 +224,9 @@ def plan_attention(graph: fx.Graph, match: AttentionMatch, example_inputs: list[
         scale=scale, mask=masks.description,
         notes="; ".join([*match.notes, *([f"scores modified: {score_mod.describe()}"] if score_mod else []),
                          *(["attention sinks: a logit per row joins the softmax"] if match.sinks is not None else []),
-                         *_dropout_note(match.dropout_p), *sparse_note, *_decode_note(match, device),
+                         *_dropout_note(match.dropout_p), *sparse_note, *_decode_note(decode_group, device),
                          plan.reason]),
-        tile_density=density, kernel="decode" if _decode_group(match) else "prefill", **_plan_fields(plan),
+        tile_density=density, kernel="decode" if decode_group else "prefill", **_plan_fields(plan),
     )
     return BlockPlan(match, call, record, masks.proofs)
 
@@ -581,8 +582,7 @@ def _decode_group(match: AttentionMatch) -> int:
     return heads // kv_heads if decode.chooses(n_q, heads, kv_heads, match.dropout_p > 0) else 0
 
 
-def _decode_note(match: AttentionMatch, device: cost.Device) -> list[str]:
-    group = _decode_group(match)
+def _decode_note(group: int, device: cost.Device) -> list[str]:
     if not group:
         return []
     where = "one C++ call" if device.is_cpu else "one tile, keys split across programs"

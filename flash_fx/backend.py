@@ -21,7 +21,7 @@ from flash_fx import exactness
 from flash_fx.attention_pass import PassResult, run_attention_pass
 from flash_fx.cache_salt import inductor_config_patches
 from flash_fx.kernels import AttentionInputError
-from flash_fx.op import is_checked_call, reads_the_host
+from flash_fx.op import is_checked_call
 from flash_fx.options import Options, parse_options
 from flash_fx.patterns.mutation import Writes
 from flash_fx.report import Report, SkipRecord, record
@@ -102,11 +102,12 @@ def _inner_compile(options: Options, gm: fx.GraphModule, example_inputs: list[An
         from torch._inductor.compile_fx import compile_fx
 
         patches = {**list_mode_options(options.mode), **inductor_config_patches()}
-        why = _host_reads([gm.graph])
-        if why and patches.get("triton.cudagraphs", config.triton.cudagraphs):
+        # the only calls that read values on the host: those proving their exclusions per call
+        if _checks_at_run_time([gm.graph]) and patches.get("triton.cudagraphs", config.triton.cudagraphs):
             patches["triton.cudagraphs"] = False
             if report is not None:
-                report.notes.append(f"CUDA graphs off for this graph: {why}")
+                report.notes.append("CUDA graphs off for this graph: an attention call proves its finite-fill "
+                                    "exclusions on the host")
         return compile_fx(gm, example_inputs, config_patches=patches)
     if inner == "aot_eager":
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
@@ -213,11 +214,6 @@ def _attention_calls(graphs: list[fx.Graph]) -> list[fx.Node]:
 def _checks_at_run_time(graphs: list[fx.Graph]) -> bool:
     """Whether some attention op call of these graphs proves its result at run time (flash_fx.exactness)."""
     return any(is_checked_call(node.args[3:], node.kwargs) for node in _attention_calls(graphs))
-
-
-def _host_reads(graphs: list[fx.Graph]) -> str | None:
-    """Why some attention op call of these graphs reads a value on the host (flash_fx.op.reads_the_host), or None."""
-    return next(filter(None, (reads_the_host(node.args[3:], node.kwargs) for node in _attention_calls(graphs))), None)
 
 
 def written_inputs(gm: fx.GraphModule) -> list[int]:

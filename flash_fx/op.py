@@ -104,14 +104,6 @@ def is_checked_call(args: tuple, kwargs: dict) -> bool:
     return AttentionSpec.from_op_args(*args, **kwargs).is_checked
 
 
-def reads_the_host(args: tuple, kwargs: dict) -> str | None:
-    """Why an op call with these arguments after q, k, v (graph nodes or values) reads a tensor value on the host
-    (which a CUDA graph cannot capture), or None: it proves its exclusions per call (:func:`is_checked_call`)."""
-    if AttentionSpec.from_op_args(*args, **kwargs).is_checked:
-        return "an attention call proves its finite-fill exclusions on the host"
-    return None
-
-
 def _exact_layout(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> AttentionSpec:
     """``spec`` whose mask bias carries, as a device-side flag, whether skipping its masked tiles is exact on these
     inputs (the forward and the backward decide alike from the same inputs; where it is not, the schedule reads

@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import torch
 from flash_fx.kernels.schedule import EMPTY, FULL, PARTIAL, schedule
-from flash_fx.kernels.spec import AttentionSpec, Saved
+from flash_fx.kernels.spec import AttentionSpec, Saved, group_heads, ungroup_heads
 
 __all__ = ["attention_backward", "attention_forward", "serves"]
 
@@ -190,16 +190,14 @@ class Heads(NamedTuple):
         if x.shape[1] == 1:
             # contiguous: a one-row x would flatten to a row stride of 0, which the C++ kernel divides by
             return x.unsqueeze(2).expand(x.shape[0], 1, self.packed, *x.shape[2:]).flatten(2, 3).contiguous()
-        grouped = x.unflatten(1, (self.packed, -1)).transpose(1, 2) if self.tiled else x.unflatten(1, (-1, self.packed))
-        return grouped.flatten(2, 3)
+        return group_heads(x, x.shape[1] // self.packed, self.tiled).flatten(2, 3)
 
     def unpack(self, y: torch.Tensor) -> torch.Tensor:
         """A call's result in the layout of q's rows at :meth:`index` (packed [b, Hkv, packed * n, ...] becomes
         [b, Hq, n, ...])."""
         if self.packed == 1:
             return y
-        grouped = y.unflatten(2, (self.packed, -1))
-        return (grouped.transpose(1, 2) if self.tiled else grouped).flatten(1, 2)
+        return ungroup_heads(y.unflatten(2, (self.packed, -1)), self.tiled)
 
     def index(self, step: Step) -> tuple[slice, slice, slice]:
         """The (batch, head, row) index of q's rows this call of ``step`` covers."""

@@ -705,6 +705,20 @@ def _integer_ids(q_doc: torch.Tensor, k_doc: torch.Tensor) -> tuple[torch.Tensor
     return q_doc.to(torch.int64), k_doc.to(torch.int64)
 
 
+def group_heads(x: torch.Tensor, num_kv_heads: int, tiled: bool) -> torch.Tensor:
+    """View [B, Hq, N, ...] as [B, Hkv, group, N, ...]: the query heads each KV head serves (the mapping of
+    :meth:`AttentionSpec.kv_index`: ``h // group``, or ``h % Hkv`` if ``tiled``)."""
+    group = x.shape[1] // num_kv_heads
+    if tiled:
+        return x.unflatten(1, (group, num_kv_heads)).transpose(1, 2)
+    return x.unflatten(1, (num_kv_heads, group))
+
+
+def ungroup_heads(x: torch.Tensor, tiled: bool) -> torch.Tensor:
+    """Inverse of :func:`group_heads`: [B, Hkv, group, N, ...] back to [B, Hq, N, ...]."""
+    return x.transpose(1, 2).flatten(1, 2) if tiled else x.flatten(1, 2)
+
+
 def _and(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return b if a is None else a & b
 

@@ -24,27 +24,11 @@ from __future__ import annotations
 import torch
 from flash_fx.kernels.dropout import keep_tile
 from flash_fx.kernels.schedule import TileSchedule
-from flash_fx.kernels.spec import AttentionSpec, Band, Saved
+from flash_fx.kernels.spec import AttentionSpec, Band, Saved, group_heads, ungroup_heads
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _grouped(x: torch.Tensor, num_kv_heads: int, tiled: bool) -> torch.Tensor:
-    """View [B, Hq, Nq, ...] as [B, Hkv, group, Nq, ...].
-
-    Query head h belongs to KV head ``h // group`` (grouped) or ``h % Hkv`` (``tiled``).
-    """
-    group = x.shape[1] // num_kv_heads
-    if tiled:
-        return x.unflatten(1, (group, num_kv_heads)).transpose(1, 2)
-    return x.unflatten(1, (num_kv_heads, group))
-
-
-def _ungrouped(x: torch.Tensor, tiled: bool) -> torch.Tensor:
-    """Inverse of :func:`_grouped`: [B, Hkv, group, Nq, ...] back to [B, Hq, Nq, ...]."""
-    return x.transpose(1, 2).flatten(1, 2) if tiled else x.flatten(1, 2)
 
 
 Columns = slice | torch.Tensor  # key indices of a tile: a range, or gathered (an int64 index tensor)
@@ -69,7 +53,7 @@ def _tile_keep(q: torch.Tensor, num_kv_heads: int, n_k: int, cols: Columns, spec
     """Bool keep mask [B, Hkv, group, rows, cols] of the key columns ``cols`` and query ``rows`` (all if
     None); ``q`` is [B, Hq, Nq, D]."""
     batch, num_heads, n_q = q.shape[:3]
-    bh = _grouped(torch.arange(batch * num_heads, device=q.device).view(batch, num_heads, 1, 1), num_kv_heads,
+    bh = group_heads(torch.arange(batch * num_heads, device=q.device).view(batch, num_heads, 1, 1), num_kv_heads,
                   spec.kv_heads_tiled)
     row_index = _positions(slice(0, n_q) if rows is None else rows, q.device)[:, None]
     col_index = _positions(cols, q.device)[None, :]
@@ -90,19 +74,19 @@ def _tile_scores(q: torch.Tensor, k_tile: torch.Tensor, cols: Columns, spec: Att
     if spec.score_mod is not None:
         factor = spec.score_mod.head_factor
         if factor is not None:
-            factor = _grouped(factor[:, :, None, None], num_kv_heads, tiled).to(s.dtype)
+            factor = group_heads(factor[:, :, None, None], num_kv_heads, tiled).to(s.dtype)
         if derivative:
             s, mod_derivative = spec.score_mod.apply(s, factor, derivative=True)
         else:
             s = spec.score_mod.apply(s, factor)
     if spec.bias is not None:
-        s = s + _grouped(_take(spec.bias.values[..., rows, :], -1, cols), num_kv_heads, tiled).to(s.dtype)
+        s = s + group_heads(_take(spec.bias.values[..., rows, :], -1, cols), num_kv_heads, tiled).to(s.dtype)
     row_index, col_index = _positions(rows, q.device), _positions(cols, q.device)
     if spec.alibi is not None:
-        slopes = _grouped(spec.alibi.slopes[:, :, None, None], num_kv_heads, tiled).to(s.dtype)
+        slopes = group_heads(spec.alibi.slopes[:, :, None, None], num_kv_heads, tiled).to(s.dtype)
         s = s + slopes * spec.alibi.positions(row_index, col_index).to(s.dtype)
     if spec.relative is not None:
-        s = s + _grouped(spec.relative.gather(row_index, col_index, n_q), num_kv_heads, tiled).to(s.dtype)
+        s = s + group_heads(spec.relative.gather(row_index, col_index, n_q), num_kv_heads, tiled).to(s.dtype)
     visible = spec.visible(row_index, col_index)
     if visible is not None:
         s = s.masked_fill(~visible[:, None, None], float("-inf"))
@@ -208,7 +192,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: A
     [B, Hq, Nq, D] in q.dtype, lse [B, Hq, Nq, 2] float32 pairs)`` (see :func:`_lse_pair`)."""
     dtype = _compute_dtype(q.dtype)
     num_kv_heads, n_q, n_k = k.shape[1], q.shape[2], k.shape[2]
-    qg = _grouped(q.to(dtype), num_kv_heads, spec.kv_heads_tiled)
+    qg = group_heads(q.to(dtype), num_kv_heads, spec.kv_heads_tiled)
     out = qg.new_empty(qg.shape[:-1] + v.shape[-1:])
     lse = qg.new_empty(qg.shape[:-1] + (2,), dtype=torch.float32)
     full_spec = _full_tiles(spec)
@@ -228,7 +212,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: A
         lse[..., rows, :] = _lse_pair(row_max, row_sum)
     if spec.dropout.enabled:
         out = out * spec.dropout.scale
-    return _ungrouped(out, spec.kv_heads_tiled).to(q.dtype), _ungrouped(lse, spec.kv_heads_tiled)
+    return ungroup_heads(out, spec.kv_heads_tiled).to(q.dtype), ungroup_heads(lse, spec.kv_heads_tiled)
 
 
 def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec,
@@ -247,7 +231,7 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec
     tiled = spec.kv_heads_tiled
 
     def grouped(x: torch.Tensor) -> torch.Tensor:
-        return _grouped(x, num_kv_heads, tiled)
+        return group_heads(x, num_kv_heads, tiled)
 
     qg = grouped(q.to(dtype))
     dog = grouped(grad_out.to(dtype))
@@ -266,7 +250,7 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec
 
     def add_drel(ds: torch.Tensor, rows: slice, cols: Columns) -> None:
         if drel is not None:
-            spec.relative.add_diagonal_sums(drel, _ungrouped(ds, tiled), _positions(rows, q.device),
+            spec.relative.add_diagonal_sums(drel, ungroup_heads(ds, tiled), _positions(rows, q.device),
                                             _positions(cols, q.device), n_q)
 
     def keep(cols: Columns, rows: slice | None = None) -> torch.Tensor | None:
@@ -289,5 +273,5 @@ def attention_backward(grad_out: torch.Tensor, saved: Saved, spec: AttentionSpec
             dq[..., rows, :] += dq_tile
             _add_at(dk, 2, cols, dk_tile)
             _add_at(dv, 2, cols, dv_tile)
-    return (_ungrouped(dq, tiled).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias,
+    return (ungroup_heads(dq, tiled).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias,
             None if drel is None else drel.to(torch.float32))
