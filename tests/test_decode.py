@@ -170,3 +170,32 @@ def test_prefill_lengths_and_dropout_keep_the_prefill_kernel(launched):
     q, k, v = qkv(20)
     attention_forward(q, k, v, AttentionSpec(0.3))
     assert launched["prefill"] == 1 and not launched["decode"]
+
+
+@pytest.mark.parametrize("path", ["triton", "cpu"])
+@pytest.mark.parametrize("fill", [float("-inf"), torch.finfo(torch.float32).min], ids=["-inf", "finfo.min"])
+def test_compiled_decode_step_with_an_in_place_mask_equals_eager(fill, path, monkeypatch):
+    """A compiled decode-shaped block (3 query rows against 70 cached keys, GQA 8:2 through repeat_kv) whose cache
+    mask is built in place (masked_fill_ on a fresh tensor), with a batch row whose every slot is hidden (dead rows:
+    NaN under -inf, eager's uniform average under finfo.min): values and gradients equal eager's, and on the Triton
+    path the decode kernels ran."""
+    from soundness import compare
+
+    launches = []
+    real = triton_decode.attention_forward
+    monkeypatch.setattr(triton_decode, "attention_forward", lambda *a: launches.append(1) or real(*a))
+
+    def step(q, k, v, filled):
+        k, v = (x[:, :, None].expand(2, 2, 4, 70, 16).reshape(2, 8, 70, 16) for x in (k, v))
+        scores = q @ k.transpose(-1, -2) * 0.25
+        hidden = torch.zeros(2, 1, 1, 70, dtype=torch.bool)
+        hidden.masked_fill_(torch.arange(70) >= filled[:, None, None, None], True)  # built in place
+        return scores.masked_fill(hidden, fill).softmax(-1) @ v
+
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(2, 8, 3, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 70, 16, generator=g, requires_grad=True) for _ in range(2))
+    filled = torch.tensor([41, 0])  # batch row 1: no filled slot
+    reports = compare(step, q, k, v, filled, path=path, dead_rows=True)
+    assert [r.kernel for report in reports for r in report.rewrites] == ["decode"]
+    assert path == "cpu" or launches
